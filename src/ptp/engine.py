@@ -1,0 +1,307 @@
+"""The engine on rank 0: tokenizer + scheduler + runner + sampler; `step()` advances every request."""
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import logging
+import time
+
+import torch
+
+from ptp.args import EngineArgs
+from ptp.config import ModelConfig
+from ptp.errors import ConfigError, RankFailedError
+from ptp.hub import ModelFiles, resolve
+from ptp.kv_cache import BlockAllocator
+from ptp.outputs import CompletionOutput, RequestOutput, SeqUpdate
+from ptp.parallel.mesh import broadcast_object, shutdown, under_torchrun
+from ptp.parallel.plans import check_tp
+from ptp.sampling import Sampler, SampleRow, SamplingParams
+from ptp.scheduler import Scheduler, Sequence, Status
+
+log = logging.getLogger("ptp")
+
+
+def resolve_model(args: EngineArgs, device: torch.device) -> tuple[ModelFiles, ModelConfig, int]:
+    """Files, normalised config and context length of args.model; refuses a tp that cannot split it."""
+    files = resolve(args.model, args.revision, need_weights=args.load_format != "dummy")
+    if files.gguf_file is not None:
+        from ptp.gguf_file import GGUFFile
+        config = GGUFFile(files.gguf_file).config()
+    else:
+        config = ModelConfig.from_hf(files.hf_config())
+    check_tp(config, args.tp)
+    max_len = args.max_model_len or config.max_position_embeddings
+    if max_len > config.max_position_embeddings and not config.rope_scaling:
+        log.warning("--max-model-len %d exceeds the model's %d positions", max_len, config.max_position_embeddings)
+    return files, config, max_len
+
+
+def load_tokenizer(args: EngineArgs, files: ModelFiles):
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(resolve(args.tokenizer, need_weights=False).folder))
+    if files.gguf_file is not None:
+        from ptp.gguf_file import GGUFFile
+        return GGUFFile(files.gguf_file).tokenizer()
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(files.folder))
+
+
+def _eos_ids(tokenizer, config: ModelConfig, files: ModelFiles) -> set[int]:
+    ids = set(config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    gen = files.folder / "generation_config.json"
+    if files.gguf_file is None and gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+class Engine:
+    def __init__(self, args: EngineArgs):
+        from ptp.ranks import SpawnedRanks, build_runner
+
+        self.args = args.validate()
+        self.spawned = None
+        rank, init_method = 0, None
+        if under_torchrun():
+            import os
+            world = int(os.environ["WORLD_SIZE"])
+            if args.tp == 1:
+                args.tp = world
+            elif args.tp != world:
+                raise ConfigError(
+                    f"--tp {args.tp} disagrees with torchrun's {world} processes; under torchrun the world "
+                    f"size is the tensor-parallel size: pass --tp {world} or --nproc-per-node {args.tp}."
+                )
+            rank = int(os.environ["RANK"])
+        elif args.tp > 1:
+            # Check the split before starting processes, so a bad tp fails at once.
+            _, config, _ = resolve_model(args, torch.device("cpu"))
+            self.spawned = SpawnedRanks(args)
+            init_method = self.spawned.init_method
+        self.rank = rank
+        start = time.perf_counter()
+        try:
+            self.d, self.runner, self.config, self.files = build_runner(args, rank, init_method)
+        except Exception as e:
+            if self.spawned is not None and self.spawned.failure is not None:
+                self.spawned.raise_failure(e)
+            raise
+        self.max_model_len = self.runner.model.model.rotary.max_positions
+        if rank != 0:
+            return  # ranks > 0 under torchrun only follow; see follow()
+        self.tokenizer = load_tokenizer(args, self.files)
+        self.eos_ids = _eos_ids(self.tokenizer, self.config, self.files)
+        cache = self.runner.kv_cache
+        self.scheduler = Scheduler(BlockAllocator(cache.num_blocks, cache.block_size),
+                                   args.chunked_prefill_size, args.max_running_requests)
+        self.sampler = Sampler(self.d.device, args.seed)
+        self.requests: dict[str, list[Sequence]] = {}
+        self.prompts: dict[str, tuple[str | None, list[int]]] = {}
+        self._counter = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
+        self.startup_seconds = time.perf_counter() - start
+        self._closed = False
+        atexit.register(self.shutdown)
+        log.info(
+            "model %s: %s, tp=%d, %s on %s, weights %.2f GiB per rank loaded in %.1f s, KV cache %d tokens",
+            self.files.name, self.config.architecture, args.tp, self.runner.model.lm_head.weight.dtype,
+            self.d.device, self.runner.weight_bytes / 2**30, self.runner.load_seconds, self.kv_capacity_tokens,
+        )
+
+    # --- follower ranks --------------------------------------------------------------------------
+    def follow(self) -> None:
+        """Ranks > 0 under torchrun: run rank 0's steps until it shuts down."""
+        from ptp.ranks import follow
+        follow(self.d, self.runner)
+        shutdown(self.d)
+
+    # --- requests ------------------------------------------------------------------------------
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.runner.kv_cache.num_blocks * self.runner.kv_cache.block_size
+
+    def new_request_id(self) -> str:
+        return str(next(self._counter))
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Raise ConfigError if the request cannot fit; return its max new tokens."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise ConfigError("the prompt is empty; give at least one token.")
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ConfigError(f"the prompt has token ids outside the vocabulary [0, {vocab}).")
+        limit = min(self.max_model_len, self.kv_capacity_tokens)
+        if n >= limit:
+            raise ConfigError(
+                f"this model's maximum context length is {limit} tokens; the prompt has {n} tokens, "
+                "leaving no room to generate. Shorten the prompt (or raise --max-model-len)."
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+        if n + max_tokens > limit:
+            raise ConfigError(
+                f"this model's maximum context length is {limit} tokens; you requested {n + max_tokens} "
+                f"tokens ({n} in the prompt, {max_tokens} to generate). Lower max_tokens or shorten the prompt."
+            )
+        return max_tokens
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        request_id = request_id or self.new_request_id()
+        if isinstance(prompt, str):
+            text, prompt_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, prompt_ids = None, list(prompt)
+        max_tokens = self.check_prompt(prompt_ids, params)
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.d.device)
+                gen.manual_seed(params.seed + i)
+            seqs.append(Sequence(request_id, i, prompt_ids, params, max_tokens, generator=gen,
+                                 prefix_offset=max(0, len(prompt_ids) - 5), read_offset=len(prompt_ids)))
+        for s in seqs:
+            self.scheduler.add(s)
+        self.requests[request_id] = seqs
+        self.prompts[request_id] = (text, prompt_ids)
+        self.stats["prompt_tokens"] += len(prompt_ids) * params.n
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        for seq in self.requests.pop(request_id, []):
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq, "abort")
+        self.prompts.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def result(self, request_id: str) -> RequestOutput:
+        """The request's outputs so far (final once every sample finished); forgets finished requests."""
+        seqs = self.requests[request_id]
+        text, ids = self.prompts[request_id]
+        done = all(s.status is Status.FINISHED for s in seqs)
+        out = RequestOutput(request_id, text, ids, [
+            CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason,
+                             list(s.logprobs) if s.params.logprobs is not None else None,
+                             s.stop_reason)
+            for s in seqs
+        ], finished=done)
+        if done:
+            del self.requests[request_id], self.prompts[request_id]
+        return out
+
+    # --- stepping ------------------------------------------------------------------------------
+    def step(self) -> list[SeqUpdate]:
+        scheduled = self.scheduler.schedule()
+        if scheduled is None:
+            return []
+        seqs, batch = scheduled
+        try:
+            broadcast_object(batch, self.d)
+            logits = self.runner.execute(batch)
+        except Exception as e:
+            if self.spawned is not None:
+                self.spawned.raise_failure(e)
+            raise
+        sampling = [s for s, sample in zip(seqs, batch.sample) if sample]
+        if not sampling:
+            return []
+        rows = [self._sample_row(s) for s in sampling]
+        result = self.sampler(logits, rows)
+        now = time.perf_counter()
+        updates = []
+        for seq, token, logprob in zip(sampling, result.token_ids, result.logprobs):
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            updates.append(self._append(seq, token, logprob))
+        self.stats["generation_tokens"] += len(sampling)
+        return updates
+
+    def _sample_row(self, seq: Sequence) -> SampleRow:
+        p = seq.params
+        needs_history = p.repetition_penalty != 1.0
+        block = []
+        if len(seq.output_ids) < p.min_tokens:
+            block = sorted((self.eos_ids if not p.ignore_eos else set()) | set(p.stop_token_ids))
+        return SampleRow(p, seq.all_ids if needs_history else [], seq.output_ids, seq.generator, block)
+
+    def _append(self, seq: Sequence, token: int, logprob) -> SeqUpdate:
+        p = seq.params
+        seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        before = len(seq.text)
+        delta = self._detokenize(seq)
+        seq.text += delta
+        reason = None
+        if not p.ignore_eos and token in self.eos_ids:
+            reason, seq.stop_reason = "stop", None
+            # the EOS token's own text is not part of the answer
+        elif token in p.stop_token_ids:
+            reason, seq.stop_reason = "stop", token
+        elif p.stop:
+            hit = self._find_stop(seq.text, before, p)
+            if hit is not None:
+                cut, stop = hit
+                seq.text = seq.text[:cut]
+                reason, seq.stop_reason = "stop", stop
+        if reason is None and len(seq.output_ids) >= seq.max_tokens:
+            reason = "length"
+        if reason is None and len(seq) >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        return SeqUpdate(seq.request_id, seq.index, seq.text[before:], [token],
+                         [logprob] if logprob is not None else None, reason)
+
+    @staticmethod
+    def _find_stop(text: str, before: int, p: SamplingParams):
+        longest = max(len(s) for s in p.stop)
+        window_start = max(0, before - longest + 1)
+        best = None
+        for stop in p.stop:
+            i = text.find(stop, window_start)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, stop)
+        if best is None:
+            return None
+        i, stop = best
+        return (i + len(stop) if p.include_stop_str_in_output else i), stop
+
+    def _detokenize(self, seq: Sequence) -> str:
+        ids = seq.all_ids
+        skip = seq.params.skip_special_tokens
+        prefix = self.tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=skip)
+        full = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            return full[len(prefix):]
+        return ""
+
+    def shutdown(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        if self.d.world_size > 1:
+            try:
+                broadcast_object(None, self.d)
+            except Exception:
+                pass
+            if self.spawned is not None:
+                self.spawned.stop()
+            try:
+                shutdown(self.d)
+            except Exception:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

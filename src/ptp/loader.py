@@ -1,0 +1,138 @@
+"""Build a model on `meta`, split it with its TP plan, and fill each rank's shard from the checkpoint.
+
+No rank ever materialises another rank's slice: safetensors slices are read with `get_slice`,
+straight onto the target device. GGUF tensors are de-quantized one at a time and sliced.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+
+from ptp.config import ModelConfig
+from ptp.errors import ModelNotFoundError, UnsupportedModelError
+from ptp.hub import ModelFiles
+from ptp.models.registry import model_class
+from ptp.parallel.plans import apply_tp, kv_heads_per_model
+
+log = logging.getLogger("ptp")
+
+
+def load_model(config: ModelConfig, files: ModelFiles | None, *, dtype: torch.dtype, device: torch.device,
+               tp_mesh, load_format: str, max_positions: int, seed: int = 0) -> nn.Module:
+    tp = 1 if tp_mesh is None else tp_mesh.size()
+    rank = 0 if tp_mesh is None else tp_mesh.get_local_rank()
+    cls, plan = model_class(config)
+    with torch.device("meta"):
+        model = cls(config, num_kv_heads=kv_heads_per_model(config, tp), max_positions=max_positions).to(dtype)
+    if tp > 1:
+        apply_tp(model, tp_mesh, plan(config))
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.tie_weights()  # .to() and to_empty() make a new tensor per module
+    model.model.rotary.init_buffers()
+    with ExitStack() as stack:
+        source = _source(files, load_format, stack, device)
+        for name, param in model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param.data
+            with torch.no_grad():
+                if source is None:
+                    _fill_dummy(name, local, seed * 1000 + rank)
+                else:
+                    local.copy_(_read_shard(source, config, name, param, local.shape, rank, tp))
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _source(files: ModelFiles | None, load_format: str, stack: ExitStack, device):
+    if load_format == "dummy":
+        return None
+    if files.gguf_file is not None:
+        from ptp.gguf_file import GGUFFile
+        return GGUFSource(GGUFFile(files.gguf_file))
+    if load_format == "gguf":
+        raise ModelNotFoundError(f"--load-format gguf needs a .gguf file, got the folder {files.folder}.")
+    return SafetensorsSource(files, stack, device)
+
+
+class SafetensorsSource:
+    def __init__(self, files: ModelFiles, stack: ExitStack, device: torch.device):
+        from safetensors import safe_open
+
+        # Slices are read from the file straight onto the device (no full copy in host memory).
+        device = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
+        self.handles = {}
+        for path in files.safetensors_files():
+            handle = stack.enter_context(safe_open(str(path), framework="pt", device=device))
+            for key in handle.keys():
+                self.handles[key] = handle
+
+    def has(self, name: str) -> bool:
+        return name in self.handles
+
+    def rows(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        piece = self.handles[name].get_slice(name)
+        if dim is None:
+            return piece[:]
+        index = [slice(None)] * len(piece.get_shape())
+        index[dim] = slice(start, stop)
+        return piece[tuple(index)]
+
+
+class GGUFSource:
+    def __init__(self, gguf):
+        self.gguf = gguf
+
+    def has(self, name: str) -> bool:
+        return name in self.gguf.tensors
+
+    def rows(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        full = self.gguf.tensor(name)
+        return full if dim is None else full.narrow(dim, start, stop - start)
+
+
+def _shard_dim(param) -> int | None:
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        return None
+    shards = [p.dim for p in param.placements if isinstance(p, Shard)]
+    return shards[0] if shards else None
+
+
+def _read_shard(source, config: ModelConfig, name: str, param, local_shape, rank: int, tp: int) -> torch.Tensor:
+    if not source.has(name):
+        raise UnsupportedModelError(f"the checkpoint has no tensor {name!r}, which {config.architecture} needs.")
+    dim = _shard_dim(param)
+    if dim is None:
+        tensor = source.rows(name, None, 0, 0)
+    elif _is_kv_projection(name) and tp > config.num_kv_heads:
+        # KV heads replicated: rank r holds checkpoint head r // (tp // kv_heads), whole.
+        head = rank // (tp // config.num_kv_heads)
+        tensor = source.rows(name, 0, head * config.head_dim, (head + 1) * config.head_dim)
+    else:
+        full = param.shape[dim]
+        chunk = -(-full // tp)
+        start = min(rank * chunk, full)
+        tensor = source.rows(name, dim, start, min(start + chunk, full))
+    if tuple(tensor.shape) != tuple(local_shape):
+        raise UnsupportedModelError(
+            f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint (this rank's slice) but the "
+            f"model expects {tuple(local_shape)}; does config.json match the weights?"
+        )
+    return tensor
+
+
+def _is_kv_projection(name: str) -> bool:
+    return ".k_proj." in name or ".v_proj." in name
+
+
+def _fill_dummy(name: str, local: torch.Tensor, seed: int) -> None:
+    if "norm" in name:
+        local.fill_(1.0)
+        return
+    gen = torch.Generator(device=local.device)
+    gen.manual_seed(seed + sum(map(ord, name)))
+    local.normal_(0.0, 0.02, generator=gen)

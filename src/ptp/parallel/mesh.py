@@ -1,0 +1,92 @@
+"""Process groups and the device mesh: torchrun's world, or ranks that ptp starts itself."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from ptp.errors import ConfigError, RankFailedError
+from ptp.parallel import comm
+
+log = logging.getLogger("ptp")
+
+
+@dataclasses.dataclass
+class Dist:
+    """This process's place in the run. `cpu_group` carries the per-step broadcasts (gloo)."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    mesh: object = None
+    cpu_group: object = None
+
+    @property
+    def tp_mesh(self):
+        return None if self.mesh is None else self.mesh["tp"]
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"rank {local_rank} needs GPU {local_rank} but only {torch.cuda.device_count()} are visible; "
+                "lower --tp or check CUDA_VISIBLE_DEVICES."
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ConfigError(f"--device must be 'cuda', 'cpu' or 'auto', got {name!r}.")
+    return torch.device("cpu")
+
+
+def init_distributed(tp: int, rank: int, device_name: str, init_method: str | None, timeout_s: float) -> Dist:
+    """Join (or, for tp=1, skip) the process group and build the dp × pp × tp mesh (dp = pp = 1)."""
+    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", rank)))
+    if tp == 1:
+        comm.set_tp_group(None)
+        return Dist(device=device)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    try:
+        dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=tp,
+                                timeout=timeout, **kwargs)
+    except Exception as e:  # a peer that never joins ends here after `timeout`
+        raise RankFailedError(
+            f"rank {rank} could not join a group of {tp} ranks within {timeout_s:.0f} s "
+            f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}). Every rank must start "
+            "and reach the same --dist-init-addr; check that all of them are running."
+        ) from e
+    mesh = init_device_mesh(device.type, (1, 1, tp), mesh_dim_names=("dp", "pp", "tp"))
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    comm.set_tp_group(mesh["tp"].get_group())
+    return Dist(rank=rank, world_size=tp, device=device, mesh=mesh, cpu_group=cpu_group)
+
+
+def broadcast_object(obj, d: Dist):
+    """Rank 0 sends `obj` to every rank over the CPU group; every rank returns it."""
+    if d.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=d.cpu_group)
+    return box[0]
+
+
+def shutdown(d: Dist) -> None:
+    if d.world_size > 1 and dist.is_initialized():
+        comm.set_tp_group(None)
+        dist.destroy_process_group()

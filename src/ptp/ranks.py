@@ -1,0 +1,159 @@
+"""Starting, following and stopping the tensor-parallel ranks.
+
+Rank 0 runs the engine; ranks 1..tp-1 run `follow`: receive each step's batch, run the same
+forward, repeat until rank 0 sends None. Under torchrun the ranks are torchrun's; otherwise
+rank 0 spawns the others and watches them: a rank that dies surfaces on rank 0 as a
+RankFailedError naming it, and if rank 0 is stuck in a collective with the dead rank, the
+watchdog ends the process with an error after a grace period rather than hang.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+
+import torch
+
+from ptp.errors import RankFailedError
+from ptp.parallel.mesh import Dist, broadcast_object, init_distributed, shutdown
+
+log = logging.getLogger("ptp")
+HANG_GRACE_SECONDS = 20.0
+
+
+def build_runner(args, rank: int, init_method: str | None):
+    """Join the group as `rank`, load this rank's shard, build its KV cache. Returns (Dist, runner, config, files)."""
+    from ptp.engine import resolve_model
+    from ptp.runner import ModelRunner
+
+    cpus = os.cpu_count() or 1
+    if args.tp > 1 and args.device != "cuda":
+        torch.set_num_threads(max(1, cpus // args.tp))
+    d = init_distributed(args.tp, rank, args.device, init_method, args.dist_timeout)
+    if args.enable_deterministic_inference:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    files, config, max_len = resolve_model(args, d.device)
+    runner = ModelRunner(
+        config, files, dtype=resolve_dtype(args.dtype, config, files, d.device), d=d,
+        load_format=args.load_format, max_model_len=max_len, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, mem_fraction_static=args.mem_fraction_static,
+        attention_backend=args.attention_backend, seed=args.seed,
+    )
+    return d, runner, config, files
+
+
+def resolve_dtype(name: str, config, files, device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if files is not None and files.gguf_file is not None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype.replace("torch.", ""), torch.float32)
+    return dtype
+
+
+def follow(d: Dist, runner) -> None:
+    """The loop of ranks 1..tp-1."""
+    while True:
+        batch = broadcast_object(None, d)
+        if batch is None:
+            return
+        runner.execute(batch)
+
+
+def _worker_main(args, rank: int, init_method: str, errors, parent_pid: int) -> None:
+    threading.Thread(target=_exit_if_orphaned, args=(parent_pid,), daemon=True).start()
+    try:
+        d, runner, _, _ = build_runner(args, rank, init_method)
+        follow(d, runner)
+        shutdown(d)
+    except KeyboardInterrupt:
+        os._exit(1)
+    except BaseException as e:  # report to rank 0, then die so its collectives fail fast
+        errors.put((rank, f"{e.__class__.__name__}: {e}", traceback.format_exc()))
+        time.sleep(0.2)
+        os._exit(1)
+
+
+def _exit_if_orphaned(parent_pid: int) -> None:
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SpawnedRanks:
+    """Ranks 1..tp-1 as child processes of this one, and a watchdog over them."""
+
+    def __init__(self, args):
+        host, port = (args.dist_init_addr or f"127.0.0.1:{free_port()}").rsplit(":", 1)
+        self.init_method = f"tcp://{host}:{port}"
+        ctx = mp.get_context("spawn")
+        self.errors = ctx.Queue()
+        self.closing = False
+        self.failure: str | None = None
+        self.acknowledged = threading.Event()
+        self.procs = [
+            ctx.Process(target=_worker_main, args=(args, r, self.init_method, self.errors, os.getpid()),
+                        name=f"ptp-rank{r}", daemon=True)
+            for r in range(1, args.tp)
+        ]
+        for p in self.procs:
+            p.start()
+        threading.Thread(target=self._watch, daemon=True, name="ptp-watchdog").start()
+
+    def _watch(self) -> None:
+        while not self.closing:
+            time.sleep(0.25)
+            dead = [(r, p.exitcode) for r, p in enumerate(self.procs, 1) if p.exitcode not in (None, 0)]
+            if dead and not self.closing:
+                self.failure = self.describe_failure()
+                if not self.acknowledged.wait(HANG_GRACE_SECONDS) and not self.closing:
+                    print(f"ptp: {self.failure}\nptp: rank 0 is stuck waiting for it; exiting.",
+                          file=sys.stderr, flush=True)
+                    os._exit(1)
+                return
+
+    def describe_failure(self) -> str:
+        deadline = time.time() + 3.0
+        while time.time() < deadline and all(p.exitcode is None for p in self.procs):
+            time.sleep(0.05)
+        reported = []
+        while True:
+            try:
+                reported.append(self.errors.get(timeout=0.5 if not reported else 0.05))
+            except Exception:
+                break
+        if reported:
+            rank, message, tb = reported[0]
+            return f"rank {rank} failed: {message}\n--- traceback of rank {rank} ---\n{tb}"
+        dead = [(r, p.exitcode) for r, p in enumerate(self.procs, 1) if p.exitcode not in (None, 0)]
+        if dead:
+            return "; ".join(f"rank {r} exited with code {code}" for r, code in dead)
+        return "a peer rank stopped answering"
+
+    def raise_failure(self, cause: BaseException) -> None:
+        """Called by rank 0 when a collective failed: raise a RankFailedError naming the rank."""
+        message = self.failure or self.describe_failure()
+        self.acknowledged.set()
+        raise RankFailedError(message) from cause
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.closing = True
+        for p in self.procs:
+            p.join(timeout)
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(2.0)

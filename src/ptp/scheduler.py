@@ -1,0 +1,140 @@
+"""Continuous batching over a paged KV cache, with chunked prefill and preemption by recompute.
+
+Each step: running sequences first (a decode token each, or their next prefill chunk), in
+arrival order; when a sequence's next tokens need a block and none is free, the most recently
+arrived running sequence is preempted (its blocks freed, its tokens recomputed later). Then
+waiting sequences are admitted while the token budget, the sequence limit and the blocks allow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+from collections import deque
+
+import torch
+
+from ptp.kv_cache import BlockAllocator
+from ptp.runner import StepBatch
+from ptp.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int                    # which of the request's n samples
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    generator: torch.Generator | None = None
+    seq_id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0         # tokens whose K/V are in the cache
+    block_table: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text: str = ""
+    # incremental detokenization state
+    prefix_offset: int = 0
+    read_offset: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, max_tokens_per_step: int, max_running: int):
+        self.allocator = allocator
+        self.max_tokens_per_step = max_tokens_per_step  # <= 0: no limit
+        self.max_running = max_running
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], StepBatch] | None:
+        budget = self.max_tokens_per_step if self.max_tokens_per_step > 0 else 1 << 62
+        chosen: list[tuple[Sequence, int]] = []
+        preempted = False
+        queue = list(self.running)
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below by an earlier sequence
+            n = min(len(seq) - seq.num_computed, budget)
+            while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                self.allocator.grow(seq.block_table, seq.num_computed + n)
+                chosen.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            n = min(len(seq) - seq.num_computed, budget)
+            if not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            self.allocator.grow(seq.block_table, seq.num_computed + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chosen.append((seq, n))
+            budget -= n
+        if not chosen:
+            return None
+        seqs = [s for s, _ in chosen]
+        batch = StepBatch(
+            token_ids=[s.all_ids[s.num_computed: s.num_computed + n] for s, n in chosen],
+            starts=[s.num_computed for s, _ in chosen],
+            block_tables=[list(s.block_table) for s in seqs],
+            sample=[s.num_computed + n == len(s) for s, n in chosen],
+        )
+        for s, n in chosen:
+            s.num_computed += n
+        return seqs, batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.release(seq.block_table)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        self.allocator.release(seq.block_table)
+
+    @property
+    def kv_usage(self) -> float:
+        a = self.allocator
+        return 1.0 - a.num_free / a.num_blocks
