@@ -17,6 +17,7 @@ from ptp.kv_cache import BlockAllocator
 from ptp.outputs import CompletionOutput, RequestOutput, SeqUpdate
 from ptp.parallel.mesh import broadcast_object, shutdown, under_torchrun
 from ptp.parallel.plans import check_tp
+from ptp.runner import StepBatch
 from ptp.sampling import Sampler, SampleRow, SamplingParams
 from ptp.scheduler import Scheduler, Sequence, Status
 
@@ -88,8 +89,10 @@ class Engine:
         try:
             self.d, self.runner, self.config, self.files = build_runner(args, rank, init_method)
         except Exception as e:
-            if self.spawned is not None and self.spawned.failure is not None:
-                self.spawned.raise_failure(e)
+            if self.spawned is not None:
+                if self.spawned.peer_failed():
+                    self.spawned.raise_failure(e)
+                self.spawned.stop(timeout=2.0)
             raise
         self.max_model_len = self.runner.model.model.rotary.max_positions
         if rank != 0:
@@ -202,13 +205,7 @@ class Engine:
         if scheduled is None:
             return []
         seqs, batch = scheduled
-        try:
-            broadcast_object(batch, self.d)
-            logits = self.runner.execute(batch)
-        except Exception as e:
-            if self.spawned is not None:
-                self.spawned.raise_failure(e)
-            raise
+        logits = self.execute(batch)
         sampling = [s for s, sample in zip(seqs, batch.sample) if sample]
         if not sampling:
             return []
@@ -222,6 +219,16 @@ class Engine:
             updates.append(self._append(seq, token, logprob))
         self.stats["generation_tokens"] += len(sampling)
         return updates
+
+    def execute(self, batch: StepBatch):
+        """Send `batch` to every rank and run it; the logits of the sequences it completes."""
+        try:
+            broadcast_object(batch, self.d)
+            return self.runner.execute(batch)
+        except Exception as e:
+            if self.spawned is not None and self.spawned.peer_failed():
+                self.spawned.raise_failure(e)
+            raise
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         p = seq.params

@@ -26,7 +26,7 @@ log = logging.getLogger("ptp")
 HANG_GRACE_SECONDS = 20.0
 
 
-def build_runner(args, rank: int, init_method: str | None):
+def build_runner(args, rank: int, init_method: str | None, before_join=None):
     """Join the group as `rank`, load this rank's shard, build its KV cache. Returns (Dist, runner, config, files)."""
     from ptp.engine import resolve_model
     from ptp.runner import ModelRunner
@@ -34,6 +34,8 @@ def build_runner(args, rank: int, init_method: str | None):
     cpus = os.cpu_count() or 1
     if args.tp > 1 and args.device != "cuda":
         torch.set_num_threads(max(1, cpus // args.tp))
+    if before_join is not None:
+        before_join()
     d = init_distributed(args.tp, rank, args.device, init_method, args.dist_timeout)
     if args.enable_deterministic_inference:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -66,10 +68,10 @@ def follow(d: Dist, runner) -> None:
         runner.execute(batch)
 
 
-def _worker_main(args, rank: int, init_method: str, errors, parent_pid: int) -> None:
+def _worker_main(args, rank: int, init_method: str, errors, ready, parent_pid: int) -> None:
     threading.Thread(target=_exit_if_orphaned, args=(parent_pid,), daemon=True).start()
     try:
-        d, runner, _, _ = build_runner(args, rank, init_method)
+        d, runner, _, _ = build_runner(args, rank, init_method, before_join=ready.set)
         follow(d, runner)
         shutdown(d)
     except KeyboardInterrupt:
@@ -101,17 +103,31 @@ class SpawnedRanks:
         self.init_method = f"tcp://{host}:{port}"
         ctx = mp.get_context("spawn")
         self.errors = ctx.Queue()
+        self.ready = [ctx.Event() for _ in range(1, args.tp)]
         self.closing = False
         self.failure: str | None = None
         self.acknowledged = threading.Event()
         self.procs = [
-            ctx.Process(target=_worker_main, args=(args, r, self.init_method, self.errors, os.getpid()),
+            ctx.Process(target=_worker_main, args=(args, r, self.init_method, self.errors, self.ready[r - 1], os.getpid()),
                         name=f"ptp-rank{r}", daemon=True)
             for r in range(1, args.tp)
         ]
         for p in self.procs:
             p.start()
+        self._wait_until_ready(args.dist_timeout)
         threading.Thread(target=self._watch, daemon=True, name="ptp-watchdog").start()
+
+    def _wait_until_ready(self, timeout: float) -> None:
+        """Wait until every rank is about to join the group; a rank that dies first is reported."""
+        deadline = time.time() + timeout
+        while not all(e.is_set() for e in self.ready):
+            if any(p.exitcode is not None for p in self.procs):
+                self.stop(timeout=1.0)
+                raise RankFailedError(self.describe_failure())
+            if time.time() > deadline:
+                self.stop(timeout=1.0)
+                raise RankFailedError(f"the other ranks did not start within {timeout:.0f} s (--dist-timeout).")
+            time.sleep(0.05)
 
     def _watch(self) -> None:
         while not self.closing:
@@ -140,8 +156,18 @@ class SpawnedRanks:
             return f"rank {rank} failed: {message}\n--- traceback of rank {rank} ---\n{tb}"
         dead = [(r, p.exitcode) for r, p in enumerate(self.procs, 1) if p.exitcode not in (None, 0)]
         if dead:
-            return "; ".join(f"rank {r} exited with code {code}" for r, code in dead)
+            return "; ".join(f"rank {r} exited with code {code} (its own output above says why)" for r, code in dead)
         return "a peer rank stopped answering"
+
+    def peer_failed(self, wait: float = 3.0) -> bool:
+        """Whether a spawned rank died (waiting up to `wait` s for the death that caused an error)."""
+        deadline = time.time() + wait
+        while True:
+            if self.failure is not None or any(p.exitcode not in (None, 0) for p in self.procs):
+                return True
+            if time.time() > deadline:
+                return False
+            time.sleep(0.05)
 
     def raise_failure(self, cause: BaseException) -> None:
         """Called by rank 0 when a collective failed: raise a RankFailedError naming the rank."""

@@ -41,6 +41,7 @@ class ModelRunner:
             (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
             for p in self.model.parameters()
         )
+        self.rank_weight_bytes = self._gather_all(self.weight_bytes)
         kv_heads = self.model.model.layers[0].self_attn.k_proj.weight
         kv_heads = (kv_heads.to_local() if hasattr(kv_heads, "to_local") else kv_heads).shape[0] // config.head_dim
         per_block = KVCache.bytes_per_block(config.num_layers, block_size, kv_heads, config.head_dim, dtype)
@@ -57,12 +58,17 @@ class ModelRunner:
         wanted = 4 * -(-max_model_len // block_size)
         return max(1, min(wanted, (2 << 30) // per_block))
 
+    def _gather_all(self, value):
+        if self.d.world_size == 1:
+            return [value]
+        out = [None] * self.d.world_size
+        dist.all_gather_object(out, value, group=self.d.cpu_group)
+        return out
+
     def _agree_on_min(self, blocks: int) -> int:
         if self.d.world_size == 1:
             return blocks
-        t = torch.tensor([blocks], dtype=torch.long)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.d.cpu_group)
-        return int(t.item())
+        return min(self._gather_all(blocks))
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor | None:

@@ -1,0 +1,113 @@
+"""Continuous batching, chunked prefill, preemption, sampling and bad input, on a tiny model."""
+import pytest
+
+import ptp
+from helpers import make_checkpoint, tokenizer
+
+PROMPTS = [
+    "Paris",
+    "The quick brown fox jumps over the lazy dog. Tensor parallelism splits",
+    "def add(a, b):",
+    "Héllo wörld, naïve café — 日本語 and emoji 🚀 too. 1234567890 + 42",
+]
+GREEDY = ptp.SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def folder(ckpt_root):
+    return make_checkpoint(ckpt_root, "llama", seed=1)
+
+
+@pytest.fixture(scope="module")
+def alone(folder):
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu")
+    return [llm.generate(p, GREEDY)[0].token_ids for p in PROMPTS]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"chunked_prefill_size": 7},
+    {"num_kv_blocks": 16, "block_size": 4},  # 64 slots: one long prompt fits, the batch needs 160
+], ids=["batched", "chunked-prefill", "preemption"])
+def test_batch_equals_each_prompt_alone(folder, alone, kwargs):
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", **kwargs)
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == alone
+    if "num_kv_blocks" in kwargs:
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.scheduler.allocator.num_free == llm.engine.scheduler.allocator.num_blocks
+
+
+def test_sampling_seed_topk_and_stop(folder, alone):
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu")
+    seeded = ptp.SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01, seed=7, max_tokens=20, ignore_eos=True)
+    a, b = (llm.generate(PROMPTS[1], seeded)[0].token_ids for _ in range(2))
+    assert a == b
+    c = llm.generate(PROMPTS[1], ptp.SamplingParams(temperature=1.0, seed=8, max_tokens=20, ignore_eos=True))[0]
+    assert c.token_ids != a
+    top1 = llm.generate(PROMPTS, ptp.SamplingParams(temperature=1.3, top_k=1, max_tokens=24, ignore_eos=True))
+    assert [o.token_ids for o in top1] == alone
+
+    full = llm.generate(PROMPTS[1], GREEDY)[0].text
+    stop = full[5:8]
+    cut = llm.generate(PROMPTS[1], ptp.SamplingParams(temperature=0, max_tokens=24, stop=[stop], ignore_eos=True))[0]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
+    assert stop not in cut.text
+
+    many = llm.generate(PROMPTS[0], ptp.SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True))
+    assert len(many[0].outputs) == 3 and len({tuple(o.token_ids) for o in many[0].outputs}) > 1
+
+
+def test_logprobs_penalties_and_eos(folder):
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu")
+    out = llm.generate(PROMPTS[0], ptp.SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True))[0]
+    assert len(out.logprobs) == 5
+    for token, entry in zip(out.token_ids, out.logprobs):
+        assert next(iter(entry)) == token and len(entry) <= 4
+        assert entry[token] == max(entry.values())  # greedy picks the most likely
+    plain = llm.generate(PROMPTS[2], GREEDY)[0].token_ids
+    penal = llm.generate(PROMPTS[2], ptp.SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                        repetition_penalty=2.0, frequency_penalty=1.5))[0].token_ids
+    assert penal != plain
+    assert len(set(penal)) >= len(set(plain))
+    # A stop token id ends the request with finish_reason "stop", at most at the first occurrence.
+    first = plain[3]
+    stopped = llm.generate(PROMPTS[2], ptp.SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[first]))[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids[-1] == first and len(stopped.token_ids) <= 4
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-3), dict(min_p=2),
+    dict(max_tokens=0), dict(n=0), dict(repetition_penalty=0), dict(presence_penalty=3),
+    dict(frequency_penalty=-2.5), dict(logprobs=50), dict(stop=[""]), dict(min_tokens=5, max_tokens=2),
+])
+def test_bad_sampling_params_are_refused(bad):
+    name = next(iter(bad))
+    with pytest.raises(ptp.ConfigError, match=name):
+        ptp.SamplingParams(**bad)
+
+
+def test_too_long_prompts_are_refused_and_engine_goes_on(folder):
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", max_model_len=32)
+    with pytest.raises(ptp.ConfigError, match="maximum context length is 32"):
+        llm.generate("Paris " * 40, GREEDY)
+    with pytest.raises(ptp.ConfigError, match="requested"):
+        llm.generate("Paris", ptp.SamplingParams(max_tokens=40))
+    assert len(llm.generate("Paris", ptp.SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids) == 4
+    assert llm.generate("Paris", ptp.SamplingParams(max_tokens=None, ignore_eos=True))[0].finish_reason == "length"
+
+
+def test_chat_uses_the_template(folder):
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu")
+    ids = llm.encode_chat([{"role": "user", "content": "hi"}])
+    assert tokenizer().decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert llm.chat([{"role": "user", "content": "hi"}], ptp.SamplingParams(max_tokens=3))[0].finish_reason
+
+
+def test_unknown_llm_argument_and_bad_flags(folder):
+    with pytest.raises(ptp.ConfigError, match="unknown arguments"):
+        ptp.LLM(str(folder), tensor_parallel=2)
+    with pytest.raises(ptp.ConfigError, match="pp-size 2 is not supported"):
+        ptp.LLM(str(folder), pp_size=2)
+    with pytest.raises(ptp.ConfigError, match="not available.*torch"):
+        ptp.LLM(str(folder), attention_backend="flashinfer", device="cpu")

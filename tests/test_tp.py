@@ -1,0 +1,97 @@
+"""Tensor parallelism on CPU (gloo, several processes): tp=N equals tp=1."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import ptp
+from helpers import ARCHS, make_checkpoint, ptp_logits, rel_err, tokenizer
+
+pytestmark = pytest.mark.slow
+PROMPT = "Tensor parallelism splits every layer"
+GREEDY32 = ptp.SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt_root):
+    """Per architecture: checkpoint, tp=1 greedy tokens and tp=1 logits along them."""
+    out = {}
+    prompt = tokenizer().encode(PROMPT)
+    for arch in ARCHS:
+        folder = make_checkpoint(ckpt_root, arch, seed=3)
+        llm = ptp.LLM(str(folder), dtype="float32", device="cpu")
+        tokens = llm.generate([prompt], GREEDY32)[0].token_ids
+        out[arch] = (folder, tokens, ptp_logits(llm, prompt, tokens))
+    return out
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_tp_equals_tp1(reference, arch, tp):
+    folder, tokens, logits = reference[arch]
+    prompt = tokenizer().encode(PROMPT)
+    with ptp.LLM(str(folder), dtype="float32", device="cpu", tp=tp) as llm:
+        got = ptp_logits(llm, prompt, tokens)
+        errors = [rel_err(g, r) for g, r in zip(got, logits)]
+        assert max(errors) <= 1e-4, errors
+        assert llm.generate([prompt], GREEDY32)[0].token_ids == tokens
+        if arch == "llama" and tp == 4:
+            _check_parameter_bytes(llm, tp)
+
+
+def _check_parameter_bytes(llm, tp):
+    """Each rank holds about 1/tp of the sharded weights, plus the replicated parts."""
+    c = llm.engine.config
+    h, hd, f, v = c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size
+    sharded = v * h * 2 + c.num_layers * (2 * c.num_heads * hd * h + 3 * h * f)
+    kv_per_rank = c.num_layers * 2 * h * hd * max(1, c.num_kv_heads // tp)  # 2 KV heads at tp=4: one whole head each
+    replicated = (2 * c.num_layers + 1) * h
+    expected = (sharded / tp + kv_per_rank + replicated) * 4
+    total_tp1 = (sharded + c.num_layers * 2 * h * hd * c.num_kv_heads + replicated) * 4
+    per_rank = llm.engine.runner.rank_weight_bytes
+    assert len(per_rank) == tp
+    for got in per_rank:
+        assert abs(got - expected) <= 0.1 * expected, (got, expected)
+        assert got < total_tp1 / 2
+
+
+def test_tp_that_cannot_split_is_refused(reference):
+    folder = reference["llama"][0]
+    with pytest.raises(ptp.ConfigError, match=r"tp=3 .*4 attention heads.*Valid tp values for it: 1, 2, 4"):
+        ptp.LLM(str(folder), device="cpu", tp=3)
+
+
+def test_a_killed_rank_ends_the_run_naming_it(reference):
+    folder = reference["llama"][0]
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", tp=2)
+    victim = llm.engine.spawned.procs[0]
+    threading.Timer(2.0, os.kill, (victim.pid, signal.SIGKILL)).start()
+    start = time.time()
+    with pytest.raises(ptp.RankFailedError, match="rank 1"):
+        for _ in range(10_000):
+            llm.generate(["Paris"] * 4, ptp.SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
+    assert time.time() - start < 60
+    llm.shutdown()
+
+
+def test_a_rank_that_raises_is_reported(reference):
+    """A rank that raises while loading makes rank 0 fail at once with that rank's error message."""
+    folder = reference["qwen2"][0]
+    start = time.time()
+    with pytest.raises(ptp.RankFailedError, match=r"rank 1 failed: ValueError: rank 1 cannot use this seed"):
+        ptp.LLM(str(folder), device="cpu", tp=2, load_format="dummy", seed=_SeedThatBreaksOnRank1(0))
+    assert time.time() - start < 60
+
+
+class _SeedThatBreaksOnRank1(int):
+    """An int on rank 0; on the spawned rank 1 (after pickling) one that raises when used."""
+
+    def __reduce__(self):
+        return (_Broken, (int(self),))
+
+
+class _Broken(int):
+    def __mul__(self, other):
+        raise ValueError("rank 1 cannot use this seed")
