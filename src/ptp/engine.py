@@ -120,8 +120,7 @@ class Engine:
     def follow(self) -> None:
         """Ranks > 0 under torchrun: run rank 0's steps until it shuts down."""
         from ptp.ranks import follow
-        follow(self.d, self.runner)
-        shutdown(self.d)
+        follow(self.d, self.runner)  # does not return
 
     # --- requests ------------------------------------------------------------------------------
     @property

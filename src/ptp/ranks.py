@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import socket
 import sys
 import threading
@@ -20,7 +21,7 @@ import traceback
 import torch
 
 from ptp.errors import RankFailedError
-from ptp.parallel.mesh import Dist, broadcast_object, init_distributed, shutdown
+from ptp.parallel.mesh import Dist, broadcast_object, init_distributed
 
 log = logging.getLogger("ptp")
 HANG_GRACE_SECONDS = 20.0
@@ -60,22 +61,29 @@ def resolve_dtype(name: str, config, files, device) -> torch.dtype:
 
 
 def follow(d: Dist, runner) -> None:
-    """The loop of ranks 1..tp-1."""
+    """The loop of ranks 1..tp-1. When rank 0 says stop, the process ends here with status 0.
+
+    It ends with os._exit rather than by tearing the process group down: gloo's teardown races with
+    rank 0's and has aborted the process ("terminate called without an active exception").
+    """
     while True:
         batch = broadcast_object(None, d)
         if batch is None:
-            return
+            break
         runner.execute(batch)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _worker_main(args, rank: int, init_method: str, errors, ready, parent_pid: int) -> None:
     threading.Thread(target=_exit_if_orphaned, args=(parent_pid,), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # rank 0 stops the ranks; Ctrl-C reaches it too
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         d, runner, _, _ = build_runner(args, rank, init_method, before_join=ready.set)
         follow(d, runner)
-        shutdown(d)
-    except KeyboardInterrupt:
-        os._exit(1)
     except BaseException as e:  # report to rank 0, then die so its collectives fail fast
         errors.put((rank, f"{e.__class__.__name__}: {e}", traceback.format_exc()))
         time.sleep(0.2)

@@ -1,0 +1,138 @@
+"""OpenAI-compatible request bodies, validated by msgspec before anything reaches the engine."""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgspec
+from msgspec import Meta
+
+from ptp.sampling import SamplingParams
+
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+N = Annotated[int, Meta(ge=1, le=128)]
+StopList = Union[str, Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=16)], None]
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: str
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: N = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopList = None
+    seed: int | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM / SGLang extensions
+    top_k: Annotated[int, Meta(ge=-1)] = -1
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0
+    min_tokens: Annotated[int, Meta(ge=0)] = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Meta(ge=0)]] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for a field ptp refuses, or None."""
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported by ptp."
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only allowed when stream is true."
+        return None
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        return SamplingParams(
+            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=self.seed, max_tokens=max_tokens,
+            min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+        )
+
+
+TokenId = Annotated[int, Meta(ge=0)]
+# OpenAI: a string, a list of strings, a list of token ids, or a list of lists of token ids.
+# (msgspec allows one list type per union, so the list's items are checked in prompts().)
+PromptType = Union[str, Annotated[list[Union[str, TokenId, list[TokenId]]], Meta(min_length=1)]]
+
+
+class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
+    prompt: PromptType
+    max_tokens: PositiveInt | None = 16
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    echo: bool = False
+    best_of: PositiveInt | None = None
+    suffix: str | None = None
+
+    def unsupported(self):
+        if self.echo:
+            return "echo", "echo is not supported by ptp; prepend the prompt yourself."
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported by ptp."
+        if self.best_of not in (None, self.n):
+            return "best_of", "best_of other than n is not supported by ptp."
+        return super().unsupported()
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request; ValueError if the list mixes kinds."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        kinds = {type(x) for x in p}
+        if len(kinds) != 1:
+            raise ValueError("prompt must be a string, a list of strings, a list of token ids, "
+                             "or a list of lists of token ids, not a mix of them.")
+        return [list(p)] if kinds == {int} else list(p)
+
+
+class TextPart(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_input(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool = True
+
+    def unsupported(self):
+        if self.tools:
+            return "tools", "tool calling is not supported by ptp."
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice", "tool calling is not supported by ptp."
+        if self.response_format and self.response_format.get("type") != "text":
+            return "response_format", "structured output (response_format) is not supported by ptp."
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true."
+        return super().unsupported()

@@ -1,0 +1,239 @@
+"""The OpenAI-compatible server, as a real process: the openai client, load, bad input, signals."""
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+import ptp
+from helpers import make_checkpoint
+
+pytestmark = pytest.mark.slow
+MODEL = "tiny"
+QUESTION = [{"role": "user", "content": "Paris is the capital of"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, folder, *flags, torchrun: int = 0):
+        self.port = free_port()
+        args = ["-m", "ptp.serve", "--model", str(folder), "--served-model-name", MODEL, "--port", str(self.port),
+                "--device", "cpu", "--dtype", "float32", *flags]
+        if torchrun:
+            args = ["-m", "torch.distributed.run", "--nproc-per-node", str(torchrun), *args]
+        self.proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("server did not become healthy")
+
+    def client(self):
+        import openai
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics").text
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
+        """Signal rank 0 (under torchrun: the rank-0 worker, so torchrun reports the ranks' own exits)."""
+        if self.proc.poll() is None:
+            os.kill(self.rank0_pid(), sig)
+        return self.proc.wait(timeout)
+
+    def rank0_pid(self) -> int:
+        for pid in subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split():
+            try:
+                if b"RANK=0" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                    return int(pid)
+            except OSError:
+                pass
+        return self.proc.pid
+
+
+@pytest.fixture(scope="module")
+def folder(ckpt_root):
+    return make_checkpoint(ckpt_root, "qwen2", seed=11)
+
+
+@pytest.fixture(scope="module")
+def expected(folder):
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu")
+    greedy = ptp.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    return {"completion": llm.generate("Paris is", greedy)[0].text, "chat": llm.chat(QUESTION, greedy)[0].text}
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    s = Server(folder, "--num-kv-blocks", "40", "--block-size", "4")  # 160 token slots
+    yield s
+    assert s.stop() == 0
+
+
+def _same_text_as_llm(server, expected):
+    client = server.client()
+    extra = {"ignore_eos": True}
+    c = client.completions.create(model=MODEL, prompt="Paris is", max_tokens=12, temperature=0, extra_body=extra)
+    assert c.choices[0].text == expected["completion"] and c.usage.completion_tokens == 12
+    stream = client.completions.create(model=MODEL, prompt="Paris is", max_tokens=12, temperature=0, stream=True,
+                                       extra_body=extra)
+    assert "".join(ch.choices[0].text for ch in stream if ch.choices) == expected["completion"]
+    chat = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, extra_body=extra)
+    assert chat.choices[0].message.content == expected["chat"]
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}, extra_body=extra)
+    chunks = list(stream)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == expected["chat"]
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_openai_client_gets_the_same_text_as_llm(server, expected):
+    _same_text_as_llm(server, expected)
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(server.url + "/schema/openapi.json").json()["paths"]["/v1/chat/completions"]
+
+
+def test_openai_client_under_torchrun_tp2(folder, expected):
+    s = Server(folder, torchrun=2)
+    try:
+        _same_text_as_llm(s, expected)
+    finally:
+        assert s.stop() == 0, s.proc.stdout.read()[-4000:]
+
+
+def test_many_concurrent_streams_with_a_small_kv_cache(server):
+    before = server.metric('ptp_requests_total{finish_reason="length"}')
+
+    async def one(client, i):
+        body = {"model": MODEL, "prompt": f"Request {i}: the quick brown fox", "max_tokens": 16, "temperature": 0.8,
+                "seed": i, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+        text, usage = "", None
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    text += "".join(c["text"] for c in chunk["choices"])
+        return usage["completion_tokens"]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    counts = asyncio.run(main())
+    assert counts == [16] * 64
+    assert server.metric('ptp_requests_total{finish_reason="length"}') - before == 64
+    assert server.metric("ptp_generation_tokens_total") >= 64 * 16
+    assert server.metric("ptp_num_preemptions_total") + server.metric("ptp_num_requests_waiting") >= 0
+    assert server.metric("ptp_kv_cache_usage_ratio") == 0.0
+
+
+BAD = [
+    (b'{"model": "tiny", "prompt": "x"', 400, None),                                    # malformed JSON
+    ({"model": "tiny", "prompt": "x", "max_tokens": 2, "bogus": 1}, 400, "bogus"),        # unknown field
+    ({"model": "tiny", "prompt": "x", "temperature": 3}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
+    ({"model": "tiny", "prompt": "Paris " * 200}, 400, None),                            # longer than the context
+    ({"model": "tiny", "prompt": "x", "max_tokens": 500}, 400, None),
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ({"model": "tiny"}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD, ids=range(len(BAD)))
+def test_bad_input_gets_4xx_and_the_server_goes_on(server, body, status, param):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server.url + "/v1/completions", headers={"content-type": "application/json"}, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+    if param:
+        assert error["param"] == param, error
+    ok = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_bad_chat_messages(server):
+    for messages in ([], [{"role": "wizard", "content": "x"}], [{"content": "x"}]):
+        r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": messages})
+        assert r.status_code == 400, r.text
+
+
+def test_a_disconnect_frees_its_blocks(server):
+    aborted = server.metric('ptp_requests_total{finish_reason="abort"}')
+    body = {"model": MODEL, "prompt": "Paris", "max_tokens": 150, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert server.metric("ptp_kv_cache_usage_ratio") > 0
+    deadline = time.time() + 20
+    while time.time() < deadline and server.metric("ptp_kv_cache_usage_ratio") > 0:
+        time.sleep(0.2)
+    assert server.metric("ptp_kv_cache_usage_ratio") == 0.0
+    assert server.metric('ptp_requests_total{finish_reason="abort"}') == aborted + 1
+
+
+def test_sigterm_stops_every_rank_cleanly(folder):
+    s = Server(folder, "--tp", "2")
+    children = subprocess.run(["pgrep", "-P", str(s.proc.pid)], capture_output=True, text=True).stdout.split()
+    start = time.time()
+    assert s.stop(signal.SIGTERM, timeout=30) == 0
+    assert time.time() - start < 30
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+
+
+def test_a_crashed_rank_gives_503_then_an_exit_naming_it(folder):
+    s = Server(folder, "--tp", "2")
+    rank1 = [p for p in subprocess.run(["pgrep", "-P", str(s.proc.pid)], capture_output=True, text=True)
+             .stdout.split() if "ptp-rank1" in open(f"/proc/{p}/cmdline").read() or True]
+    # The spawned ranks are the server's python children (the resource tracker is not one of them).
+    workers = [p for p in rank1 if "multiprocessing" in open(f"/proc/{p}/cmdline").read()
+               and "resource_tracker" not in open(f"/proc/{p}/cmdline").read()]
+    assert len(workers) == 1
+    os.kill(int(workers[0]), signal.SIGKILL)
+    # The next request makes rank 0 hit the dead rank.
+    try:
+        httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4}, timeout=30)
+    except httpx.HTTPError:
+        pass
+    statuses = set()
+    deadline = time.time() + 60
+    while s.proc.poll() is None and time.time() < deadline:
+        try:
+            statuses.add(httpx.get(s.url + "/health", timeout=1).status_code)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    code = s.proc.wait(5)
+    output = s.proc.stdout.read()
+    assert code != 0
+    assert "rank 1" in output
+    assert 503 in statuses
