@@ -60,7 +60,7 @@ def test_weights_match_gguf_dequantization(llm, gguf_path):
     # q: llama.cpp stores each head's rows as interleaved pairs; ptp restores rotate-half order
     q = tensors["blk.0.attn_q.weight"]
     raw = torch.from_numpy(gguf.quants.dequantize(q.data, q.tensor_type).copy())
-    ours = model.model.layers[0].self_attn.q_proj.weight
+    ours = model.model.layers[0].self_attn.qkv_proj.weight[:576]  # q rows come first
     assert torch.equal(ours[0], raw[0]) and torch.equal(ours[32], raw[1]) and torch.equal(ours[1], raw[2])
 
 

@@ -14,8 +14,9 @@ from torch import nn
 from ptp.config import ModelConfig
 from ptp.errors import ModelNotFoundError, UnsupportedModelError
 from ptp.hub import ModelFiles
+from ptp.models.llama import MERGED
 from ptp.models.registry import model_class
-from ptp.parallel.plans import apply_tp, kv_heads_per_model
+from ptp.parallel.plans import apply_tp, kv_heads_per_model, localize
 
 log = logging.getLogger("ptp")
 
@@ -42,6 +43,8 @@ def load_model(config: ModelConfig, files: ModelFiles | None, *, dtype: torch.dt
                     _fill_dummy(name, local, seed * 1000 + rank)
                 else:
                     local.copy_(_read_shard(source, config, name, param, local.shape, rank, tp))
+    if tp > 1:
+        localize(model, rank, tp)
     model.eval().requires_grad_(False)
     return model
 
@@ -72,6 +75,9 @@ class SafetensorsSource:
     def has(self, name: str) -> bool:
         return name in self.handles
 
+    def shape(self, name: str) -> list[int]:
+        return self.handles[name].get_slice(name).get_shape()
+
     def rows(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
         piece = self.handles[name].get_slice(name)
         if dim is None:
@@ -88,6 +94,9 @@ class GGUFSource:
     def has(self, name: str) -> bool:
         return name in self.gguf.tensors
 
+    def shape(self, name: str) -> list[int]:
+        return [int(d) for d in reversed(self.gguf.tensors[name].shape)]
+
     def rows(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
         full = self.gguf.tensor(name)
         return full if dim is None else full.narrow(dim, start, stop - start)
@@ -103,26 +112,36 @@ def _shard_dim(param) -> int | None:
 
 
 def _read_shard(source, config: ModelConfig, name: str, param, local_shape, rank: int, tp: int) -> torch.Tensor:
-    if not source.has(name):
-        raise UnsupportedModelError(f"the checkpoint has no tensor {name!r}, which {config.architecture} needs.")
+    """This rank's slice of parameter `name`; merged projections are built from their parts' slices."""
     dim = _shard_dim(param)
-    if dim is None:
-        tensor = source.rows(name, None, 0, 0)
-    elif _is_kv_projection(name) and tp > config.num_kv_heads:
-        # KV heads replicated: rank r holds checkpoint head r // (tp // kv_heads), whole.
-        head = rank // (tp // config.num_kv_heads)
-        tensor = source.rows(name, 0, head * config.head_dim, (head + 1) * config.head_dim)
+    module, _, leaf = name.rpartition(".")
+    parent, _, short = module.rpartition(".")
+    if short in MERGED:
+        tensor = torch.cat([_read_part(source, config, f"{parent}.{part}.{leaf}", dim, rank, tp)
+                            for part in MERGED[short]], dim=0)
     else:
-        full = param.shape[dim]
-        chunk = -(-full // tp)
-        start = min(rank * chunk, full)
-        tensor = source.rows(name, dim, start, min(start + chunk, full))
+        tensor = _read_part(source, config, name, dim, rank, tp)
     if tuple(tensor.shape) != tuple(local_shape):
         raise UnsupportedModelError(
             f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint (this rank's slice) but the "
             f"model expects {tuple(local_shape)}; does config.json match the weights?"
         )
     return tensor
+
+
+def _read_part(source, config: ModelConfig, name: str, dim: int | None, rank: int, tp: int) -> torch.Tensor:
+    if not source.has(name):
+        raise UnsupportedModelError(f"the checkpoint has no tensor {name!r}, which {config.architecture} needs.")
+    if dim is None:
+        return source.rows(name, None, 0, 0)
+    if _is_kv_projection(name) and tp > config.num_kv_heads:
+        # KV heads replicated: rank r holds checkpoint head r // (tp // kv_heads), whole.
+        head = rank // (tp // config.num_kv_heads)
+        return source.rows(name, 0, head * config.head_dim, (head + 1) * config.head_dim)
+    full = source.shape(name)[dim]
+    chunk = -(-full // tp)
+    start = min(rank * chunk, full)
+    return source.rows(name, dim, start, min(start + chunk, full))
 
 
 def _is_kv_projection(name: str) -> bool:

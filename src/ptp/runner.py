@@ -15,6 +15,7 @@ from ptp.kv_cache import KVCache
 from ptp.loader import load_model
 from ptp.parallel.comm import gather_vocab
 from ptp.parallel.mesh import Dist
+from ptp.parallel.plans import kv_heads_per_model
 
 log = logging.getLogger("ptp")
 
@@ -42,8 +43,7 @@ class ModelRunner:
             for p in self.model.parameters()
         )
         self.rank_weight_bytes = self._gather_all(self.weight_bytes)
-        kv_heads = self.model.model.layers[0].self_attn.k_proj.weight
-        kv_heads = (kv_heads.to_local() if hasattr(kv_heads, "to_local") else kv_heads).shape[0] // config.head_dim
+        kv_heads = kv_heads_per_model(config, d.world_size) // d.world_size  # this rank's
         per_block = KVCache.bytes_per_block(config.num_layers, block_size, kv_heads, config.head_dim, dtype)
         blocks = num_kv_blocks or self._blocks_that_fit(per_block, max_model_len, block_size, mem_fraction_static)
         blocks = self._agree_on_min(blocks)

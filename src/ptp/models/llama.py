@@ -18,16 +18,23 @@ from ptp.parallel.comm import all_reduce
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; given a residual, adds it first and returns (normed, new residual): one fused kernel
+    under torch.compile."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = x + residual
+            residual = x
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * h.to(dtype)
+        return out if residual is None else (out, residual)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -76,13 +83,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
+    """q, k and v come from one projection (`qkv_proj`, merged at load time from q/k/v_proj)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int, num_kv_heads: int):
         super().__init__()
         hd = config.head_dim
         self.layer_idx, self.head_dim = layer_idx, hd
-        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * hd, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, num_kv_heads * hd, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, num_kv_heads * hd, bias=config.qkv_bias)
+        self.num_heads, self.num_kv_heads = config.num_heads, num_kv_heads
+        self.qkv_proj = nn.Linear(config.hidden_size, (config.num_heads + 2 * num_kv_heads) * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * hd, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(hd, config.rms_norm_eps)
@@ -92,9 +100,14 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, rotary, attn):
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, -1, self.head_dim)
-        k = self.k_proj(x).view(tokens, -1, self.head_dim)
-        v = self.v_proj(x).view(tokens, -1, self.head_dim)
+        qkv = self.qkv_proj(x)
+        # this rank's share keeps the model's q : k : v proportions
+        q_size = qkv.shape[-1] * self.num_heads // (self.num_heads + 2 * self.num_kv_heads)
+        kv_size = (qkv.shape[-1] - q_size) // 2
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(tokens, -1, self.head_dim)
+        k = k.reshape(tokens, -1, self.head_dim)
+        v = v.reshape(tokens, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
@@ -103,14 +116,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU; gate and up come from one projection (`gate_up_proj`, merged at load time)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
@@ -121,9 +136,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, rotary, attn):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary, attn):
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, rotary, attn)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -135,10 +155,10 @@ class LlamaModel(nn.Module):
         self.rotary = Rotary(config, max_positions)
 
     def forward(self, input_ids, positions, attn):
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, attn)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, attn)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -168,6 +188,10 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
 
+# Checkpoint tensors that the merged projections are built from, in order.
+MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def tp_plan(config: ModelConfig) -> dict:
     """How each submodule is split across the tensor-parallel ranks (torch.distributed.tensor.parallel)."""
     from torch.distributed.tensor import Partial, Replicate, Shard
@@ -179,12 +203,10 @@ def tp_plan(config: ModelConfig) -> dict:
     layer = "model.layers.*."
     return {
         "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        layer + "self_attn.q_proj": ColwiseParallel(),
-        layer + "self_attn.k_proj": ColwiseParallel(),
-        layer + "self_attn.v_proj": ColwiseParallel(),
+        # merged projections: each rank's rows are its own q|k|v (gate|up) slices, side by side
+        layer + "self_attn.qkv_proj": ColwiseParallel(),
         layer + "self_attn.o_proj": partial_rowwise(),
-        layer + "mlp.gate_proj": ColwiseParallel(),
-        layer + "mlp.up_proj": ColwiseParallel(),
+        layer + "mlp.gate_up_proj": ColwiseParallel(),
         layer + "mlp.down_proj": partial_rowwise(),
         "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=True),
     }

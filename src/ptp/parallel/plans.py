@@ -49,3 +49,27 @@ def apply_tp(model: nn.Module, tp_mesh, plan: dict) -> None:
     if model.config.tie_word_embeddings:
         model.tie_weights()  # the plan distributes embed_tokens and lm_head separately
     log.info("tensor parallel: %d ranks, %d submodule patterns split", tp_mesh.size(), len(plan))
+
+
+def localize(model: nn.Module, rank: int, tp: int) -> None:
+    """After loading: swap each DTensor parameter for its local shard and drop the plan's hooks.
+
+    The plan has decided and loaded every rank's slice; from here the forward runs on plain local
+    tensors (no DTensor dispatch on the hot path, nothing for torch.compile to guard on), and the
+    model's own `all_reduce` / `gather_vocab` calls do the communication.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from ptp.parallel.layers import VocabParallelEmbedding
+
+    for module in model.modules():
+        module._forward_pre_hooks.clear()
+        module._forward_hooks.clear()
+        for name, param in list(module.named_parameters(recurse=False)):
+            if isinstance(param, DTensor):
+                setattr(module, name, nn.Parameter(param.to_local(), requires_grad=False))
+    vocab = model.config.vocab_size
+    start = min(rank * -(-vocab // tp), vocab)
+    model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens.weight, start)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()

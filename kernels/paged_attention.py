@@ -1,0 +1,109 @@
+"""Paged decode attention in Triton: one query token per sequence, keys and values read from blocks.
+
+Grid: (sequence, KV head, split). Each program reads its KV head's blocks once and serves every
+query head of that group (GQA), over one slice ("split") of the context; a second kernel merges
+the splits' partial softmax results. Splitting the context keeps the GPU busy when the batch is
+small and contexts are long (split-K / flash-decoding).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_partial(
+    Q, K, V, BT, LENS, O, M, L,
+    scale, splits,
+    s_qb, s_qh, s_kb, s_ks, s_kh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TOKENS: tl.constexpr, IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(LENS + b)
+    chunks = tl.cdiv(seq_len, TOKENS)
+    per_split = tl.cdiv(chunks, splits)
+    first = split * per_split
+    last = tl.minimum(first + per_split, chunks)
+
+    g = tl.arange(0, GROUP_PAD)
+    heads = kvh * GROUP + g
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    t = tl.arange(0, TOKENS)
+    for chunk in range(first, last):
+        tok = chunk * TOKENS + t
+        valid = tok < seq_len
+        phys = tl.load(BT + b * s_btb + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        row = phys * s_kb + (tok % BLOCK_SIZE) * s_ks + kvh * s_kh
+        k = tl.load(K + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(V + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    keep = g < GROUP
+    tl.store(O + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :], acc, mask=keep[:, None])
+    tl.store(M + b * s_mb + heads * s_mh + split, m, mask=keep)
+    tl.store(L + b * s_mb + heads * s_mh + split, l, mask=keep)
+
+
+@triton.jit
+def _decode_merge(O, M, L, OUT, splits, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_outh,
+                  SPLITS_PAD: tl.constexpr, D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D)
+    ok = s < splits
+    m = tl.load(M + b * s_mb + h * s_mh + s, mask=ok, other=float("-inf"))
+    l = tl.load(L + b * s_mb + h * s_mh + s, mask=ok, other=0.0)
+    top = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+    total = tl.sum(l * w, 0)
+    o = tl.load(O + b * s_ob + h * s_oh + s[:, None] * s_os + d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(OUT + b * s_outb + h * s_outh + d, out.to(OUT.dtype.element_ty))
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, scale: float, splits: int, tokens_per_step: int = 64) -> torch.Tensor:
+    """q [B, H, D]; caches [blocks, block_size, KV, D]; block_tables [B, max_blocks]; seq_lens [B].
+
+    Returns [B, H, D]. A sequence of length 0 (a padded row) gives zeros.
+    """
+    batch, heads, dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    part = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
+    m = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    out = torch.empty_like(q)
+    _decode_partial[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, part, m, l, scale, splits,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_SIZE=block_size,
+        TOKENS=tokens_per_step, IEEE=q.dtype == torch.float32,
+    )
+    _decode_merge[(batch, heads)](
+        part, m, l, out, splits, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
+        out.stride(0), out.stride(1), SPLITS_PAD=triton.next_power_of_2(splits), D=dim,
+    )
+    return out
