@@ -109,5 +109,15 @@ def test_unknown_llm_argument_and_bad_flags(folder):
         ptp.LLM(str(folder), tensor_parallel=2)
     with pytest.raises(ptp.ConfigError, match="pp-size 2 is not supported"):
         ptp.LLM(str(folder), pp_size=2)
-    with pytest.raises(ptp.ConfigError, match="not available.*torch"):
+    with pytest.raises(ptp.ConfigError, match="'flashinfer' is not available here .ptp does not ship it.; available: torch, auto"):
         ptp.LLM(str(folder), attention_backend="flashinfer", device="cpu")
+    with pytest.raises(ptp.ConfigError, match="'triton' is not available here .it needs a CUDA GPU"):
+        ptp.LLM(str(folder), attention_backend="triton", device="cpu")
+
+
+def test_compiled_decode_equals_eager(folder, alone):
+    """The compiled decode step (inductor on CPU, dynamic batch size) gives the eager tokens."""
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", torch_compile="on", cuda_graph_max_bs=8)
+    assert llm.engine.runner.decode is not None
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == alone
+    assert [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY)] == alone[:3]  # another batch size

@@ -36,8 +36,12 @@ class EngineArgs:
     chunked_prefill_size: int = flag(8192, "most tokens one step runs (prefill is split into chunks of this "
                                      "size); -1 runs each prompt whole")
     max_running_requests: int = flag(256, "most sequences in one step")
-    attention_backend: str = flag("torch", "attention implementation over the paged KV cache")
-    disable_cuda_graph: bool = flag(False, "run decode without CUDA graphs")
+    attention_backend: str = flag("auto", "attention over the paged KV cache: auto (triton on CUDA, torch "
+                                  "on CPU), triton, torch")
+    disable_cuda_graph: bool = flag(False, "run decode without CUDA graphs (same tokens, slower)")
+    cuda_graph_max_bs: int = flag(160, "largest decode batch captured in a CUDA graph; larger batches run eagerly")
+    torch_compile: str = flag("auto", "compile the decode step with torch.compile: auto (on with CUDA), on, off",
+                              choices=("auto", "on", "off"))
     disable_custom_all_reduce: bool = flag(False, "all-reduce through NCCL only")
     enable_p2p_check: bool = flag(False, "check GPU peer access between every pair of ranks at start")
     enable_deterministic_inference: bool = flag(False, "use deterministic torch algorithms (slower)")
@@ -62,6 +66,8 @@ class EngineArgs:
             raise ConfigError(f"--block-size must be a power of two, got {self.block_size}.")
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
             raise ConfigError("--chunked-prefill-size must be a positive number of tokens, or -1 to turn chunking off.")
+        if self.cuda_graph_max_bs < 1:
+            raise ConfigError("--cuda-graph-max-bs must be >= 1.")
         if self.max_running_requests < 1:
             raise ConfigError("--max-running-requests must be >= 1.")
         if self.max_model_len is not None and self.max_model_len < 2:

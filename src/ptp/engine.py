@@ -39,20 +39,27 @@ def resolve_model(args: EngineArgs, device: torch.device) -> tuple[ModelFiles, M
     return files, config, max_len
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(args: EngineArgs, files: ModelFiles):
+    """The model's tokenizer; None for a folder without one under --load-format dummy (token ids only)."""
     if args.tokenizer is not None:
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(resolve(args.tokenizer, need_weights=False).folder))
     if files.gguf_file is not None:
         from ptp.gguf_file import GGUFFile
         return GGUFFile(files.gguf_file).tokenizer()
+    if args.load_format == "dummy" and not any((files.folder / f).exists() for f in TOKENIZER_FILES):
+        log.warning("no tokenizer in %s: prompts must be token ids, outputs have no text", files.folder)
+        return None
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(files.folder))
 
 
 def _eos_ids(tokenizer, config: ModelConfig, files: ModelFiles) -> set[int]:
     ids = set(config.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     gen = files.folder / "generation_config.json"
     if files.gguf_file is None and gen.exists():
@@ -155,6 +162,8 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
         request_id = request_id or self.new_request_id()
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("this model was loaded without a tokenizer: give prompts as token ids.")
             text, prompt_ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, prompt_ids = None, list(prompt)
@@ -281,6 +290,8 @@ class Engine:
         return (i + len(stop) if p.include_stop_str_in_output else i), stop
 
     def _detokenize(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
         ids = seq.all_ids
         skip = seq.params.skip_special_tokens
         prefix = self.tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=skip)

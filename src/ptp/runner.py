@@ -1,4 +1,9 @@
-"""One per rank: the sharded model, its KV cache and attention backend; runs one step's batch."""
+"""One per rank: the sharded model, its KV cache and attention backend; runs one step's batch.
+
+Steps where every sequence brings one token (decode) go through `DecodeGraphs`: the forward is
+compiled once (torch.compile, dynamic batch size) and captured in a CUDA graph per batch-size
+bucket, the batch padded to the next bucket. Every other step (prefill, mixed) runs eagerly.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ptp.attention import make_backend
+from ptp.attention import Bound, DecodeMeta, PrefillMeta, make_backend
 from ptp.config import ModelConfig
 from ptp.hub import ModelFiles
 from ptp.kv_cache import KVCache
@@ -28,33 +33,49 @@ class StepBatch:
     block_tables: list[list[int]]
     sample: list[bool]             # whether this step completes the sequence (its logits are needed)
 
+    @property
+    def is_decode(self) -> bool:
+        return all(len(t) == 1 for t in self.token_ids) and all(self.sample)
+
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, files: ModelFiles | None, *, dtype: torch.dtype, d: Dist,
                  load_format: str, max_model_len: int, block_size: int, num_kv_blocks: int | None,
-                 mem_fraction_static: float, attention_backend: str, seed: int):
+                 mem_fraction_static: float, attention_backend: str, seed: int,
+                 compile_decode: bool = False, cuda_graphs: bool = False, cuda_graph_max_bs: int = 160,
+                 custom_all_reduce: bool = True, p2p_check: bool = False, max_step_tokens: int = 8192):
         self.config, self.d, self.device = config, d, d.device
+        self.max_model_len = max_model_len
         start = time.perf_counter()
         self.model = load_model(config, files, dtype=dtype, device=d.device, tp_mesh=d.tp_mesh,
                                 load_format=load_format, max_positions=max_model_len, seed=seed)
         self.load_seconds = time.perf_counter() - start
-        self.weight_bytes = sum(
-            (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
-            for p in self.model.parameters()
-        )
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.rank_weight_bytes = self._gather_all(self.weight_bytes)
         kv_heads = kv_heads_per_model(config, d.world_size) // d.world_size  # this rank's
         per_block = KVCache.bytes_per_block(config.num_layers, block_size, kv_heads, config.head_dim, dtype)
         blocks = num_kv_blocks or self._blocks_that_fit(per_block, max_model_len, block_size, mem_fraction_static)
-        blocks = self._agree_on_min(blocks)
-        self.kv_cache = KVCache(config.num_layers, blocks, block_size, kv_heads, config.head_dim, dtype, d.device)
-        self.attention = make_backend(attention_backend, self.kv_cache, config.sliding_window)
+        blocks = min(self._gather_all(blocks))
+        # One block more than the scheduler hands out: padded rows of a graph write their K/V there.
+        self.kv_cache = KVCache(config.num_layers, blocks + 1, block_size, kv_heads, config.head_dim, dtype, d.device)
+        self.num_blocks = blocks
+        self.attention = make_backend(attention_backend, self.kv_cache, config.sliding_window, d.device)
+        if custom_all_reduce and d.world_size > 1 and d.device.type == "cuda":
+            from ptp.parallel.comm import setup_custom_all_reduce
+            largest = max(max_step_tokens, cuda_graph_max_bs) * config.hidden_size * torch.finfo(dtype).bits // 8
+            setup_custom_all_reduce(d.tp_mesh.get_group(), d.device, d.rank, d.cpu_group,
+                                    min(64 << 20, largest), p2p_check)
+        self.decode = None
+        if compile_decode or cuda_graphs:
+            start = time.perf_counter()
+            self.decode = DecodeGraphs(self, compile_decode, cuda_graphs, cuda_graph_max_bs)
+            self.capture_seconds = time.perf_counter() - start
 
     def _blocks_that_fit(self, per_block: int, max_model_len: int, block_size: int, fraction: float) -> int:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = total * fraction - (total - free)
-            return max(0, int(budget // per_block))
+            return max(0, int(budget // per_block) - 1)
         wanted = 4 * -(-max_model_len // block_size)
         return max(1, min(wanted, (2 << 30) // per_block))
 
@@ -65,14 +86,21 @@ class ModelRunner:
         dist.all_gather_object(out, value, group=self.d.cpu_group)
         return out
 
-    def _agree_on_min(self, blocks: int) -> int:
-        if self.d.world_size == 1:
-            return blocks
-        return min(self._gather_all(blocks))
+    @property
+    def scratch_slot(self) -> int:
+        return self.num_blocks * self.kv_cache.block_size
+
+    def forward_logits(self, input_ids, positions, meta, logit_rows=None) -> torch.Tensor:
+        hidden = self.model(input_ids, positions, Bound(self.attention, meta))
+        if logit_rows is not None:
+            hidden = hidden[logit_rows]
+        return gather_vocab(self.model.logits(hidden), self.config.vocab_size).float()
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor | None:
         """Run the batch; return float32 logits [sequences to sample, vocab] (same on every rank)."""
+        if self.decode is not None and batch.is_decode and len(batch.token_ids) <= self.decode.max_bs:
+            return self.decode.run(batch)
         device, block_size = self.device, self.kv_cache.block_size
         ids, positions, slots, logit_rows, row = [], [], [], [], 0
         for toks, start, table, sample in zip(batch.token_ids, batch.starts, batch.block_tables, batch.sample):
@@ -83,12 +111,103 @@ class ModelRunner:
             row += len(toks)
             if sample:
                 logit_rows.append(row - 1)
-        input_ids = torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
-        pos_t = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
-        slot_t = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
-        self.attention.prepare(batch.starts, [len(t) for t in batch.token_ids], batch.block_tables, slot_t, device)
-        hidden = self.model(input_ids, pos_t, self.attention)
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
+        input_ids, pos_t, slot_t = as_tensor(ids), as_tensor(positions), as_tensor(slots)
+        if batch.is_decode:
+            meta = DecodeMeta(slot_t, _tables(batch.block_tables, device), as_tensor([s + 1 for s in batch.starts]).int())
+        else:
+            meta = PrefillMeta.build(batch.starts, [len(t) for t in batch.token_ids], batch.block_tables, slot_t,
+                                     block_size, self.config.sliding_window, device)
         if not logit_rows:
+            self.model(input_ids, pos_t, Bound(self.attention, meta))
             return None
-        local = self.model.logits(hidden[torch.tensor(logit_rows, device=device)])
-        return gather_vocab(local, self.config.vocab_size).float()
+        return self.forward_logits(input_ids, pos_t, meta, as_tensor(logit_rows))
+
+
+def _tables(tables: list[list[int]], device, width: int | None = None) -> torch.Tensor:
+    width = width or max(len(t) for t in tables)
+    out = torch.zeros(len(tables), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    return out.to(device, non_blocking=True)
+
+
+def graph_buckets(max_bs: int) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4, 8, then every 8 up to max_bs (as SGLang does)."""
+    sizes = [b for b in (1, 2, 4) if b < max_bs] + list(range(8, max_bs + 1, 8))
+    return sorted(set(sizes + [max_bs]))
+
+
+class DecodeGraphs:
+    """The decode step, compiled once and replayed from a CUDA graph per batch-size bucket."""
+
+    def __init__(self, runner: ModelRunner, compile_: bool, graphs: bool, max_bs: int):
+        self.runner, self.graphs_on = runner, graphs and runner.device.type == "cuda"
+        device = runner.device
+        self.max_bs = max_bs
+        self.buckets = graph_buckets(max_bs)
+        self.max_blocks = -(-runner.max_model_len // runner.kv_cache.block_size)
+        self.ids = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.pos = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.slots = torch.full((max_bs,), runner.scratch_slot, dtype=torch.long, device=device)
+        self.tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=device)
+        self.lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        self.step = self._step
+        if compile_:
+            torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+            self.step = torch.compile(self._step, fullgraph=True, dynamic=None)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.graphs_on:
+            self._capture()
+
+    def _step(self, ids, pos, slots, tables, lens):
+        return self.runner.forward_logits(ids, pos, DecodeMeta(slots, tables, lens))
+
+    def _inputs(self, bs: int):
+        args = (self.ids[:bs], self.pos[:bs], self.slots[:bs], self.tables[:bs], self.lens[:bs])
+        if bs > 1:
+            for a in args:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        return args
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        start = time.perf_counter()
+        for i, bs in enumerate(reversed(self.buckets)):
+            args = self._inputs(bs)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile (first bucket of each shape kind) and warm up
+                    self.step(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.step(*args)
+            self.graphs[bs] = (graph, out)
+            log.info("captured decode graph for batch %d (%d/%d, %.1f s)", bs, i + 1, len(self.buckets),
+                     time.perf_counter() - start)
+        torch.cuda.synchronize()
+
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        n = len(batch.token_ids)
+        bs = next(b for b in self.buckets if b >= n)
+        block_size = self.runner.kv_cache.block_size
+        starts = batch.starts
+        ids = [t[0] for t in batch.token_ids]
+        slots = [table[p // block_size] * block_size + p % block_size for table, p in zip(batch.block_tables, starts)]
+        pad = bs - n
+        host = torch.tensor([ids + [0] * pad, starts + [0] * pad, slots + [self.runner.scratch_slot] * pad,
+                             [s + 1 for s in starts] + [0] * pad], dtype=torch.long)
+        self.ids[:bs].copy_(host[0], non_blocking=True)
+        self.pos[:bs].copy_(host[1], non_blocking=True)
+        self.slots[:bs].copy_(host[2], non_blocking=True)
+        self.lens[:bs].copy_(host[3], non_blocking=True)
+        width = max(len(t) for t in batch.block_tables)
+        self.tables[:bs, :width].copy_(_tables(batch.block_tables + [[0]] * pad, "cpu", width), non_blocking=True)
+        if self.graphs_on:
+            graph, out = self.graphs[bs]
+            graph.replay()
+            return out[:n]
+        return self.step(*self._inputs(bs))[:n]

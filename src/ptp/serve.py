@@ -387,6 +387,11 @@ def serve(engine, host: str, port: int, model_name: str) -> int:
     failed = aengine.error is not None
     aengine.stop()
     engine.shutdown()
+    if engine.spawned is not None:
+        bad = [(r, p.exitcode) for r, p in enumerate(engine.spawned.procs, 1) if p.exitcode != 0]
+        if bad and not failed:
+            failed = True
+            aengine.error = "; ".join(f"rank {r} exited with status {code}" for r, code in bad)
     if failed:
         print(f"ptp: {aengine.error}", file=sys.stderr)
     log.info("stopped")

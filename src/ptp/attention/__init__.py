@@ -1,22 +1,55 @@
 """Attention over the paged KV cache, behind one interface.
 
-A backend turns a step's sequences into metadata once (`prepare`), then is called once per layer
-with this step's q, k, v of every token ([tokens, heads, head_dim]); it writes k and v into the
-cache and returns the attention output of the same shape as q.
+The runner describes each step with metadata — `DecodeMeta` when every sequence brings one new
+token (the hot, graph-captured path), `PrefillMeta` otherwise — and binds it to the backend;
+the model calls the bound backend once per layer with that layer's q, k, v for every new token
+([tokens, heads, head_dim]). The backend writes k and v into the cache (one indexed copy per
+layer for the whole step) and returns the attention output shaped like q.
 """
 from __future__ import annotations
 
+import logging
+
+import torch
+
+from ptp.attention.meta import Bound, DecodeMeta, PrefillMeta
 from ptp.attention.torch_sdpa import TorchAttention
 from ptp.errors import ConfigError
 
-BACKENDS = {"torch": TorchAttention}
-KNOWN_ELSEWHERE = {"triton", "flex", "fa3", "flashinfer", "flashattention"}
+log = logging.getLogger("ptp")
+NOT_BUILT_IN = {"fa3", "flashinfer", "flashattention", "flashmla"}
 
 
-def make_backend(name: str, kv_cache, sliding_window: int | None):
-    if name not in BACKENDS:
-        hint = " (it is not built into this version of ptp)" if name in KNOWN_ELSEWHERE else ""
+def available_backends(device: torch.device) -> list[str]:
+    names = ["torch"]
+    if device.type == "cuda" and _has_triton():
+        names.insert(0, "triton")
+    return names
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def make_backend(name: str, kv_cache, sliding_window: int | None, device: torch.device):
+    available = available_backends(device)
+    if name == "auto":
+        name = available[0]
+    if name not in available:
+        why = " (ptp does not ship it)" if name in NOT_BUILT_IN else ""
+        if name == "triton":
+            why = " (it needs a CUDA GPU and the triton package)"
         raise ConfigError(
-            f"--attention-backend {name!r} is not available{hint}; available: {', '.join(sorted(BACKENDS))}."
+            f"--attention-backend {name!r} is not available here{why}; available: {', '.join(available + ['auto'])}."
         )
-    return BACKENDS[name](kv_cache, sliding_window)
+    if name == "triton":
+        from ptp.attention.triton_backend import TritonAttention
+        return TritonAttention(kv_cache, sliding_window)
+    return TorchAttention(kv_cache, sliding_window)
+
+
+__all__ = ["Bound", "DecodeMeta", "PrefillMeta", "make_backend", "available_backends"]

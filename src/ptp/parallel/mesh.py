@@ -59,6 +59,9 @@ def init_distributed(tp: int, rank: int, device_name: str, init_method: str | No
         return Dist(device=device)
     from torch.distributed.device_mesh import init_device_mesh
 
+    # NVLink multicast (NVLS / multimem) is never used by ptp: it can take a host's GPUs out of service.
+    for var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        os.environ.setdefault(var, "0" if var == "NCCL_NVLS_ENABLE" else "1")
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     kwargs = {"device_id": device} if device.type == "cuda" else {}

@@ -1,0 +1,67 @@
+"""Paged decode attention alone: microseconds and % of memory bandwidth on the KV bytes read, per backend.
+
+    python bench/attention.py
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import bandwidth, print_table, write_json
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--contexts", default="512,4096,32768")
+    parser.add_argument("--batches", default="1,16,64,256")
+    parser.add_argument("--groups", default="1,4,8", help="query heads per KV head")
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--json", default=None)
+    ns = parser.parse_args()
+    from ptp.attention.triton_backend import paged_decode_op
+    from ptp.attention.torch_sdpa import TorchAttention
+    from ptp.attention.meta import DecodeMeta
+    from ptp.parallel.comm import time_in_graph
+
+    device = torch.device("cuda")
+    bw = bandwidth(torch.cuda.get_device_name())
+    rows = []
+    block = 16
+    for ctx in [int(c) for c in ns.contexts.split(",")]:
+        for bs in [int(b) for b in ns.batches.split(",")]:
+            blocks = bs * ctx // block
+            kv_bytes = 2 * bs * ctx * ns.kv_heads * ns.head_dim * 2
+            if kv_bytes > 40e9:
+                continue
+            cache = torch.randn(2, blocks + 1, block, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16)
+            tables = torch.randperm(blocks, device=device).view(bs, ctx // block).int()
+            lens = torch.full((bs,), ctx, device=device, dtype=torch.int32)
+            for group in [int(g) for g in ns.groups.split(",")]:
+                q = torch.randn(bs, ns.kv_heads * group, ns.head_dim, device=device, dtype=torch.bfloat16)
+                us = time_in_graph(lambda: paged_decode_op(q, cache[0], cache[1], tables, lens, ns.head_dim ** -0.5), 20)
+                row = {"backend": "triton", "context": ctx, "batch": bs, "gqa": group, "us": us,
+                       "GB/s": kv_bytes / us / 1e3, "pct_bw": 100 * kv_bytes / us / 1e-6 / bw if bw else None}
+                rows.append(row)
+                if kv_bytes * 2 < 8e9:  # the torch backend gathers a copy of the context first
+                    class Cache:
+                        block_size = block
+                        def layer(self, i):
+                            return cache[0], cache[1]
+                    torch_backend = TorchAttention(Cache(), None)
+                    meta = DecodeMeta(torch.full((bs,), blocks * block, device=device), tables, lens)
+                    k = torch.zeros(bs, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16)
+                    us_t = time_in_graph(lambda: torch_backend.forward(meta, 0, q, k, k), 5)
+                    rows.append({"backend": "torch", "context": ctx, "batch": bs, "gqa": group, "us": us_t,
+                                 "GB/s": kv_bytes / us_t / 1e3,
+                                 "pct_bw": 100 * kv_bytes / us_t / 1e-6 / bw if bw else None})
+            del cache
+    print_table(rows, ["backend", "context", "batch", "gqa", "us", "GB/s", "pct_bw"])
+    print(f"{torch.cuda.get_device_name()}; KV bytes read = 2 x batch x context x {ns.kv_heads} KV heads x "
+          f"{ns.head_dim} x 2 B; % of {bw / 1e12 if bw else '?'} TB/s")
+    write_json(ns.json, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Greedy tokens of every fast path against plain eager ptp, on a checkpoint this script writes.
+
+For each variant (compiled + CUDA graphs, attention backends, tp=2, NCCL-only all-reduce) and
+each batch size (every graph bucket up to 32, padded ones included): how many prompts give
+exactly the eager tp=1 tokens. bf16, so a near-tie may flip a token; the table says how often.
+
+    python bench/check_gpu.py --tp-list 1,2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import print_table, random_prompts, write_json
+
+BATCHES = [1, 2, 3, 4, 5, 8, 13, 16, 24, 32]
+
+
+def write_checkpoint(root: Path) -> Path:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=64, max_position_embeddings=2048, rope_theta=500000.0,
+        initializer_range=0.05, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    folder = root / "llama-check"
+    model.save_pretrained(folder)
+    return folder
+
+
+def run_variant(folder: Path, prompts_by_batch, new_tokens: int, **kwargs) -> dict[int, list[list[int]]]:
+    import ptp
+
+    llm = ptp.LLM(str(folder), dtype="bfloat16", max_model_len=1024, cuda_graph_max_bs=32, **kwargs)
+    greedy = ptp.SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    out = {bs: [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+           for bs, prompts in prompts_by_batch.items()}
+    llm.shutdown()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tp-list", default="1")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--json", default=None)
+    ns = parser.parse_args()
+    tps = [int(t) for t in ns.tp_list.split(",")]
+    root = Path(tempfile.mkdtemp())
+    folder = write_checkpoint(root)
+    prompts = {bs: random_prompts(bs, 40, 8192, seed=bs, jitter=0.5) for bs in BATCHES}
+    eager = dict(torch_compile="off", disable_cuda_graph=True, attention_backend="torch")
+    reference = run_variant(folder, prompts, ns.new_tokens, **eager)
+    variants = [
+        ("eager, triton attention", dict(torch_compile="off", disable_cuda_graph=True, attention_backend="triton")),
+        ("graphs (no compile), triton", dict(torch_compile="off", attention_backend="triton")),
+        ("compile + graphs, triton", dict(attention_backend="triton")),
+        ("compile + graphs, torch attention", dict(attention_backend="torch")),
+    ]
+    if 2 in tps:
+        variants += [
+            ("tp=2 eager, torch attention", dict(tp=2, **eager)),
+            ("tp=2 compile + graphs, triton", dict(tp=2, attention_backend="triton")),
+            ("tp=2 compile + graphs, NCCL only", dict(tp=2, attention_backend="triton", disable_custom_all_reduce=True)),
+        ]
+    rows = []
+    for name, kwargs in variants:
+        got = run_variant(folder, prompts, ns.new_tokens, **kwargs)
+        for bs in BATCHES:
+            same = sum(a == b for a, b in zip(got[bs], reference[bs]))
+            agree = sum(sum(x == y for x, y in zip(a, b)) for a, b in zip(got[bs], reference[bs]))
+            rows.append({"variant": name, "batch": bs, "exact_prompts": f"{same}/{bs}",
+                         "tokens_equal": f"{agree}/{bs * ns.new_tokens}"})
+    print(f"reference: eager tp=1, torch attention, bf16; {ns.new_tokens} greedy tokens per prompt; "
+          f"device {torch.cuda.get_device_name()}")
+    print_table(rows, ["variant", "batch", "exact_prompts", "tokens_equal"])
+    write_json(ns.json, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Decode latency per batch size: ms per step, tokens/s, % of the memory-bandwidth limit, TTFT, start-up.
+
+    python bench/latency.py --model llama-3.1-8b --load-format dummy --batch-sizes 1,8,64 --tp 1
+"""
+from __future__ import annotations
+
+import time
+
+T0 = time.time()  # launch, for "launch to first token"
+
+import torch  # noqa: E402
+
+from common import bandwidth, engine_parser, print_table, random_prompts, resolve_config_path, write_json  # noqa: E402
+
+
+def main() -> None:
+    parser = engine_parser(__doc__)
+    parser.add_argument("--batch-sizes", default="1,8,64")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs per batch size (the best counts)")
+    ns = parser.parse_args()
+    import ptp
+    from ptp.args import EngineArgs
+
+    ns.model = resolve_config_path(ns.model)
+    args = EngineArgs.from_cli(ns)
+    start = time.perf_counter()
+    llm = ptp.LLM(**vars(args))
+    startup = time.perf_counter() - start
+    engine = llm.engine
+    config, runner = engine.config, engine.runner
+    vocab = config.vocab_size
+    first = llm.generate([random_prompts(1, ns.input_len, vocab)[0]], ptp.SamplingParams(max_tokens=1), use_tqdm=False)
+    assert first[0].token_ids
+    launch_to_first_token = time.time() - T0
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    bw = bandwidth(device)
+    embed_bytes = runner.model.model.embed_tokens.weight.numel() * runner.model.model.embed_tokens.weight.element_size()
+    kv_bytes_per_token = runner.kv_cache.data[:, :, 0, 0].numel() * runner.kv_cache.data.element_size()
+    rows = []
+    for bs in [int(b) for b in ns.batch_sizes.split(",")]:
+        prompts = random_prompts(bs, ns.input_len, vocab, seed=bs)
+        prefill = min(_timed(llm, prompts, 1) for _ in range(ns.repeat))
+        total = min(_timed(llm, prompts, ns.output_len) for _ in range(ns.repeat))
+        step = (total - prefill) / (ns.output_len - 1)
+        avg_ctx = ns.input_len + ns.output_len / 2
+        # bytes one decode step reads per rank: every weight but the embedding table, and the KV cache
+        step_bytes = runner.weight_bytes - embed_bytes + bs * avg_ctx * kv_bytes_per_token
+        limit = step_bytes / bw if bw else None
+        rows.append({
+            "label": ns.label, "device": device, "tp": args.tp, "batch": bs, "ms_per_step": step * 1e3,
+            "tokens_per_s": bs / step, "limit_tokens_per_s": bs / limit if limit else None,
+            "pct_of_limit": 100 * limit / step if limit else None, "ttft_ms": prefill * 1e3,
+            "startup_s": startup, "launch_to_first_token_s": launch_to_first_token,
+            "graphs": runner.decode is not None and runner.decode.graphs_on,
+            "attention": runner.attention.name, "input_len": ns.input_len, "output_len": ns.output_len,
+        })
+    print_table(rows, ["label", "tp", "batch", "ms_per_step", "tokens_per_s", "limit_tokens_per_s", "pct_of_limit",
+                       "ttft_ms", "startup_s", "launch_to_first_token_s"])
+    print(f"device: {device}; bandwidth for the limit: {bw / 1e12 if bw else '?'} TB/s; "
+          f"bytes per step = weights without the embedding + KV read")
+    write_json(ns.json, rows)
+    llm.shutdown()
+
+
+def _timed(llm, prompts, max_tokens: int) -> float:
+    import ptp
+
+    params = ptp.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.token_ids) == max_tokens for o in outs)
+    return elapsed
+
+
+if __name__ == "__main__":
+    main()

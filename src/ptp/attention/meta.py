@@ -1,0 +1,58 @@
+"""What a step looks like to attention: the metadata the runner builds once per step."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class DecodeMeta:
+    """Every sequence brings exactly one token. Shapes depend on the batch size only."""
+    slot_mapping: torch.Tensor  # [B] flat cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor      # [B] int32, including the new token; 0 for a padded row
+
+
+@dataclasses.dataclass
+class PrefillMeta:
+    """Any mix of prompt chunks and single tokens, padded to [B, max_query] queries."""
+    slot_mapping: torch.Tensor  # [T]
+    block_tables: torch.Tensor  # [B, max_blocks]
+    q_index: torch.Tensor       # [B, max_q] index into the T tokens (T = a zero pad row)
+    out_index: torch.Tensor     # [T] index into the flattened [B * max_q] output
+    mask: torch.Tensor          # [B, 1, max_q, max_blocks * block_size] True where a query may attend
+
+    @classmethod
+    def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]],
+              slot_mapping: torch.Tensor, block_size: int, sliding_window: int | None, device) -> "PrefillMeta":
+        batch, max_q = len(starts), max(query_lens)
+        max_blocks = max(-(-(s + q) // block_size) for s, q in zip(starts, query_lens))
+        tables = torch.zeros(batch, max_blocks, dtype=torch.long)
+        q_index = torch.full((batch, max_q), sum(query_lens), dtype=torch.long)
+        out_index, offset = [], 0
+        for b, (table, q_len) in enumerate(zip(block_tables, query_lens)):
+            row = table[:max_blocks]
+            tables[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            q_index[b, :q_len] = torch.arange(offset, offset + q_len)
+            out_index.extend(range(b * max_q, b * max_q + q_len))
+            offset += q_len
+        q_pos = torch.tensor(starts).view(-1, 1, 1) + torch.arange(max_q).view(1, -1, 1)
+        k_pos = torch.arange(max_blocks * block_size).view(1, 1, -1)
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        q_valid = torch.arange(max_q).view(1, -1, 1) < torch.tensor(query_lens).view(-1, 1, 1)
+        mask = torch.where(q_valid, mask, k_pos == 0)  # padded query rows attend to one key: no NaN
+        return cls(slot_mapping, tables.to(device), q_index.to(device),
+                   torch.tensor(out_index, dtype=torch.long).to(device), mask.unsqueeze(1).to(device))
+
+
+class Bound:
+    """A backend bound to one step's metadata: what the model calls as attn(layer, q, k, v)."""
+
+    def __init__(self, backend, meta):
+        self.backend, self.meta = backend, meta
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.backend.forward(self.meta, layer, q, k, v)

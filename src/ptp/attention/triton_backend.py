@@ -1,0 +1,54 @@
+"""Decode through ptp's Triton paged-decode kernel (kernels/paged_attention.py); prefill through SDPA."""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from ptp.attention.meta import DecodeMeta
+from ptp.attention.torch_sdpa import TorchAttention
+
+log = logging.getLogger("ptp")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_splits(batch: int, kv_heads: int, max_tokens: int, device: torch.device) -> int:
+    """Enough (sequence, KV head, split) programs to fill the GPU twice over; at least 256 tokens each."""
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+    wanted = -(-2 * sms // max(1, batch * kv_heads))
+    return max(1, min(wanted, max_tokens // 256, 64))
+
+
+@torch.library.custom_op("ptp::paged_decode", mutates_args=())
+def paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    from ptp.kernels.paged_attention import paged_decode
+
+    max_tokens = block_tables.shape[1] * k_cache.shape[1]
+    splits = choose_splits(q.shape[0], k_cache.shape[2], max_tokens, q.device)
+    return paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, splits)
+
+
+@paged_decode_op.register_fake
+def _(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    return torch.empty_like(q)
+
+
+class TritonAttention(TorchAttention):
+    name = "triton"
+
+    def __init__(self, kv_cache, sliding_window: int | None):
+        super().__init__(kv_cache, sliding_window)
+        if sliding_window is not None:
+            log.warning("the triton decode kernel has no sliding window; decode uses the torch backend")
+
+    def forward(self, meta, layer: int, q, k, v):
+        if not isinstance(meta, DecodeMeta) or self.sliding_window is not None:
+            return super().forward(meta, layer, q, k, v)
+        k_cache, v_cache = self.write_kv(layer, meta.slot_mapping, k, v)
+        return paged_decode_op(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, q.shape[-1] ** -0.5)
