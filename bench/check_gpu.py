@@ -47,6 +47,9 @@ def run_variant(folder: Path, prompts_by_batch, new_tokens: int, **kwargs) -> di
 
 
 def main() -> None:
+    from ptp.log import setup_logging
+
+    setup_logging()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tp-list", default="1")
     parser.add_argument("--new-tokens", type=int, default=32)

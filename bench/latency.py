@@ -14,6 +14,9 @@ from common import bandwidth, engine_parser, print_table, random_prompts, resolv
 
 
 def main() -> None:
+    from ptp.log import setup_logging
+
+    setup_logging()
     parser = engine_parser(__doc__)
     parser.add_argument("--batch-sizes", default="1,8,64")
     parser.add_argument("--input-len", type=int, default=128)

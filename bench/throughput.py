@@ -10,6 +10,9 @@ from common import engine_parser, print_table, random_prompts, resolve_config_pa
 
 
 def main() -> None:
+    from ptp.log import setup_logging
+
+    setup_logging()
     parser = engine_parser(__doc__)
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=512)

@@ -43,14 +43,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def load_tokenizer(args: EngineArgs, files: ModelFiles):
-    """The model's tokenizer; None for a folder without one under --load-format dummy (token ids only)."""
+    """The model's tokenizer; None for a folder without one (then prompts must be token ids)."""
     if args.tokenizer is not None:
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(resolve(args.tokenizer, need_weights=False).folder))
     if files.gguf_file is not None:
         from ptp.gguf_file import GGUFFile
         return GGUFFile(files.gguf_file).tokenizer()
-    if args.load_format == "dummy" and not any((files.folder / f).exists() for f in TOKENIZER_FILES):
+    if not any((files.folder / f).exists() for f in TOKENIZER_FILES):
         log.warning("no tokenizer in %s: prompts must be token ids, outputs have no text", files.folder)
         return None
     from transformers import AutoTokenizer

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import weakref
 
 import torch
 
@@ -48,6 +50,34 @@ class PrefillMeta:
                    torch.tensor(out_index, dtype=torch.long).to(device), mask.unsqueeze(1).to(device))
 
 
+_BACKENDS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_keys = itertools.count()
+
+
+def register(backend) -> int:
+    """Give a backend a number by which the decode_attention op finds it (and its KV cache)."""
+    key = next(_keys)
+    _BACKENDS[key] = backend
+    return key
+
+
+@torch.library.custom_op("ptp::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, layer: int, backend: int) -> torch.Tensor:
+    """Write this step's k, v into the paged cache and attend, for a decode step.
+
+    One opaque op for torch.compile: the KV cache is reached through the backend, not passed in, so
+    the compiler never sees (and never copies) the cache that the op updates in place.
+    """
+    meta = DecodeMeta(slot_mapping, block_tables, seq_lens)
+    return _BACKENDS[backend].forward(meta, layer, q, k, v)
+
+
+@decode_attention.register_fake
+def _(q, k, v, slot_mapping, block_tables, seq_lens, layer, backend):
+    return torch.empty_like(q)
+
+
 class Bound:
     """A backend bound to one step's metadata: what the model calls as attn(layer, q, k, v)."""
 
@@ -55,4 +85,7 @@ class Bound:
         self.backend, self.meta = backend, meta
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.backend.forward(self.meta, layer, q, k, v)
+        m = self.meta
+        if isinstance(m, DecodeMeta):
+            return decode_attention(q, k, v, m.slot_mapping, m.block_tables, m.seq_lens, layer, self.backend.key)
+        return self.backend.forward(m, layer, q, k, v)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ptp.attention.meta import DecodeMeta, PrefillMeta
+from ptp.attention.meta import DecodeMeta, register
 
 
 class TorchAttention:
@@ -19,6 +19,7 @@ class TorchAttention:
     def __init__(self, kv_cache, sliding_window: int | None):
         self.kv_cache = kv_cache
         self.sliding_window = sliding_window
+        self.key = register(self)
 
     def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         k_cache, v_cache = self.kv_cache.layer(layer)
@@ -41,7 +42,7 @@ class TorchAttention:
             q_padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=True,
         ).transpose(1, 2)
         if isinstance(meta, DecodeMeta):
-            return out.squeeze(1)
+            return out.squeeze(1).contiguous()
         return out.reshape(-1, q.shape[1], dim)[meta.out_index]
 
     def _decode_mask(self, meta: DecodeMeta, num_keys: int) -> torch.Tensor:
