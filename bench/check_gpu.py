@@ -38,7 +38,8 @@ def write_checkpoint(root: Path) -> Path:
 def run_variant(folder: Path, prompts_by_batch, new_tokens: int, **kwargs) -> dict[int, list[list[int]]]:
     import ptp
 
-    llm = ptp.LLM(str(folder), dtype="bfloat16", max_model_len=1024, cuda_graph_max_bs=32, **kwargs)
+    llm = ptp.LLM(str(folder), dtype="bfloat16", max_model_len=1024, cuda_graph_max_bs=32, num_kv_blocks=8192,
+                  **kwargs)
     greedy = ptp.SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     out = {bs: [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
            for bs, prompts in prompts_by_batch.items()}

@@ -51,20 +51,37 @@ def main() -> None:
         # bytes one decode step reads per rank: every weight but the embedding table, and the KV cache
         step_bytes = runner.weight_bytes - embed_bytes + bs * avg_ctx * kv_bytes_per_token
         limit = step_bytes / bw if bw else None
+        graph_ms = _graph_ms(runner, bs)
         rows.append({
-            "label": ns.label, "device": device, "tp": args.tp, "batch": bs, "ms_per_step": step * 1e3,
+            "label": ns.label, "device": device, "tp": args.tp, "batch": bs, "ms_per_step": step * 1e3, "graph_ms": graph_ms,
             "tokens_per_s": bs / step, "limit_tokens_per_s": bs / limit if limit else None,
             "pct_of_limit": 100 * limit / step if limit else None, "ttft_ms": prefill * 1e3,
             "startup_s": startup, "launch_to_first_token_s": launch_to_first_token,
             "graphs": runner.decode is not None and runner.decode.graphs_on,
             "attention": runner.attention.name, "input_len": ns.input_len, "output_len": ns.output_len,
         })
-    print_table(rows, ["label", "tp", "batch", "ms_per_step", "tokens_per_s", "limit_tokens_per_s", "pct_of_limit",
+    print_table(rows, ["label", "tp", "batch", "ms_per_step", "graph_ms", "tokens_per_s", "limit_tokens_per_s", "pct_of_limit",
                        "ttft_ms", "startup_s", "launch_to_first_token_s"])
     print(f"device: {device}; bandwidth for the limit: {bw / 1e12 if bw else '?'} TB/s; "
-          f"bytes per step = weights without the embedding + KV read")
+          f"bytes per step = weights without the embedding + KV read; graph_ms = GPU time of a graph replay alone")
     write_json(ns.json, rows)
     llm.shutdown()
+
+
+def _graph_ms(runner, bs: int) -> float | None:
+    """GPU time of one replay of the decode graph of this batch size (no host work between replays)."""
+    decode = runner.decode
+    if decode is None or not decode.graphs_on or bs not in decode.graphs or runner.d.world_size > 1:
+        return None  # at tp > 1 the other ranks would have to replay in step
+    graph = decode.graphs[bs][0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 20
 
 
 def _timed(llm, prompts, max_tokens: int) -> float:

@@ -305,6 +305,7 @@ class Engine:
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        atexit.unregister(self.shutdown)
         if self.d.world_size > 1:
             try:
                 broadcast_object(None, self.d)
@@ -316,6 +317,7 @@ class Engine:
                 shutdown(self.d)
             except Exception:
                 pass
+        self.runner.release()
 
     def __enter__(self):
         return self

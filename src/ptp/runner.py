@@ -86,6 +86,15 @@ class ModelRunner:
         dist.all_gather_object(out, value, group=self.d.cpu_group)
         return out
 
+    def release(self) -> None:
+        """Drop the model, the KV cache and the graphs, so that their memory can be reused."""
+        import gc
+
+        self.decode = self.model = self.kv_cache = self.attention = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @property
     def scratch_slot(self) -> int:
         return self.num_blocks * self.kv_cache.block_size
@@ -152,10 +161,17 @@ class DecodeGraphs:
         self.slots = torch.full((max_bs,), runner.scratch_slot, dtype=torch.long, device=device)
         self.tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=device)
         self.lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        # host staging: one pinned buffer for ids, positions, slots, lengths; one for block tables
+        pin = device.type == "cuda"
+        self.host_vec = torch.zeros(4, max_bs, dtype=torch.long, pin_memory=pin)
+        self.host_tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, pin_memory=pin)
         self.step = self._step
         if compile_:
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-            self.step = torch.compile(self._step, fullgraph=True, dynamic=None)
+            # coordinate-descent tuning of the generated kernels (as gpt-fast does) helps the
+            # matrix-vector products of small batches; it costs compile time once (then cached)
+            options = {"coordinate_descent_tuning": True} if device.type == "cuda" else None
+            self.step = torch.compile(self._step, fullgraph=True, dynamic=None, options=options)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.graphs_on:
             self._capture()
@@ -195,17 +211,19 @@ class DecodeGraphs:
         bs = next(b for b in self.buckets if b >= n)
         block_size = self.runner.kv_cache.block_size
         starts = batch.starts
-        ids = [t[0] for t in batch.token_ids]
         slots = [table[p // block_size] * block_size + p % block_size for table, p in zip(batch.block_tables, starts)]
         pad = bs - n
-        host = torch.tensor([ids + [0] * pad, starts + [0] * pad, slots + [self.runner.scratch_slot] * pad,
-                             [s + 1 for s in starts] + [0] * pad], dtype=torch.long)
-        self.ids[:bs].copy_(host[0], non_blocking=True)
-        self.pos[:bs].copy_(host[1], non_blocking=True)
-        self.slots[:bs].copy_(host[2], non_blocking=True)
-        self.lens[:bs].copy_(host[3], non_blocking=True)
+        vec = self.host_vec
+        vec[:, :bs] = torch.tensor([[t[0] for t in batch.token_ids] + [0] * pad, starts + [0] * pad,
+                                    slots + [self.runner.scratch_slot] * pad, [s + 1 for s in starts] + [0] * pad])
         width = max(len(t) for t in batch.block_tables)
-        self.tables[:bs, :width].copy_(_tables(batch.block_tables + [[0]] * pad, "cpu", width), non_blocking=True)
+        for i, table in enumerate(batch.block_tables):
+            self.host_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        self.ids[:bs].copy_(vec[0, :bs], non_blocking=True)
+        self.pos[:bs].copy_(vec[1, :bs], non_blocking=True)
+        self.slots[:bs].copy_(vec[2, :bs], non_blocking=True)
+        self.lens[:bs].copy_(vec[3, :bs], non_blocking=True)
+        self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
         if self.graphs_on:
             graph, out = self.graphs[bs]
             graph.replay()

@@ -77,6 +77,10 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+def _penalized(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
 @dataclasses.dataclass
 class SampleRow:
     """What the sampler needs of one sequence this step."""
@@ -103,7 +107,14 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
         logits = logits.float()
         raw = logits
-        logits = self._penalize(logits.clone(), rows)
+        plain = all(r.params.greedy and not r.block_eos and r.params.logprobs is None
+                    and not _penalized(r.params) for r in rows)
+        if plain:  # the common greedy case: one argmax, one copy to the host
+            return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+        if any(_penalized(r.params) for r in rows):
+            logits = self._penalize(logits.clone(), rows)
+        elif any(r.block_eos for r in rows):
+            logits = logits.clone()
         for i, row in enumerate(rows):
             if row.block_eos:
                 logits[i, row.block_eos] = float("-inf")
