@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU table in one go, for the device machines (torch 2.11, no install of ptp needed).
 #   bash bench/gpu_suite.sh single   # one GPU: kernels, fast paths vs eager, latency, attention, throughput
-#   bash bench/gpu_suite.sh pair     # two GPUs: tp=2 checks, latency at tp=2, all-reduce
+#   bash bench/gpu_suite.sh pair-a   # two GPUs: all-reduce, latency at tp=1 and tp=2
+#   bash bench/gpu_suite.sh pair-b   # two GPUs: greedy checks of every fast path, serving at tp=2
 # Logs and JSON lines go to $OUT (or ./out); bench/report.py turns them into tables and a plot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +22,18 @@ single)
   step check_tp1 300 python bench/check_gpu.py --tp-list 1 --json "$OUT/check.jsonl"
   step attention 200 python bench/attention.py --json "$OUT/attention.jsonl"
   ;;
-pair)
-  step check_tp2 400 python bench/check_gpu.py --tp-list 1,2 --json "$OUT/check.jsonl"
-  step allreduce 200 torchrun --nproc-per-node 2 bench/allreduce.py --check --json "$OUT/allreduce.jsonl"
-  step latency_tp2 300 python bench/latency.py $M8 --tp 2 --batch-sizes 1,8,64 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  step latency_tp2_nccl 300 python bench/latency.py $M8 --tp 2 --batch-sizes 1 --input-len 128 --output-len 256 --disable-custom-all-reduce --label nccl-only --json "$OUT/latency.jsonl"
+pair-a)  # two GPUs, part one: all-reduce, latency at tp=1 and tp=2
+  step allreduce 150 torchrun --nproc-per-node 2 bench/allreduce.py --check --json "$OUT/allreduce.jsonl"
+  step latency_tp1 200 python bench/latency.py $M8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step latency_tp2 200 python bench/latency.py $M8 --tp 2 --batch-sizes 1,8,64 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step latency_tp2_nccl 150 python bench/latency.py $M8 --tp 2 --batch-sizes 1 --input-len 128 --output-len 256 --disable-custom-all-reduce --label nccl-only --json "$OUT/latency.jsonl"
+  ;;
+pair-b)  # two GPUs, part two: greedy checks of every fast path, serving at tp=2
+  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  step check_tp2 330 python bench/check_gpu.py --tp-list 1,2 --json "$OUT/check.jsonl"
+  step serving_tp2 240 bash -c 'python -m ptp.serve $0 --tp 2 --port 30000 > "$1/server.log" 2>&1 & pid=$!;
+    for i in $(seq 1 200); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done;
+    python bench/serving.py --request-rates 2,8,32,inf --num-prompts 128 --input-len 512 --output-len 128 --json "$1/serving.jsonl" --label tp2;
+    kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$1/server.log"' "$M8" "$OUT"
   ;;
 esac

@@ -93,10 +93,15 @@ def build_app(aengine, model_name: str):
         return params
 
     def encode(prompt) -> list[int]:
-        return tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            if tok is None:
+                raise ApiError(400, "this model was loaded without a tokenizer: send prompts as token ids.",
+                               param="prompt")
+            return tok.encode(prompt)
+        return list(prompt)
 
     def token_text(token_id: int) -> str:
-        return tok.decode([token_id])
+        return tok.decode([token_id]) if tok is not None else f"<{token_id}>"
 
     async def run(prompts: list[list[int]], params):
         """Yield (prompt index, SeqUpdate) for every step of every prompt; abort all on exit."""
@@ -181,9 +186,9 @@ def build_app(aengine, model_name: str):
                     if data.logprobs is not None:
                         lp = completion_logprobs(u.logprobs, u.token_ids, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + len(u.text)
-                    if u.text or u.finish_reason or lp:
-                        yield sse({**base, "choices": [{"index": index, "text": u.text, "logprobs": lp,
-                                                         "finish_reason": u.finish_reason}]})
+                    # one chunk per token, even while its text is an incomplete character
+                    yield sse({**base, "choices": [{"index": index, "text": u.text, "logprobs": lp,
+                                                     "finish_reason": u.finish_reason}]})
                 if include_usage:
                     yield sse({**base, "choices": [], "usage": usage(prompt_tokens, generated)})
                 yield "data: [DONE]\n\n"
@@ -206,7 +211,7 @@ def build_app(aengine, model_name: str):
     @post("/v1/chat/completions", status_code=200)
     async def chat_completions(data: ChatCompletionRequest) -> Response:
         check_common(data)
-        if not getattr(tok, "chat_template", None):
+        if tok is None or not getattr(tok, "chat_template", None):
             raise ApiError(400, "this model has no chat template; use /v1/completions.")
         messages = [m.as_template_input() for m in data.messages]
         try:

@@ -1,0 +1,89 @@
+"""Load a running server with streaming completions at several request rates, in the manner of
+SGLang's bench_serving: throughput, time to first token and inter-token latency (p50, p99).
+
+    python -m ptp.serve --model bench/configs/llama-3.1-8b --load-format dummy --tp 2 &
+    python bench/serving.py --url http://127.0.0.1:30000 --request-rates 1,4,16,inf --num-prompts 128
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+
+import httpx
+
+from common import print_table, random_prompts, write_json
+
+
+async def one(client, model, prompt, max_tokens, result):
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    start = time.perf_counter()
+    stamps = []
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            result["errors"] += 1
+            return
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                if json.loads(line[6:])["choices"]:
+                    stamps.append(time.perf_counter())
+    if not stamps:
+        result["errors"] += 1
+        return
+    result["ttft"].append(stamps[0] - start)
+    result["itl"].extend(b - a for a, b in zip(stamps, stamps[1:]))
+    result["tokens"] += len(stamps)
+
+
+async def run_rate(url, model, prompts, max_tokens, rate, seed):
+    rng = random.Random(seed)
+    result = {"ttft": [], "itl": [], "tokens": 0, "errors": 0}
+    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        tasks = []
+        for p in prompts:
+            tasks.append(asyncio.create_task(one(client, model, p, max_tokens, result)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+        seconds = time.perf_counter() - start
+    q = lambda xs, f: statistics.quantiles(xs, n=100)[f - 1] * 1e3 if len(xs) >= 2 else None  # noqa: E731
+    return {
+        "rate": rate, "requests": len(prompts), "errors": result["errors"], "seconds": seconds,
+        "req_s": len(prompts) / seconds, "output_tok_s": result["tokens"] / seconds,
+        "ttft_p50_ms": q(result["ttft"], 50), "ttft_p99_ms": q(result["ttft"], 99),
+        "itl_p50_ms": q(result["itl"], 50), "itl_p99_ms": q(result["itl"], 99),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:30000")
+    parser.add_argument("--request-rates", default="1,4,16,inf", help="requests per second (inf: all at once)")
+    parser.add_argument("--num-prompts", type=int, default=128)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=32000, help="token ids are drawn below this")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--label", default="")
+    ns = parser.parse_args()
+    model = httpx.get(ns.url + "/v1/models").json()["data"][0]["id"]
+    rows = []
+    for i, rate in enumerate(float(r) for r in ns.request_rates.split(",")):
+        prompts = random_prompts(ns.num_prompts, ns.input_len, ns.vocab, seed=i)
+        row = asyncio.run(run_rate(ns.url, model, prompts, ns.output_len, rate, seed=i))
+        row["label"] = ns.label
+        rows.append(row)
+    print_table(rows, ["label", "rate", "requests", "errors", "seconds", "req_s", "output_tok_s", "ttft_p50_ms",
+                       "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"])
+    print(f"{ns.num_prompts} requests per rate, {ns.input_len} prompt tokens, {ns.output_len} output tokens each")
+    write_json(ns.json, rows)
+
+
+if __name__ == "__main__":
+    main()
