@@ -25,7 +25,7 @@ single)
 pair-a)  # two GPUs, part one: all-reduce, latency at tp=1 and tp=2
   step allreduce 150 torchrun --nproc-per-node 2 bench/allreduce.py --check --json "$OUT/allreduce.jsonl"
   step latency_tp1 200 python bench/latency.py $M8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  step latency_tp2 200 python bench/latency.py $M8 --tp 2 --batch-sizes 1,8,64 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step latency_tp2 200 env PTP_PROFILE=1 python bench/latency.py $M8 --tp 2 --batch-sizes 1,8,64 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
   step latency_tp2_nccl 150 python bench/latency.py $M8 --tp 2 --batch-sizes 1 --input-len 128 --output-len 256 --disable-custom-all-reduce --label nccl-only --json "$OUT/latency.jsonl"
   ;;
 pair-b)  # two GPUs, part two: greedy checks of every fast path, serving at tp=2

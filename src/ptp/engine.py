@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import atexit
+import collections
+import os
 import itertools
 import json
 import logging
@@ -114,6 +116,7 @@ class Engine:
         self.prompts: dict[str, tuple[str | None, list[int]]] = {}
         self._counter = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
+        self.profile = collections.Counter() if os.environ.get("PTP_PROFILE") else None
         self.startup_seconds = time.perf_counter() - start
         self._closed = False
         atexit.register(self.shutdown)
@@ -213,13 +216,19 @@ class Engine:
         if scheduled is None:
             return []
         seqs, batch = scheduled
+        t0 = time.perf_counter()
         logits = self.execute(batch)
+        t1 = time.perf_counter()
         sampling = [s for s, sample in zip(seqs, batch.sample) if sample]
         if not sampling:
             return []
         rows = [self._sample_row(s) for s in sampling]
         result = self.sampler(logits, rows)
         now = time.perf_counter()
+        if self.profile is not None:  # PTP_PROFILE=1: where a step's wall time goes, printed at shutdown
+            self.profile["execute (broadcast + launch)"] += t1 - t0
+            self.profile["sample (waits for the GPU)"] += now - t1
+            self.profile["steps"] += 1
         updates = []
         for seq, token, logprob in zip(sampling, result.token_ids, result.logprobs):
             if seq.first_token_time is None:
@@ -231,7 +240,12 @@ class Engine:
     def execute(self, batch: StepBatch):
         """Send `batch` to every rank and run it; the logits of the sequences it completes."""
         try:
-            broadcast_object(batch, self.d)
+            if self.profile is not None:
+                t = time.perf_counter()
+                broadcast_object(batch, self.d)
+                self.profile["broadcast"] += time.perf_counter() - t
+            else:
+                broadcast_object(batch, self.d)
             return self.runner.execute(batch)
         except Exception as e:
             if self.spawned is not None and self.spawned.peer_failed():
@@ -306,17 +320,18 @@ class Engine:
             return
         self._closed = True
         atexit.unregister(self.shutdown)
+        if self.profile:
+            steps = self.profile.pop("steps")
+            log.info("per step over %d steps: %s", steps,
+                     ", ".join(f"{k} {v / steps * 1e3:.3f} ms" for k, v in self.profile.items()))
         if self.d.world_size > 1:
             try:
                 broadcast_object(None, self.d)
             except Exception:
                 pass
+            shutdown(self.d)  # while the other ranks tear down too
             if self.spawned is not None:
                 self.spawned.stop()
-            try:
-                shutdown(self.d)
-            except Exception:
-                pass
         self.runner.release()
 
     def __enter__(self):

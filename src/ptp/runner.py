@@ -165,13 +165,11 @@ class DecodeGraphs:
         pin = device.type == "cuda"
         self.host_vec = torch.zeros(4, max_bs, dtype=torch.long, pin_memory=pin)
         self.host_tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, pin_memory=pin)
+        self.copied = torch.cuda.Event() if pin else None
         self.step = self._step
         if compile_:
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-            # coordinate-descent tuning of the generated kernels (as gpt-fast does) helps the
-            # matrix-vector products of small batches; it costs compile time once (then cached)
-            options = {"coordinate_descent_tuning": True} if device.type == "cuda" else None
-            self.step = torch.compile(self._step, fullgraph=True, dynamic=None, options=options)
+            self.step = torch.compile(self._step, fullgraph=True, dynamic=None)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.graphs_on:
             self._capture()
@@ -213,6 +211,10 @@ class DecodeGraphs:
         starts = batch.starts
         slots = [table[p // block_size] * block_size + p % block_size for table, p in zip(batch.block_tables, starts)]
         pad = bs - n
+        if self.copied is not None:
+            # The pinned staging buffers are copied asynchronously; a rank that never waits for its GPU
+            # (ranks > 0) must not overwrite them before the previous step's copies have run.
+            self.copied.synchronize()
         vec = self.host_vec
         vec[:, :bs] = torch.tensor([[t[0] for t in batch.token_ids] + [0] * pad, starts + [0] * pad,
                                     slots + [self.runner.scratch_slot] * pad, [s + 1 for s in starts] + [0] * pad])
@@ -224,6 +226,8 @@ class DecodeGraphs:
         self.slots[:bs].copy_(vec[2, :bs], non_blocking=True)
         self.lens[:bs].copy_(vec[3, :bs], non_blocking=True)
         self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
         if self.graphs_on:
             graph, out = self.graphs[bs]
             graph.replay()

@@ -164,7 +164,7 @@ def _fmt(n: int) -> str:
 
 
 @torch.inference_mode()
-def measure(symm: SymmetricAllReduce, group, iters: int = 20) -> dict[str, dict[str, float]]:
+def measure(symm: SymmetricAllReduce, group, iters: int = 50) -> dict[str, dict[str, float]]:
     """Microseconds per all-reduce of bf16 messages, per method and size, replayed in CUDA graphs.
 
     Every rank measures; the slowest rank's time counts (all ranks then agree on the table)."""
@@ -201,11 +201,17 @@ def time_in_graph(fn, iters: int) -> float:
     return start.elapsed_time(end) * 1000 / iters
 
 
-def table_from_timings(timings: dict[str, dict[str, float]], max_bytes: int) -> list[list]:
-    """Fastest method per measured size; each size range up to the next measured size uses it."""
+def table_from_timings(timings: dict[str, dict[str, float]], max_bytes: int, tie: float = 0.1) -> list[list]:
+    """Fastest method per measured size; each size range up to the next measured size uses it.
+
+    Within `tie` (10%) of the fastest, the method already in use for smaller sizes (first: one-shot)
+    is kept: start-up timings of a few microseconds are noisy, and a flip there gains nothing."""
     rows = []
     for nbytes in sorted(int(k) for k in timings):
-        best = min(timings[str(nbytes)], key=timings[str(nbytes)].get)
+        t = timings[str(nbytes)]
+        fastest = min(t.values())
+        keep = rows[-1][1] if rows else "one_shot"
+        best = keep if t.get(keep, float("inf")) <= fastest * (1 + tie) else min(t, key=t.get)
         if rows and rows[-1][1] == best:
             rows[-1][0] = nbytes
         else:
