@@ -78,7 +78,6 @@ class Engine:
         self.spawned = None
         rank, init_method = 0, None
         if under_torchrun():
-            import os
             world = int(os.environ["WORLD_SIZE"])
             if args.tp == 1:
                 args.tp = world
