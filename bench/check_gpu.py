@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -47,6 +49,18 @@ def run_variant(folder: Path, prompts_by_batch, new_tokens: int, **kwargs) -> di
     return out
 
 
+VARIANTS = {
+    "eager tp=1, torch attention (reference)": dict(torch_compile="off", disable_cuda_graph=True, attention_backend="torch"),
+    "eager, triton attention": dict(torch_compile="off", disable_cuda_graph=True, attention_backend="triton"),
+    "graphs (no compile), triton": dict(torch_compile="off", attention_backend="triton"),
+    "compile + graphs, triton": dict(attention_backend="triton"),
+    "compile + graphs, torch attention": dict(attention_backend="torch"),
+    "tp=2 eager, torch attention": dict(tp=2, torch_compile="off", disable_cuda_graph=True, attention_backend="torch"),
+    "tp=2 compile + graphs, triton": dict(tp=2, attention_backend="triton"),
+    "tp=2 compile + graphs, NCCL only": dict(tp=2, attention_backend="triton", disable_custom_all_reduce=True),
+}
+
+
 def main() -> None:
     from ptp.log import setup_logging
 
@@ -55,31 +69,37 @@ def main() -> None:
     parser.add_argument("--tp-list", default="1")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)   # child mode
+    parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args()
+    prompts = {bs: random_prompts(bs, 40, 8192, seed=bs, jitter=0.5) for bs in BATCHES}
+    if ns.variant:  # one variant in its own process, so that a crash is its own
+        got = run_variant(Path(ns.folder), prompts, ns.new_tokens, **VARIANTS[ns.variant])
+        Path(ns.out).write_text(json.dumps({str(k): v for k, v in got.items()}))
+        return
     tps = [int(t) for t in ns.tp_list.split(",")]
     root = Path(tempfile.mkdtemp())
     folder = write_checkpoint(root)
-    prompts = {bs: random_prompts(bs, 40, 8192, seed=bs, jitter=0.5) for bs in BATCHES}
-    eager = dict(torch_compile="off", disable_cuda_graph=True, attention_backend="torch")
-    reference = run_variant(folder, prompts, ns.new_tokens, **eager)
-    variants = [
-        ("eager, triton attention", dict(torch_compile="off", disable_cuda_graph=True, attention_backend="triton")),
-        ("graphs (no compile), triton", dict(torch_compile="off", attention_backend="triton")),
-        ("compile + graphs, triton", dict(attention_backend="triton")),
-        ("compile + graphs, torch attention", dict(attention_backend="torch")),
-    ]
-    if 2 in tps:
-        variants += [
-            ("tp=2 eager, torch attention", dict(tp=2, **eager)),
-            ("tp=2 compile + graphs, triton", dict(tp=2, attention_backend="triton")),
-            ("tp=2 compile + graphs, NCCL only", dict(tp=2, attention_backend="triton", disable_custom_all_reduce=True)),
-        ]
+    results = {}
+    for name, kwargs in VARIANTS.items():
+        if kwargs.get("tp", 1) not in tps:
+            continue
+        out = root / "out.json"
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "--variant", name, "--folder",
+                               str(folder), "--out", str(out), "--new-tokens", str(ns.new_tokens)])
+        results[name] = json.loads(out.read_text()) if proc.returncode == 0 else f"exit status {proc.returncode}"
+        out.unlink(missing_ok=True)
+    reference = results.pop(next(iter(VARIANTS)))
     rows = []
-    for name, kwargs in variants:
-        got = run_variant(folder, prompts, ns.new_tokens, **kwargs)
+    for name, got in results.items():
         for bs in BATCHES:
-            same = sum(a == b for a, b in zip(got[bs], reference[bs]))
-            agree = sum(sum(x == y for x, y in zip(a, b)) for a, b in zip(got[bs], reference[bs]))
+            if isinstance(got, str) or isinstance(reference, str):
+                rows.append({"variant": name, "batch": bs, "exact_prompts": got if isinstance(got, str) else reference})
+                continue
+            a_all, b_all = got[str(bs)], reference[str(bs)]
+            same = sum(a == b for a, b in zip(a_all, b_all))
+            agree = sum(sum(x == y for x, y in zip(a, b)) for a, b in zip(a_all, b_all))
             rows.append({"variant": name, "batch": bs, "exact_prompts": f"{same}/{bs}",
                          "tokens_equal": f"{agree}/{bs * ns.new_tokens}"})
     print(f"reference: eager tp=1, torch attention, bf16; {ns.new_tokens} greedy tokens per prompt; "

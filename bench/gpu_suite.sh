@@ -30,10 +30,11 @@ pair-a)  # two GPUs, part one: all-reduce, latency at tp=1 and tp=2
   ;;
 pair-b)  # two GPUs, part two: greedy checks of every fast path, serving at tp=2
   [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-  step check_tp2 330 python bench/check_gpu.py --tp-list 1,2 --json "$OUT/check.jsonl"
-  step serving_tp2 240 bash -c 'python -m ptp.serve $0 --tp 2 --port 30000 > "$1/server.log" 2>&1 & pid=$!;
+  step check_tp2 270 python bench/check_gpu.py --tp-list 1,2 --json "$OUT/check.jsonl"
+  step serving_tp2 170 bash -c 'python -m ptp.serve $0 --torch-compile off --tp 2 --port 30000 > "$1/server.log" 2>&1 & pid=$!;
     for i in $(seq 1 200); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done;
     python bench/serving.py --request-rates 2,8,32,inf --num-prompts 128 --input-len 512 --output-len 128 --json "$1/serving.jsonl" --label tp2;
-    kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$1/server.log"' "$M8" "$OUT"
+    kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$1/server.log"' "${M8/llama-3.1-8b/bench/configs/llama-3.1-8b}" "$OUT"
+  step latency_tp2_profile 100 env PTP_PROFILE=1 python -X faulthandler bench/latency.py $M8 --tp 2 --torch-compile off --batch-sizes 1 --input-len 128 --output-len 128 --repeat 1 --label graphs-no-compile --json "$OUT/latency.jsonl"
   ;;
 esac
