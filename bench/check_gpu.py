@@ -37,10 +37,10 @@ def write_checkpoint(root: Path) -> Path:
     return folder
 
 
-def run_variant(folder: Path, prompts_by_batch, new_tokens: int, **kwargs) -> dict[int, list[list[int]]]:
+def run_variant(folder: Path, prompts_by_batch, new_tokens: int, dtype: str, **kwargs) -> dict[int, list[list[int]]]:
     import ptp
 
-    llm = ptp.LLM(str(folder), dtype="bfloat16", max_model_len=1024, cuda_graph_max_bs=32, num_kv_blocks=8192,
+    llm = ptp.LLM(str(folder), dtype=dtype, max_model_len=1024, cuda_graph_max_bs=32, num_kv_blocks=8192,
                   **kwargs)
     greedy = ptp.SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     out = {bs: [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
@@ -68,6 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tp-list", default="1")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="float32 (TF32 off) makes any difference a bug rather than a near-tie")
     parser.add_argument("--json", default=None)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)   # child mode
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -75,7 +77,8 @@ def main() -> None:
     ns = parser.parse_args()
     prompts = {bs: random_prompts(bs, 40, 8192, seed=bs, jitter=0.5) for bs in BATCHES}
     if ns.variant:  # one variant in its own process, so that a crash is its own
-        got = run_variant(Path(ns.folder), prompts, ns.new_tokens, **VARIANTS[ns.variant])
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        got = run_variant(Path(ns.folder), prompts, ns.new_tokens, dtype=ns.dtype, **VARIANTS[ns.variant])
         Path(ns.out).write_text(json.dumps({str(k): v for k, v in got.items()}))
         return
     tps = [int(t) for t in ns.tp_list.split(",")]
@@ -87,7 +90,8 @@ def main() -> None:
             continue
         out = root / "out.json"
         proc = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "--variant", name, "--folder",
-                               str(folder), "--out", str(out), "--new-tokens", str(ns.new_tokens)])
+                               str(folder), "--out", str(out), "--new-tokens", str(ns.new_tokens),
+                               "--dtype", ns.dtype])
         results[name] = json.loads(out.read_text()) if proc.returncode == 0 else f"exit status {proc.returncode}"
         out.unlink(missing_ok=True)
     reference = results.pop(next(iter(VARIANTS)))
@@ -102,7 +106,7 @@ def main() -> None:
             agree = sum(sum(x == y for x, y in zip(a, b)) for a, b in zip(a_all, b_all))
             rows.append({"variant": name, "batch": bs, "exact_prompts": f"{same}/{bs}",
                          "tokens_equal": f"{agree}/{bs * ns.new_tokens}"})
-    print(f"reference: eager tp=1, torch attention, bf16; {ns.new_tokens} greedy tokens per prompt; "
+    print(f"reference: eager tp=1, torch attention, {ns.dtype}; {ns.new_tokens} greedy tokens per prompt; "
           f"device {torch.cuda.get_device_name()}")
     print_table(rows, ["variant", "batch", "exact_prompts", "tokens_equal"])
     write_json(ns.json, rows)

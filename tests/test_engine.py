@@ -121,3 +121,4 @@ def test_compiled_decode_equals_eager(folder, alone):
     assert llm.engine.runner.decode is not None
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == alone
     assert [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY)] == alone[:3]  # another batch size
+    assert [llm.generate(p, GREEDY)[0].token_ids for p in PROMPTS[:2]] == alone[:2]  # batch 1: its own graph

@@ -328,9 +328,9 @@ class Engine:
                 broadcast_object(None, self.d)
             except Exception:
                 pass
-            shutdown(self.d)  # while the other ranks tear down too
             if self.spawned is not None:
                 self.spawned.stop()
+            shutdown(self.d)
         self.runner.release()
 
     def __enter__(self):

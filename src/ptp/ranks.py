@@ -21,7 +21,7 @@ import traceback
 import torch
 
 from ptp.errors import RankFailedError
-from ptp.parallel.mesh import Dist, broadcast_object, init_distributed, shutdown
+from ptp.parallel.mesh import Dist, broadcast_object, init_distributed
 
 log = logging.getLogger("ptp")
 HANG_GRACE_SECONDS = 20.0
@@ -76,8 +76,6 @@ def follow(d: Dist, runner) -> None:
         if batch is None:
             break
         runner.execute(batch)
-    if d.device.type == "cuda":
-        shutdown(d)  # NCCL tears down best when every rank does it together
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -5,7 +5,6 @@ import dataclasses
 import datetime
 import logging
 import os
-import threading
 
 import torch
 import torch.distributed as dist
@@ -90,20 +89,12 @@ def broadcast_object(obj, d: Dist):
     return box[0]
 
 
-def shutdown(d: Dist, timeout: float = 10.0) -> None:
-    """Tear the process group down. NCCL's teardown can block on ranks that already left: it runs on a
-    thread, and after `timeout` seconds the process goes on without it."""
+def shutdown(d: Dist) -> None:
+    """Tear the process group down. NCCL's orderly teardown has hung on the GPUs once the other ranks
+    were gone, so on CUDA the communicators are aborted instead (nothing is in flight by then)."""
     if d.world_size > 1 and dist.is_initialized():
         comm.set_tp_group(None)
-
-        def destroy():
-            try:
-                dist.destroy_process_group()
-            except Exception as e:  # the peers are gone; nothing left to release with them
-                log.debug("destroy_process_group: %s", e)
-
-        worker = threading.Thread(target=destroy, daemon=True, name="ptp-pg-teardown")
-        worker.start()
-        worker.join(timeout)
-        if worker.is_alive():
-            log.warning("process-group teardown did not finish in %.0f s; leaving it to process exit", timeout)
+        if d.device.type == "cuda":
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
