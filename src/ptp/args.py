@@ -40,8 +40,9 @@ class EngineArgs:
                                   "on CPU), triton, torch")
     disable_cuda_graph: bool = flag(False, "run decode without CUDA graphs (same tokens, slower)")
     cuda_graph_max_bs: int = flag(160, "largest decode batch captured in a CUDA graph; larger batches run eagerly")
-    torch_compile: str = flag("auto", "compile the decode step with torch.compile: auto (on with CUDA), on, off",
-                              choices=("auto", "on", "off"))
+    torch_compile: str = flag("auto", "compile the decode step with torch.compile: auto (on with CUDA), on, off, "
+                              "or tuned (also coordinate-descent tuning of the kernels: slower first start)",
+                              choices=("auto", "on", "off", "tuned"))
     disable_custom_all_reduce: bool = flag(False, "all-reduce through NCCL only")
     enable_p2p_check: bool = flag(False, "check GPU peer access between every pair of ranks at start")
     enable_deterministic_inference: bool = flag(False, "use deterministic torch algorithms (slower)")

@@ -42,7 +42,8 @@ class ModelRunner:
     def __init__(self, config: ModelConfig, files: ModelFiles | None, *, dtype: torch.dtype, d: Dist,
                  load_format: str, max_model_len: int, block_size: int, num_kv_blocks: int | None,
                  mem_fraction_static: float, attention_backend: str, seed: int,
-                 compile_decode: bool = False, cuda_graphs: bool = False, cuda_graph_max_bs: int = 160,
+                 compile_decode: bool = False, compile_tuned: bool = False, cuda_graphs: bool = False,
+                 cuda_graph_max_bs: int = 160,
                  custom_all_reduce: bool = True, p2p_check: bool = False, max_step_tokens: int = 8192):
         self.config, self.d, self.device = config, d, d.device
         self.max_model_len = max_model_len
@@ -68,7 +69,7 @@ class ModelRunner:
         self.decode = None
         if compile_decode or cuda_graphs:
             start = time.perf_counter()
-            self.decode = DecodeGraphs(self, compile_decode, cuda_graphs, cuda_graph_max_bs)
+            self.decode = DecodeGraphs(self, compile_decode, cuda_graphs, cuda_graph_max_bs, compile_tuned)
             self.capture_seconds = time.perf_counter() - start
 
     def _blocks_that_fit(self, per_block: int, max_model_len: int, block_size: int, fraction: float) -> int:
@@ -150,7 +151,7 @@ def graph_buckets(max_bs: int) -> list[int]:
 class DecodeGraphs:
     """The decode step, compiled once and replayed from a CUDA graph per batch-size bucket."""
 
-    def __init__(self, runner: ModelRunner, compile_: bool, graphs: bool, max_bs: int):
+    def __init__(self, runner: ModelRunner, compile_: bool, graphs: bool, max_bs: int, tuned: bool = False):
         self.runner, self.graphs_on = runner, graphs and runner.device.type == "cuda"
         device = runner.device
         self.max_bs = max_bs
@@ -169,7 +170,10 @@ class DecodeGraphs:
         self.step = self._step
         if compile_:
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-            self.step = torch.compile(self._step, fullgraph=True, dynamic=None)
+            # tuned: coordinate-descent tuning of the generated kernels, as gpt-fast does (measured
+            # 4.90 vs 5.1 ms per 8B step at batch 1 on an H200, for ~40 s more on a cold start)
+            options = {"coordinate_descent_tuning": True} if tuned else None
+            self.step = torch.compile(self._step, fullgraph=True, dynamic=None, options=options)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.graphs_on:
             self._capture()
