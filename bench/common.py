@@ -24,6 +24,16 @@ def engine_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def build_llm(ns: argparse.Namespace):
+    """The LLM that the engine flags of `ns` describe; returns (llm, EngineArgs)."""
+    import ptp
+    from ptp.args import EngineArgs
+
+    ns.model = resolve_config_path(ns.model)
+    args = EngineArgs.from_cli(ns)
+    return ptp.LLM(**vars(args)), args
+
+
 def resolve_config_path(model: str | None) -> str | None:
     """`--model llama-3.1-8b` means bench/configs/llama-3.1-8b (config only: use --load-format dummy)."""
     if model and (BENCH / "configs" / model).is_dir():

@@ -10,7 +10,7 @@ T0 = time.time()  # launch, for "launch to first token"
 
 import torch  # noqa: E402
 
-from common import bandwidth, engine_parser, print_table, random_prompts, resolve_config_path, write_json  # noqa: E402
+from common import bandwidth, build_llm, engine_parser, print_table, random_prompts, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -24,12 +24,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per batch size (the best counts)")
     ns = parser.parse_args()
     import ptp
-    from ptp.args import EngineArgs
 
-    ns.model = resolve_config_path(ns.model)
-    args = EngineArgs.from_cli(ns)
     start = time.perf_counter()
-    llm = ptp.LLM(**vars(args))
+    llm, args = build_llm(ns)
     startup = time.perf_counter() - start
     engine = llm.engine
     config, runner = engine.config, engine.runner

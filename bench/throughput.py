@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from common import engine_parser, print_table, random_prompts, resolve_config_path, write_json
+from common import build_llm, engine_parser, print_table, random_prompts, write_json
 
 
 def main() -> None:
@@ -22,11 +22,8 @@ def main() -> None:
     import random
 
     import ptp
-    from ptp.args import EngineArgs
 
-    ns.model = resolve_config_path(ns.model)
-    args = EngineArgs.from_cli(ns)
-    llm = ptp.LLM(**vars(args))
+    llm, args = build_llm(ns)
     vocab = llm.engine.config.vocab_size
     prompts = random_prompts(ns.num_prompts, ns.input_len, vocab, seed=1, jitter=ns.jitter)
     rng = random.Random(2)
