@@ -40,7 +40,7 @@ def build_runner(args, rank: int, init_method: str | None, before_join=None):
     d = init_distributed(args.tp, rank, args.device, init_method, args.dist_timeout)
     if args.enable_deterministic_inference:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     files, config, max_len = resolve_model(args, d.device)
     runner = ModelRunner(
         config, files, dtype=resolve_dtype(args.dtype, config, files, d.device), d=d,
