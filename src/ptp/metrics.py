@@ -28,9 +28,6 @@ class Counter(Metric):
         with self.lock:
             self.values[key] = self.values.get(key, 0.0) + amount
 
-    def get(self, **labels) -> float:
-        return self.values.get(tuple(labels.get(n, "") for n in self.label_names), 0.0)
-
     def render(self) -> list[str]:
         lines = self.header()
         items = sorted(self.values.items())

@@ -28,10 +28,6 @@ def set_tp_group(group: dist.ProcessGroup | None) -> None:
     _state["symm"] = None
 
 
-def tp_size() -> int:
-    return _state["size"]
-
-
 class SymmetricAllReduce:
     """A symmetric-memory buffer shared by the ranks, and the size table that picks the method."""
 
