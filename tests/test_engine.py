@@ -28,14 +28,18 @@ def alone(folder):
     {},
     {"chunked_prefill_size": 7},
     {"num_kv_blocks": 16, "block_size": 4},  # 64 slots: one long prompt fits, the batch needs 160
-], ids=["batched", "chunked-prefill", "preemption"])
+    # the same through the compiled decode path, whose padded rows write into a scratch block
+    {"num_kv_blocks": 16, "block_size": 4, "torch_compile": "on", "cuda_graph_max_bs": 8},
+], ids=["batched", "chunked-prefill", "preemption", "preemption-compiled"])
 def test_batch_equals_each_prompt_alone(folder, alone, kwargs):
     llm = ptp.LLM(str(folder), dtype="float32", device="cpu", **kwargs)
     outs = llm.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outs] == alone
     if "num_kv_blocks" in kwargs:
         assert llm.engine.scheduler.num_preemptions > 0
-    assert llm.engine.scheduler.allocator.num_free == llm.engine.scheduler.allocator.num_blocks
+    allocator = llm.engine.scheduler.allocator
+    assert allocator.num_free == allocator.num_blocks == llm.engine.runner.num_blocks
+    assert llm.engine.runner.num_blocks not in allocator.free  # the scratch block is never handed out
 
 
 def test_sampling_seed_topk_and_stop(folder, alone):

@@ -93,7 +93,6 @@ class Engine:
             self.spawned = SpawnedRanks(args)
             init_method = self.spawned.init_method
         self.rank = rank
-        start = time.perf_counter()
         try:
             self.d, self.runner, self.config, self.files = build_runner(args, rank, init_method)
         except Exception as e:
@@ -107,16 +106,14 @@ class Engine:
             return  # ranks > 0 under torchrun only follow; see follow()
         self.tokenizer = load_tokenizer(args, self.files)
         self.eos_ids = _eos_ids(self.tokenizer, self.config, self.files)
-        cache = self.runner.kv_cache
-        self.scheduler = Scheduler(BlockAllocator(cache.num_blocks, cache.block_size),
+        # runner.num_blocks, not the cache's: the cache has one more, the scratch block of padded rows
+        self.scheduler = Scheduler(BlockAllocator(self.runner.num_blocks, self.runner.kv_cache.block_size),
                                    args.chunked_prefill_size, args.max_running_requests)
         self.sampler = Sampler(self.d.device, args.seed)
         self.requests: dict[str, list[Sequence]] = {}
         self.prompts: dict[str, tuple[str | None, list[int]]] = {}
         self._counter = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
         self.profile = collections.Counter() if os.environ.get("PTP_PROFILE") else None
-        self.startup_seconds = time.perf_counter() - start
         self._closed = False
         atexit.register(self.shutdown)
         log.info(
@@ -134,7 +131,7 @@ class Engine:
     # --- requests ------------------------------------------------------------------------------
     @property
     def kv_capacity_tokens(self) -> int:
-        return self.runner.kv_cache.num_blocks * self.runner.kv_cache.block_size
+        return self.runner.num_blocks * self.runner.kv_cache.block_size
 
     def new_request_id(self) -> str:
         return str(next(self._counter))
@@ -182,7 +179,6 @@ class Engine:
             self.scheduler.add(s)
         self.requests[request_id] = seqs
         self.prompts[request_id] = (text, prompt_ids)
-        self.stats["prompt_tokens"] += len(prompt_ids) * params.n
         return request_id
 
     def abort(self, request_id: str) -> None:
@@ -233,7 +229,6 @@ class Engine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             updates.append(self._append(seq, token, logprob))
-        self.stats["generation_tokens"] += len(sampling)
         return updates
 
     def execute(self, batch: StepBatch):
