@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ptp.attention import Bound, DecodeMeta, PrefillMeta, make_backend
 from ptp.config import ModelConfig
+from ptp.errors import ConfigError
 from ptp.hub import ModelFiles
 from ptp.kv_cache import KVCache
 from ptp.loader import load_model
@@ -57,6 +58,14 @@ class ModelRunner:
         per_block = KVCache.bytes_per_block(config.num_layers, block_size, kv_heads, config.head_dim, dtype)
         blocks = num_kv_blocks or self._blocks_that_fit(per_block, max_model_len, block_size, mem_fraction_static)
         blocks = min(self._gather_all(blocks))
+        if blocks < 1:
+            raise ConfigError(
+                f"no memory is left for the KV cache after the weights ({self.weight_bytes / 2**30:.1f} GiB per rank) "
+                f"under --mem-fraction-static {mem_fraction_static}; raise it, or spread the model over more GPUs (--tp)."
+            )
+        if blocks * block_size < max_model_len:
+            log.warning("the KV cache holds %d tokens, less than one sequence of --max-model-len %d",
+                        blocks * block_size, max_model_len)
         # One block more than the scheduler hands out: padded rows of a graph write their K/V there.
         self.kv_cache = KVCache(config.num_layers, blocks + 1, block_size, kv_heads, config.head_dim, dtype, d.device)
         self.num_blocks = blocks
