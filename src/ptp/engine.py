@@ -24,6 +24,7 @@ from ptp.sampling import Sampler, SampleRow, SamplingParams
 from ptp.scheduler import Scheduler, Sequence, Status
 
 log = logging.getLogger("ptp")
+PROFILE_SKIP_STEPS = 16
 
 
 def resolve_model(args: EngineArgs, device: torch.device) -> tuple[ModelFiles, ModelConfig, int]:
@@ -221,9 +222,11 @@ class Engine:
         result = self.sampler(logits, rows)
         now = time.perf_counter()
         if self.profile is not None:  # PTP_PROFILE=1: where a step's wall time goes, printed at shutdown
-            self.profile["execute (broadcast + launch)"] += t1 - t0
-            self.profile["sample (waits for the GPU)"] += now - t1
-            self.profile["steps"] += 1
+            self.profile["seen"] += 1
+            if self.profile["seen"] > PROFILE_SKIP_STEPS:  # the first steps wait on start-up work
+                self.profile["execute (broadcast + launch)"] += t1 - t0
+                self.profile["sample (waits for the GPU)"] += now - t1
+                self.profile["steps"] += 1
         updates = []
         for seq, token, logprob in zip(sampling, result.token_ids, result.logprobs):
             if seq.first_token_time is None:
@@ -234,7 +237,7 @@ class Engine:
     def execute(self, batch: StepBatch):
         """Send `batch` to every rank and run it; the logits of the sequences it completes."""
         try:
-            if self.profile is not None:
+            if self.profile is not None and self.profile["seen"] >= PROFILE_SKIP_STEPS:
                 t = time.perf_counter()
                 broadcast_object(batch, self.d)
                 self.profile["broadcast"] += time.perf_counter() - t
@@ -314,7 +317,8 @@ class Engine:
             return
         self._closed = True
         atexit.unregister(self.shutdown)
-        if self.profile:
+        if self.profile and self.profile["steps"]:
+            self.profile.pop("seen")
             steps = self.profile.pop("steps")
             log.info("per step over %d steps: %s", steps,
                      ", ".join(f"{k} {v / steps * 1e3:.3f} ms" for k, v in self.profile.items()))
