@@ -19,7 +19,7 @@ single)
   step latency_tp1 300 python bench/latency.py $M8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
   step latency_tp1_eager 150 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 64 --torch-compile off --disable-cuda-graph --label eager --json "$OUT/latency.jsonl"
   step latency_b64 200 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
-  step check_tp1 300 python bench/check_gpu.py --tp-list 1 --json "$OUT/check.jsonl"
+  step check_tp1 300 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
   step attention 200 python bench/attention.py --json "$OUT/attention.jsonl"
   ;;
 pair-a)  # two GPUs, part one: all-reduce, latency at tp=1 and tp=2
@@ -30,7 +30,7 @@ pair-a)  # two GPUs, part one: all-reduce, latency at tp=1 and tp=2
   ;;
 pair-b)  # two GPUs, part two: greedy checks of every fast path, serving at tp=2
   [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-  step check_tp2 270 python bench/check_gpu.py --tp-list 1,2 --json "$OUT/check.jsonl"
+  step check_tp2 270 python bench/check_gpu.py --tp-list 1,2 --dtype float32 --json "$OUT/check.jsonl"
   step serving_tp2 170 bash -c 'python -m ptp.serve $0 --torch-compile off --tp 2 --port 30000 > "$1/server.log" 2>&1 & pid=$!;
     for i in $(seq 1 200); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done;
     python bench/serving.py --request-rates 2,8,32,inf --num-prompts 128 --input-len 512 --output-len 128 --json "$1/serving.jsonl" --label tp2;
