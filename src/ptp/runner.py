@@ -143,12 +143,10 @@ class ModelRunner:
         return self.forward_logits(input_ids, pos_t, meta, as_tensor(logit_rows))
 
 
-def _tables(tables: list[list[int]], device, width: int | None = None) -> torch.Tensor:
-    width = width or max(len(t) for t in tables)
-    out = torch.zeros(len(tables), width, dtype=torch.int32)
-    for i, t in enumerate(tables):
-        out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    return out.to(device, non_blocking=True)
+def _tables(tables: list[list[int]], device) -> torch.Tensor:
+    """Block tables as one int32 tensor, rows padded with zeros (one tensor built, not one per row)."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(device, non_blocking=True)
 
 
 def graph_buckets(max_bs: int) -> list[int]:
@@ -232,8 +230,8 @@ class DecodeGraphs:
         vec[:, :bs] = torch.tensor([[t[0] for t in batch.token_ids] + [0] * pad, starts + [0] * pad,
                                     slots + [self.runner.scratch_slot] * pad, [s + 1 for s in starts] + [0] * pad])
         width = max(len(t) for t in batch.block_tables)
-        for i, table in enumerate(batch.block_tables):
-            self.host_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        self.host_tables[:n, :width] = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables],
+                                                    dtype=torch.int32)
         self.ids[:bs].copy_(vec[0, :bs], non_blocking=True)
         self.pos[:bs].copy_(vec[1, :bs], non_blocking=True)
         self.slots[:bs].copy_(vec[2, :bs], non_blocking=True)
