@@ -126,3 +126,12 @@ def test_compiled_decode_equals_eager(folder, alone):
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == alone
     assert [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY)] == alone[:3]  # another batch size
     assert [llm.generate(p, GREEDY)[0].token_ids for p in PROMPTS[:2]] == alone[:2]  # batch 1: its own graph
+
+
+def test_flags_doc_is_current():
+    from pathlib import Path
+
+    from ptp.args import flags_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "flags.md"
+    assert doc.read_text() == flags_markdown(), "docs/flags.md is stale: run python -m ptp.args > docs/flags.md"
