@@ -95,3 +95,24 @@ class _SeedThatBreaksOnRank1(int):
 class _Broken(int):
     def __mul__(self, other):
         raise ValueError("rank 1 cannot use this seed")
+
+
+def test_a_peer_that_never_joins_ends_with_a_clear_message(reference):
+    """Rank 0 of a 2-rank torchrun-style world whose rank 1 never starts: a message, not a hang."""
+    import socket
+    import subprocess
+    import sys
+
+    folder = reference["llama"][0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "lonely"}
+    start = time.time()
+    out = subprocess.run([sys.executable, "-m", "ptp.generate", "--model", str(folder), "--prompt", "x",
+                          "--device", "cpu", "--dist-timeout", "5"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "rank 0 could not join a group of 2 ranks within 5 s" in out.stderr
+    assert time.time() - start < 60
