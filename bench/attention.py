@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--json", default=None)
     ns = parser.parse_args()
-    from ptp.attention.triton_backend import paged_decode_op
+    from ptp.attention.triton_backend import paged_decode
     from ptp.attention.torch_sdpa import TorchAttention
     from ptp.attention.meta import DecodeMeta
     from ptp.parallel.comm import time_in_graph
@@ -36,11 +36,14 @@ def main() -> None:
             if kv_bytes > 40e9:
                 continue
             cache = torch.randn(2, blocks + 1, block, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16)
+            new = torch.randn(bs, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16)
+            scratch = torch.full((bs,), blocks * block, device=device)  # the new k, v go to a spare block
             tables = torch.randperm(blocks, device=device).view(bs, ctx // block).int()
             lens = torch.full((bs,), ctx, device=device, dtype=torch.int32)
             for group in [int(g) for g in ns.groups.split(",")]:
                 q = torch.randn(bs, ns.kv_heads * group, ns.head_dim, device=device, dtype=torch.bfloat16)
-                us = time_in_graph(lambda: paged_decode_op(q, cache[0], cache[1], tables, lens, ns.head_dim ** -0.5), 20)
+                us = time_in_graph(lambda: paged_decode(q, new, new, scratch, cache[0], cache[1], tables, lens,
+                                                        ns.head_dim ** -0.5), 20)
                 row = {"backend": "triton", "context": ctx, "batch": bs, "gqa": group, "us": us,
                        "GB/s": kv_bytes / us / 1e3, "pct_bw": 100 * kv_bytes / us / 1e-6 / bw if bw else None}
                 rows.append(row)

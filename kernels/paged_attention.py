@@ -4,6 +4,10 @@ Grid: (sequence, KV head, split). Each program reads its KV head's blocks once a
 query head of that group (GQA), over one slice ("split") of the context; a second kernel merges
 the splits' partial softmax results. Splitting the context keeps the GPU busy when the batch is
 small and contexts are long (split-K / flash-decoding).
+
+The step's new key and value (one token per sequence) come in as tensors: the kernel attends to
+them from registers and the first split of each (sequence, KV head) writes them into their cache
+slot, so the cache write costs no launch of its own. No program reads that slot in this launch.
 """
 from __future__ import annotations
 
@@ -14,9 +18,9 @@ import triton.language as tl
 
 @triton.jit
 def _decode_partial(
-    Q, K, V, BT, LENS, O, M, L,
+    Q, KN, VN, SLOTS, K, V, BT, LENS, O, M, L,
     scale, splits,
-    s_qb, s_qh, s_kb, s_ks, s_kh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh,
+    s_qb, s_qh, s_nb, s_nh, s_kb, s_ks, s_kh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TOKENS: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -33,6 +37,14 @@ def _decode_partial(
     heads = kvh * GROUP + g
     d = tl.arange(0, D)
     q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+    newest = seq_len - 1  # the new token's position: its k, v come from KN, VN
+    k_new = tl.load(KN + b * s_nb + kvh * s_nh + d)
+    v_new = tl.load(VN + b * s_nb + kvh * s_nh + d)
+    if split == 0:
+        slot = tl.load(SLOTS + b)
+        at = (slot // BLOCK_SIZE) * s_kb + (slot % BLOCK_SIZE) * s_ks + kvh * s_kh
+        tl.store(K + at + d, k_new)
+        tl.store(V + at + d, v_new)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
@@ -40,9 +52,12 @@ def _decode_partial(
     for chunk in range(first, last):
         tok = chunk * TOKENS + t
         valid = tok < seq_len
-        phys = tl.load(BT + b * s_btb + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        cached = tok < newest
+        is_new = (tok == newest)[:, None]
+        phys = tl.load(BT + b * s_btb + tok // BLOCK_SIZE, mask=cached, other=0).to(tl.int64)
         row = phys * s_kb + (tok % BLOCK_SIZE) * s_ks + kvh * s_kh
-        k = tl.load(K + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(K + row[:, None] + d[None, :], mask=cached[:, None], other=0.0)
+        k = tl.where(is_new, k_new[None, :], k)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -52,7 +67,8 @@ def _decode_partial(
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(V + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(V + row[:, None] + d[None, :], mask=cached[:, None], other=0.0)
+        v = tl.where(is_new, v_new[None, :], v)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -82,12 +98,17 @@ def _decode_merge(O, M, L, OUT, splits, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_
     tl.store(OUT + b * s_outb + h * s_outh + d, out.to(OUT.dtype.element_ty))
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 seq_lens: torch.Tensor, scale: float, splits: int, tokens_per_step: int = 64) -> torch.Tensor:
-    """q [B, H, D]; caches [blocks, block_size, KV, D]; block_tables [B, max_blocks]; seq_lens [B].
+def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slots: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 scale: float, splits: int, tokens_per_step: int = 64) -> torch.Tensor:
+    """q [B, H, D]; the new k_new, v_new [B, KV, D] go to cache slot `slots` [B] (and are attended to);
+    caches [blocks, block_size, KV, D]; block_tables [B, max_blocks]; seq_lens [B], new token included.
 
     Returns [B, H, D]. A sequence of length 0 (a padded row) gives zeros.
     """
+    k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)  # views are fine: strides are passed
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1 or k_new.stride() != v_new.stride():
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
     batch, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -96,8 +117,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     l = torch.empty_like(m)
     out = torch.empty_like(q)
     _decode_partial[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, part, m, l, scale, splits,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, part, m, l, scale, splits,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_SIZE=block_size,
         TOKENS=tokens_per_step, IEEE=q.dtype == torch.float32,

@@ -27,26 +27,40 @@ def reference(q, k_cache, v_cache, tables, lens, scale):
 
 
 def run_case(batch, kv_heads, group, dim, block_size, max_len, splits, dtype=torch.float32, device="cpu", seed=0):
+    """Max error of the kernel's output and of its cache writes against the torch reference."""
     from ptp.kernels.paged_attention import paged_decode
 
     g = torch.Generator().manual_seed(seed)
     heads = kv_heads * group
-    num_blocks = batch * (-(-max_len // block_size)) + 3
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(device, dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(device, dtype)
-    q = torch.randn(batch, heads, dim, generator=g).to(device, dtype)
+    max_blocks = -(-max_len // block_size)
+    num_blocks = batch * max_blocks + 3
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(dtype)
+    q = torch.randn(batch, heads, dim, generator=g).to(dtype)
+    # k and v as the model hands them over: views into one [B, 2 * KV * D] projection output
+    k_new, v_new = torch.randn(batch, 2 * kv_heads * dim, generator=g).to(dtype).view(batch, 2, kv_heads, dim).unbind(1)
     lens = torch.randint(1, max_len + 1, (batch,), generator=g)
     lens[0] = max_len
     if batch > 2:
         lens[-1] = 0                     # a padded row
-        lens[1] = block_size * 2 + 1     # ends just past a block boundary
+        lens[1] = block_size * 2 + 1     # the new token opens a block
     perm = torch.randperm(num_blocks, generator=g)   # random physical blocks
-    max_blocks = -(-max_len // block_size)
     tables = perm[: batch * max_blocks].view(batch, max_blocks).to(torch.int32)
+    scratch = int(perm[-1]) * block_size
+    slots = torch.tensor([int(tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else scratch
+                          for b, n in enumerate(lens.tolist())])
+    # reference: write the new k, v, then attend over the cache
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    assert not k_new.is_contiguous()
+    ref_k.view(-1, kv_heads, dim)[slots] = k_new
+    ref_v.view(-1, kv_heads, dim)[slots] = v_new
     scale = dim ** -0.5
-    got = paged_decode(q, k_cache, v_cache, tables.to(device), lens.to(device, torch.int32), scale, splits)
-    want = reference(q.cpu().float(), k_cache.cpu().float(), v_cache.cpu().float(), tables.long(), lens, scale)
-    return (got.float().cpu() - want).abs().max().item()
+    want = reference(q.float(), ref_k.float(), ref_v.float(), tables.long(), lens, scale)
+    kc, vc = k_cache.to(device), v_cache.to(device)
+    got = paged_decode(q.to(device), k_new.to(device), v_new.to(device), slots.to(device), kc, vc,
+                       tables.to(device), lens.to(device, torch.int32), scale, splits)
+    cache_err = max((kc.cpu() - ref_k).abs().max().item(), (vc.cpu() - ref_v).abs().max().item())
+    return max((got.float().cpu() - want).abs().max().item(), cache_err)
 
 
 CASES = [  # batch, kv heads, GQA group, head dim, block size, max length, splits
@@ -82,3 +96,44 @@ def test_paged_decode_kernel_on_gpu(group, dim):
         err = run_case(batch, 8 // group if group < 8 else 1, group, dim, 16, max_len, splits,
                        dtype=torch.bfloat16, device="cuda")
         assert err < 2e-2, (batch, max_len, err)
+
+
+def backend_case(seed=0):
+    """The triton backend's decode step against the torch backend's: outputs and cache writes."""
+    from ptp.attention.meta import DecodeMeta
+    from ptp.attention.torch_sdpa import TorchAttention
+    from ptp.attention.triton_backend import TritonAttention
+    from ptp.kv_cache import KVCache
+
+    g = torch.Generator().manual_seed(seed)
+    layers, blocks, bs, kv, d, batch = 2, 12, 4, 2, 64, 3
+    caches = []
+    for _ in range(2):
+        c = KVCache(layers, blocks + 1, bs, kv, d, torch.float32, "cpu")
+        caches.append(c)
+    caches[0].data.copy_(torch.randn(caches[0].data.shape, generator=g))
+    caches[1].data.copy_(caches[0].data)
+    lens = torch.tensor([9, 4, 1], dtype=torch.int32)
+    tables = torch.tensor([[3, 7, 1], [5, 0, 0], [9, 0, 0]], dtype=torch.int32)
+    slots = torch.tensor([int(tables[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(lens.tolist())])
+    meta = DecodeMeta(slots, tables, lens)
+    q = torch.randn(batch, 8, d, generator=g)
+    k, v = torch.randn(batch, 2, kv, d, generator=g).unbind(1)
+    errors = []
+    for layer in range(layers):
+        want = TorchAttention(caches[0], None).forward(meta, layer, q, k, v)
+        got = TritonAttention(caches[1], None).forward(meta, layer, q, k, v)
+        errors.append((got - want).abs().max().item())
+    errors.append((caches[0].data - caches[1].data).abs().max().item())
+    return max(errors)
+
+
+def test_triton_backend_matches_torch_backend_in_interpreter():
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from test_kernels import backend_case\n"
+            "err = backend_case()\n"
+            "print(err)\n"
+            "assert err < 1e-4, err\n") % HERE
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]

@@ -24,19 +24,13 @@ def choose_splits(batch: int, kv_heads: int, max_tokens: int, device: torch.devi
     return max(1, min(wanted, max_tokens // 256, 64))
 
 
-@torch.library.custom_op("ptp::paged_decode", mutates_args=())
-def paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    from ptp.kernels.paged_attention import paged_decode
+def paged_decode(q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, scale: float) -> torch.Tensor:
+    """Write the step's k, v into the cache and attend (the kernel does both; splits chosen here)."""
+    from ptp.kernels.paged_attention import paged_decode as kernel
 
     max_tokens = block_tables.shape[1] * k_cache.shape[1]
     splits = choose_splits(q.shape[0], k_cache.shape[2], max_tokens, q.device)
-    return paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, splits)
-
-
-@paged_decode_op.register_fake
-def _(q, k_cache, v_cache, block_tables, seq_lens, scale):
-    return torch.empty_like(q)
+    return kernel(q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, scale, splits)
 
 
 class TritonAttention(TorchAttention):
@@ -50,5 +44,6 @@ class TritonAttention(TorchAttention):
     def forward(self, meta, layer: int, q, k, v):
         if not isinstance(meta, DecodeMeta) or self.sliding_window is not None:
             return super().forward(meta, layer, q, k, v)
-        k_cache, v_cache = self.write_kv(layer, meta.slot_mapping, k, v)
-        return paged_decode_op(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, q.shape[-1] ** -0.5)
+        k_cache, v_cache = self.kv_cache.layer(layer)
+        return paged_decode(q, k, v, meta.slot_mapping, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                            q.shape[-1] ** -0.5)
