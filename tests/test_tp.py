@@ -116,3 +116,16 @@ def test_a_peer_that_never_joins_ends_with_a_clear_message(reference):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "rank 0 could not join a group of 2 ranks within 5 s" in out.stderr
     assert time.time() - start < 60
+
+
+def test_a_step_larger_than_one_message(reference):
+    """A prefill step of ~2,400 tokens goes to rank 1 in two broadcasts; tokens still equal tp=1."""
+    import random
+
+    folder = reference["mistral"][0]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10, 380) for _ in range(200)] for _ in range(12)]
+    greedy = ptp.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    want = [o.token_ids for o in ptp.LLM(str(folder), dtype="float32", device="cpu").generate(prompts, greedy)]
+    with ptp.LLM(str(folder), dtype="float32", device="cpu", tp=2) as llm:
+        assert [o.token_ids for o in llm.generate(prompts, greedy)] == want

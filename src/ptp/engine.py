@@ -17,7 +17,7 @@ from ptp.errors import ConfigError, RankFailedError
 from ptp.hub import ModelFiles, resolve
 from ptp.kv_cache import BlockAllocator
 from ptp.outputs import CompletionOutput, RequestOutput, SeqUpdate
-from ptp.parallel.mesh import broadcast_object, shutdown, under_torchrun
+from ptp.parallel.mesh import StepChannel, release_process_group, shutdown, under_torchrun
 from ptp.parallel.plans import check_tp
 from ptp.runner import StepBatch
 from ptp.sampling import Sampler, SampleRow, SamplingParams
@@ -98,11 +98,14 @@ class Engine:
             self.d, self.runner, self.config, self.files = build_runner(args, rank, init_method)
         except Exception as e:
             if self.spawned is not None:
-                if self.spawned.peer_failed():
-                    self.spawned.raise_failure(e)
+                failed = self.spawned.peer_failed()
                 self.spawned.stop(timeout=2.0)
+                release_process_group(torch.cuda.is_available() and args.device != "cpu")
+                if failed:
+                    self.spawned.raise_failure(e)
             raise
         self.max_model_len = self.runner.model.model.rotary.max_positions
+        self.channel = StepChannel(self.d) if self.d.world_size > 1 else None
         if rank != 0:
             return  # ranks > 0 under torchrun only follow; see follow()
         self.tokenizer = load_tokenizer(args, self.files)
@@ -237,12 +240,11 @@ class Engine:
     def execute(self, batch: StepBatch):
         """Send `batch` to every rank and run it; the logits of the sequences it completes."""
         try:
-            if self.profile is not None and self.profile["seen"] >= PROFILE_SKIP_STEPS:
+            if self.channel is not None:
                 t = time.perf_counter()
-                broadcast_object(batch, self.d)
-                self.profile["broadcast"] += time.perf_counter() - t
-            else:
-                broadcast_object(batch, self.d)
+                self.channel.send(batch)
+                if self.profile is not None and self.profile["seen"] >= PROFILE_SKIP_STEPS:
+                    self.profile["broadcast"] += time.perf_counter() - t
             return self.runner.execute(batch)
         except Exception as e:
             if self.spawned is not None and self.spawned.peer_failed():
@@ -324,7 +326,7 @@ class Engine:
                      ", ".join(f"{k} {v / steps * 1e3:.3f} ms" for k, v in self.profile.items()))
         if self.d.world_size > 1:
             try:
-                broadcast_object(None, self.d)
+                self.channel.send(None)
             except Exception:
                 pass
             if self.spawned is not None:

@@ -21,7 +21,7 @@ import traceback
 import torch
 
 from ptp.errors import RankFailedError
-from ptp.parallel.mesh import Dist, broadcast_object, init_distributed
+from ptp.parallel.mesh import Dist, StepChannel, init_distributed
 
 log = logging.getLogger("ptp")
 HANG_GRACE_SECONDS = 20.0
@@ -72,8 +72,9 @@ def follow(d: Dist, runner) -> None:
     It ends with os._exit rather than by tearing the process group down: gloo's teardown races with
     rank 0's and has aborted the process ("terminate called without an active exception").
     """
+    channel = StepChannel(d)
     while True:
-        batch = broadcast_object(None, d)
+        batch = channel.receive()
         if batch is None:
             break
         runner.execute(batch)

@@ -7,6 +7,7 @@ bucket, the batch padded to the next bucket. Every other step (prefill, mixed) r
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 
@@ -37,6 +38,27 @@ class StepBatch:
     @property
     def is_decode(self) -> bool:
         return all(len(t) == 1 for t in self.token_ids) and all(self.sample)
+
+    def encode(self) -> list[int]:
+        """Flat integers for the wire: n, then per sequence its token count, start, sample flag and
+        table length, then all tokens, then all tables."""
+        return [len(self.token_ids), *map(len, self.token_ids), *self.starts, *map(int, self.sample),
+                *map(len, self.block_tables), *itertools.chain.from_iterable(self.token_ids),
+                *itertools.chain.from_iterable(self.block_tables)]
+
+    @classmethod
+    def decode(cls, ints: list[int]) -> "StepBatch":
+        n = ints[0]
+        counts, starts, sample, widths = (ints[1 + i * n: 1 + (i + 1) * n] for i in range(4))
+        flat, at = ints[1 + 4 * n:], 0
+        token_ids, tables = [], []
+        for c in counts:
+            token_ids.append(flat[at: at + c])
+            at += c
+        for w in widths:
+            tables.append(flat[at: at + w])
+            at += w
+        return cls(token_ids, starts, tables, [bool(s) for s in sample])
 
 
 class ModelRunner:

@@ -80,21 +80,59 @@ def init_distributed(tp: int, rank: int, device_name: str, init_method: str | No
     return Dist(rank=rank, world_size=tp, device=device, mesh=mesh, cpu_group=cpu_group)
 
 
-def broadcast_object(obj, d: Dist):
-    """Rank 0 sends `obj` to every rank over the CPU group; every rank returns it."""
-    if d.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=d.cpu_group)
-    return box[0]
+class StepChannel:
+    """Rank 0 → every rank: each step's batch as integers over the CPU group, no pickling.
+
+    One broadcast of a fixed small buffer carries the length and, usually, the whole batch; a
+    larger batch (a long prefill) follows in a second broadcast. Length -1 means "stop"."""
+
+    CAPACITY = 2048
+
+    def __init__(self, d: Dist):
+        self.d = d
+        self.head = torch.empty(self.CAPACITY, dtype=torch.long)
+
+    def send(self, batch) -> None:
+        ints = [-1] if batch is None else batch.encode()
+        size = len(ints) if batch is not None else -1
+        first = ints[: self.CAPACITY - 1] if batch is not None else []
+        self.head[0] = size
+        self.head[1: 1 + len(first)] = torch.tensor(first, dtype=torch.long)
+        dist.broadcast(self.head, src=0, group=self.d.cpu_group)
+        if size > self.CAPACITY - 1:
+            dist.broadcast(torch.tensor(ints[self.CAPACITY - 1:], dtype=torch.long), src=0, group=self.d.cpu_group)
+
+    def receive(self):
+        from ptp.runner import StepBatch
+
+        dist.broadcast(self.head, src=0, group=self.d.cpu_group)
+        size = int(self.head[0])
+        if size < 0:
+            return None
+        ints = self.head[1: 1 + min(size, self.CAPACITY - 1)].tolist()
+        if size > self.CAPACITY - 1:
+            rest = torch.empty(size - (self.CAPACITY - 1), dtype=torch.long)
+            dist.broadcast(rest, src=0, group=self.d.cpu_group)
+            ints += rest.tolist()
+        return StepBatch.decode(ints)
 
 
 def shutdown(d: Dist) -> None:
     """Tear the process group down. NCCL's orderly teardown has hung on the GPUs once the other ranks
     were gone, so on CUDA the communicators are aborted instead (nothing is in flight by then)."""
-    if d.world_size > 1 and dist.is_initialized():
-        comm.set_tp_group(None)
-        if d.device.type == "cuda":
+    if d.world_size > 1:
+        release_process_group(d.device.type == "cuda")
+
+
+def release_process_group(cuda: bool) -> None:
+    """Leave the process group (also after a failed start), so a later engine can form a new one."""
+    comm.set_tp_group(None)
+    if not dist.is_initialized():
+        return
+    try:
+        if cuda:
             dist.distributed_c10d._abort_process_group()
         else:
             dist.destroy_process_group()
+    except Exception as e:  # peers already gone: nothing left to release with them
+        log.warning("process-group teardown: %s", e)
