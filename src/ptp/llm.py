@@ -30,8 +30,7 @@ class LLM:
             kwargs["tp"] = kwargs.pop("tp_size")
         self.engine = Engine(EngineArgs(model=model, **kwargs))
         if self.engine.rank != 0:
-            self.engine.follow()
-            raise SystemExit(0)
+            self.engine.follow()  # ends the process when rank 0 shuts down
 
     @property
     def tokenizer(self):

@@ -99,9 +99,7 @@ class ModelRunner:
                                     min(64 << 20, largest), p2p_check)
         self.decode = None
         if compile_decode or cuda_graphs:
-            start = time.perf_counter()
             self.decode = DecodeGraphs(self, compile_decode, cuda_graphs, cuda_graph_max_bs, compile_tuned)
-            self.capture_seconds = time.perf_counter() - start
 
     def _blocks_that_fit(self, per_block: int, max_model_len: int, block_size: int, fraction: float) -> int:
         if self.device.type == "cuda":
