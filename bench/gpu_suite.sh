@@ -22,6 +22,12 @@ single)
   step check_tp1 300 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
   step attention 200 python bench/attention.py --json "$OUT/attention.jsonl"
   ;;
+perf)  # one GPU: where the batch-1 step's time goes, skinny GEMM against cuBLAS
+  step kernels 200 python -m pytest tests/test_kernels.py -q -m gpu
+  step gemm 200 python bench/gemm.py --rows 1,2,4 --json "$OUT/gemm.jsonl"
+  step profile 300 python bench/profile_decode.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8
+  step profile_cublas 200 env PTP_DISABLE_SKINNY_GEMM=1 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
+  ;;
 pair-a)  # two GPUs, part one: all-reduce, latency at tp=1 and tp=2
   step allreduce 150 torchrun --nproc-per-node 2 bench/allreduce.py --check --json "$OUT/allreduce.jsonl"
   step latency_tp1 200 python bench/latency.py $M8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"

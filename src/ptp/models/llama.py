@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptp.config import ModelConfig
+from ptp.ops import Linear
 from ptp.parallel.comm import all_reduce
 
 
@@ -90,8 +91,8 @@ class Attention(nn.Module):
         hd = config.head_dim
         self.layer_idx, self.head_dim = layer_idx, hd
         self.num_heads, self.num_kv_heads = config.num_heads, num_kv_heads
-        self.qkv_proj = nn.Linear(config.hidden_size, (config.num_heads + 2 * num_kv_heads) * hd, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.num_heads * hd, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, (config.num_heads + 2 * num_kv_heads) * hd, bias=config.qkv_bias)
+        self.o_proj = Linear(config.num_heads * hd, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(hd, config.rms_norm_eps)
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
@@ -120,8 +121,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -173,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, num_kv_heads or config.num_kv_heads,
                                 max_positions or config.max_position_embeddings)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.tie_weights()
 

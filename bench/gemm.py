@@ -1,0 +1,80 @@
+"""The projections of a decode step alone: cuBLAS (F.linear) against ptp's skinny kernel, per row count.
+
+    python bench/gemm.py --rows 1,2,4,8
+
+Each call is replayed 50 times inside one CUDA graph; GB/s counts the weight bytes (what a
+decode step must read), against the device's copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from common import bandwidth, print_table, write_json
+
+SHAPES = {  # Llama-3.1-8B at tp=1: (N, K)
+    "qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
+    "down_proj": (4096, 14336), "lm_head": (128256, 4096),
+}
+
+
+def graph_us(fn, reps: int = 50) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (5 * reps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", default="1,2,4")
+    parser.add_argument("--tp", type=int, default=1, help="divide N (column-parallel) or K (row-parallel) by this")
+    parser.add_argument("--json", default=None)
+    ns = parser.parse_args()
+    from ptp.kernels.skinny_gemm import _tuned, skinny_linear
+
+    bw = bandwidth(torch.cuda.get_device_name())
+    rows_out, totals = [], {}
+    for rows in [int(r) for r in ns.rows.split(",")]:
+        for name, (n, k) in SHAPES.items():
+            if name in ("o_proj", "down_proj"):
+                k //= ns.tp
+            else:
+                n //= ns.tp
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            cublas = graph_us(lambda: F.linear(x, w))
+            skinny = graph_us(lambda: skinny_linear(x, w)) if rows <= 4 else None
+            best = _tuned.cache.get(next((key for key in _tuned.cache if key[0] == n and key[1] == k), None))
+            gb = w.numel() * 2 / 1e9
+            row = {"rows": rows, "proj": name, "N": n, "K": k, "MB": gb * 1e3, "cublas_us": cublas,
+                   "cublas_TBps": gb / cublas * 1e3, "skinny_us": skinny,
+                   "skinny_TBps": gb / skinny * 1e3 if skinny else None,
+                   "ideal_us": gb * 1e9 / bw * 1e6 if bw else None, "config": str(best) if best else ""}
+            rows_out.append(row)
+            t = totals.setdefault(rows, [0.0, 0.0])
+            per_layer = 1 if name == "lm_head" else 32
+            t[0] += per_layer * cublas
+            t[1] += per_layer * (skinny or cublas)
+    print_table(rows_out, ["rows", "proj", "N", "K", "MB", "cublas_us", "cublas_TBps", "skinny_us", "skinny_TBps",
+                           "ideal_us", "config"])
+    for rows, (c, s) in totals.items():
+        print(f"rows {rows}: one 8B step's projections (32 layers + lm_head): cuBLAS {c / 1e3:.3f} ms, "
+              f"skinny {s / 1e3:.3f} ms")
+    write_json(ns.json, rows_out)
+
+
+if __name__ == "__main__":
+    main()
