@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -49,12 +50,16 @@ def run_variant(folder: Path, prompts_by_batch, new_tokens: int, dtype: str, **k
     return out
 
 
-VARIANTS = {
-    "eager tp=1, torch attention (reference)": dict(torch_compile="off", disable_cuda_graph=True, attention_backend="torch"),
+EAGER = dict(torch_compile="off", disable_cuda_graph=True)
+VARIANTS = {  # "env": environment of the variant's process
+    "eager tp=1, torch attention, cuBLAS, no overlap (reference)": dict(
+        EAGER, attention_backend="torch", disable_overlap_schedule=True, env={"PTP_DISABLE_SKINNY_GEMM": "1"}),
+    "eager, torch attention (skinny GEMM, overlap)": dict(EAGER, attention_backend="torch"),
     "eager, triton attention": dict(torch_compile="off", disable_cuda_graph=True, attention_backend="triton"),
     "graphs (no compile), triton": dict(torch_compile="off", attention_backend="triton"),
     "compile + graphs, triton": dict(attention_backend="triton"),
     "compile + graphs, torch attention": dict(attention_backend="torch"),
+    "compile + graphs, triton, no overlap": dict(attention_backend="triton", disable_overlap_schedule=True),
     "tp=2 eager, torch attention": dict(tp=2, torch_compile="off", disable_cuda_graph=True, attention_backend="torch"),
     "tp=2 compile + graphs, triton": dict(tp=2, attention_backend="triton"),
     "tp=2 compile + graphs, NCCL only": dict(tp=2, attention_backend="triton", disable_custom_all_reduce=True),
@@ -78,7 +83,8 @@ def main() -> None:
     prompts = {bs: random_prompts(bs, 40, 8192, seed=bs, jitter=0.5) for bs in BATCHES}
     if ns.variant:  # one variant in its own process, so that a crash is its own
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        got = run_variant(Path(ns.folder), prompts, ns.new_tokens, dtype=ns.dtype, **VARIANTS[ns.variant])
+        kwargs = {k: v for k, v in VARIANTS[ns.variant].items() if k != "env"}
+        got = run_variant(Path(ns.folder), prompts, ns.new_tokens, dtype=ns.dtype, **kwargs)
         Path(ns.out).write_text(json.dumps({str(k): v for k, v in got.items()}))
         return
     tps = [int(t) for t in ns.tp_list.split(",")]
@@ -91,7 +97,7 @@ def main() -> None:
         out = root / "out.json"
         proc = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "--variant", name, "--folder",
                                str(folder), "--out", str(out), "--new-tokens", str(ns.new_tokens),
-                               "--dtype", ns.dtype])
+                               "--dtype", ns.dtype], env={**os.environ, **kwargs.get("env", {})})
         results[name] = json.loads(out.read_text()) if proc.returncode == 0 else f"exit status {proc.returncode}"
         out.unlink(missing_ok=True)
     reference = results.pop(next(iter(VARIANTS)))

@@ -28,6 +28,17 @@ perf)  # one GPU: where the batch-1 step's time goes, skinny GEMM against cuBLAS
   step profile 300 python bench/profile_decode.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8
   step profile_cublas 200 env PTP_DISABLE_SKINNY_GEMM=1 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
   ;;
+tp1-a)  # one GPU: batch-1 latency against the eager baseline and without overlap
+  step kernels 150 python -m pytest tests/test_kernels.py -q -m gpu
+  step latency_tp1 200 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step latency_tp1_sync 120 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1 --input-len 128 --output-len 256 --disable-overlap-schedule --label no-overlap --json "$OUT/latency.jsonl"
+  step latency_tp1_eager 100 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 64 --torch-compile off --disable-cuda-graph --label eager --json "$OUT/latency.jsonl"
+  ;;
+tp1-b)  # one GPU: fast paths against eager in fp32, the step's kernels, tuned compile, batch 64
+  step check_tp1 200 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
+  step profile 100 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
+  step latency_tp1_tuned 200 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --torch-compile tuned --label tuned --json "$OUT/latency.jsonl"
+  ;;
 pair-a)  # two GPUs, part one: all-reduce, latency at tp=1 and tp=2
   step allreduce 150 torchrun --nproc-per-node 2 bench/allreduce.py --check --json "$OUT/allreduce.jsonl"
   step latency_tp1 200 python bench/latency.py $M8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"

@@ -80,6 +80,45 @@ def test_logprobs_penalties_and_eos(folder):
     assert stopped.finish_reason == "stop" and stopped.token_ids[-1] == first and len(stopped.token_ids) <= 4
 
 
+def _mixed_run(folder, **kwargs):
+    """A mix that crosses the overlapped (plain greedy) and the synchronous path in one batch."""
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", **kwargs)
+    greedy_text = llm.generate(PROMPTS[1], GREEDY)[0].text
+    params = [
+        GREEDY,
+        ptp.SamplingParams(temperature=0, max_tokens=24, stop=[greedy_text[6:9]], ignore_eos=True),  # stops early
+        ptp.SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True),
+        ptp.SamplingParams(temperature=0, max_tokens=9, min_tokens=4, ignore_eos=False),
+        ptp.SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),  # runs to the context limit
+        ptp.SamplingParams(temperature=0, max_tokens=7, n=2, ignore_eos=True),
+    ]
+    prompts = PROMPTS + PROMPTS[:2]
+    outs = llm.generate(prompts, params)
+    got = [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs]
+    # the engine goes on after an abort of a request whose step is in flight
+    rid = llm.engine.add_request(PROMPTS[0], GREEDY)
+    llm.engine.step()
+    llm.engine.step()
+    llm.engine.abort(rid)
+    after = llm.generate(PROMPTS[2], GREEDY)[0].token_ids
+    allocator = llm.engine.scheduler.allocator
+    return got, after, llm.engine.num_overlapped, allocator.num_free == allocator.num_blocks
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_kv_blocks": 16, "block_size": 4}], ids=["plain", "preemption"])
+def test_overlapped_steps_equal_synchronous_steps(folder, kwargs):
+    """Greedy decode steps queued ahead of their tokens give exactly the synchronous results, also
+    when sequences stop on a string, reach their length or the context limit mid-flight, are
+    preempted or aborted."""
+    kwargs = dict(kwargs, max_model_len=64)
+    want, want_after, none, _ = _mixed_run(folder, disable_overlap_schedule=True, **kwargs)
+    got, got_after, overlapped, all_free = _mixed_run(folder, **kwargs)
+    assert none == 0 and overlapped > 20
+    assert got == want and got_after == want_after
+    assert all_free
+    assert [r for o in got for _, _, r in o] == [r for o in want for _, _, r in o]
+
+
 @pytest.mark.parametrize("bad", [
     dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-3), dict(min_p=2),
     dict(max_tokens=0), dict(n=0), dict(repetition_penalty=0), dict(presence_penalty=3),

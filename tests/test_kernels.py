@@ -51,7 +51,7 @@ def run_case(batch, kv_heads, group, dim, block_size, max_len, splits, dtype=tor
                           for b, n in enumerate(lens.tolist())])
     # reference: write the new k, v, then attend over the cache
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    assert not k_new.is_contiguous()
+    assert batch == 1 or not k_new.is_contiguous()
     ref_k.view(-1, kv_heads, dim)[slots] = k_new
     ref_v.view(-1, kv_heads, dim)[slots] = v_new
     scale = dim ** -0.5
@@ -177,11 +177,13 @@ def test_skinny_gemm_matches_float64_in_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("rows", [1, 3])
 def test_skinny_gemm_on_gpu(rows):
-    """Real 8B shapes through the autotuned kernel (block sizes None)."""
+    """Real 8B shapes through the autotuned kernel (block sizes None); fp32 on two of them."""
     for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (1000, 1000)]:
         for dtype, tol in [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)]:
+            if dtype == torch.float32 and n not in (1000, 4096):
+                continue
             err = skinny_case(rows, n, k, n == 1000, None, None, dtype=dtype, device="cuda")
             assert err < tol, (rows, n, k, dtype, err)
 

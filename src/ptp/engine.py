@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import os
 import itertools
 import json
@@ -71,6 +72,21 @@ def _eos_ids(tokenizer, config: ModelConfig, files: ModelFiles) -> set[int]:
     return ids
 
 
+@dataclasses.dataclass
+class _Launched:
+    """A step on its way: its sampled sequences, their logits, and the greedy tokens' copy to the host."""
+    seqs: list[Sequence]
+    logits: torch.Tensor
+    host: tuple
+
+
+def _plain_greedy(seq: Sequence, blocked: list[int]) -> bool:
+    """Whether the device's argmax is this sequence's next token (so the host need not sample)."""
+    p = seq.params
+    return p.greedy and p.logprobs is None and not blocked and p.repetition_penalty == 1.0 \
+        and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+
+
 class Engine:
     def __init__(self, args: EngineArgs):
         from ptp.ranks import SpawnedRanks, build_runner
@@ -114,6 +130,13 @@ class Engine:
         self.scheduler = Scheduler(BlockAllocator(self.runner.num_blocks, self.runner.kv_cache.block_size),
                                    args.chunked_prefill_size, args.max_running_requests)
         self.sampler = Sampler(self.d.device, args.seed)
+        self.overlap = not args.disable_overlap_schedule
+        self.inflight: _Launched | None = None
+        rows = self.runner.last_tokens.shape[0]
+        pin = self.d.device.type == "cuda"
+        self._host_tokens = [torch.zeros(rows, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._flip = 0
+        self.num_overlapped = 0  # steps queued before their predecessor's tokens were known
         self.requests: dict[str, list[Sequence]] = {}
         self.prompts: dict[str, tuple[str | None, list[int]]] = {}
         self._counter = itertools.count()
@@ -192,7 +215,7 @@ class Engine:
         self.prompts.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work()  # a step in flight belongs to running sequences
 
     def result(self, request_id: str) -> RequestOutput:
         """The request's outputs so far (final once every sample finished); forgets finished requests."""
@@ -211,27 +234,90 @@ class Engine:
 
     # --- stepping ------------------------------------------------------------------------------
     def step(self) -> list[SeqUpdate]:
+        """Run one step; return what the sequences gained.
+
+        Overlap: a step whose sampled rows are all plain greedy is left in flight. The next call
+        first queues the following step — each of those sequences bringing a placeholder for its
+        unknown token, which the GPU fills in from the previous step's argmax — and only then waits
+        for the tokens of the step in flight. So the GPU runs step N+1 while the host detokenizes
+        and checks stop conditions of step N. A sequence found finished then has one extra token
+        computed, which is dropped.
+        """
+        prev, self.inflight = self.inflight, None
+        if prev is not None:
+            self._add_placeholders(prev)
         scheduled = self.scheduler.schedule()
-        if scheduled is None:
-            return []
-        seqs, batch = scheduled
+        launched = None
         t0 = time.perf_counter()
-        logits = self.execute(batch)
+        if scheduled is not None:
+            seqs, batch = scheduled
+            logits = self.execute(batch)
+            sampling = [s for s, sample in zip(seqs, batch.sample) if sample]
+            if sampling:
+                launched = _Launched(sampling, logits, self._tokens_to_host(len(sampling)))
         t1 = time.perf_counter()
-        sampling = [s for s, sample in zip(seqs, batch.sample) if sample]
-        if not sampling:
-            return []
-        rows = [self._sample_row(s) for s in sampling]
-        result = self.sampler(logits, rows)
-        now = time.perf_counter()
+        updates = self._resolve(prev) if prev is not None else []
+        if launched is not None:
+            if self.overlap and all(_plain_greedy(s, self._blocks_eos(s)) for s in launched.seqs):
+                self.inflight = launched
+                self.num_overlapped += 1
+            else:
+                updates += self._sample(launched)
         if self.profile is not None:  # PTP_PROFILE=1: where a step's wall time goes, printed at shutdown
             self.profile["seen"] += 1
             if self.profile["seen"] > PROFILE_SKIP_STEPS:  # the first steps wait on start-up work
-                self.profile["execute (broadcast + launch)"] += t1 - t0
-                self.profile["sample (waits for the GPU)"] += now - t1
+                self.profile["schedule + launch"] += t1 - t0
+                self.profile["wait for tokens + detokenize"] += time.perf_counter() - t1
                 self.profile["steps"] += 1
+        return updates
+
+    def _tokens_to_host(self, rows: int):
+        """Start copying the step's greedy tokens to the host; (buffer, event) to wait on."""
+        buf = self._host_tokens[self._flip]
+        self._flip ^= 1
+        buf[:rows].copy_(self.runner.last_tokens[:rows], non_blocking=True)
+        event = None
+        if buf.is_pinned():
+            event = torch.cuda.Event()
+            event.record()
+        return buf, event
+
+    def _add_placeholders(self, prev: "_Launched") -> None:
+        for row, seq in enumerate(prev.seqs):
+            # a sequence whose token in flight is its last by length sits the next step out
+            if seq.status is Status.RUNNING and len(seq.output_ids) + 1 < seq.max_tokens \
+                    and len(seq) + 1 < self.max_model_len:
+                seq.output_ids.append(-1 - row)
+
+    def _resolve(self, prev: "_Launched") -> list[SeqUpdate]:
+        buf, event = prev.host
+        if event is not None:
+            event.synchronize()
+        tokens = buf[: len(prev.seqs)].tolist()
+        now = time.perf_counter()
         updates = []
-        for seq, token, logprob in zip(sampling, result.token_ids, result.logprobs):
+        for seq, token in zip(prev.seqs, tokens):
+            if seq.output_ids and seq.output_ids[-1] < 0:
+                seq.output_ids.pop()
+            if seq.status is Status.FINISHED:  # aborted while in flight
+                continue
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            updates.append(self._append(seq, token, None))
+        return updates
+
+    def _sample(self, launched: "_Launched") -> list[SeqUpdate]:
+        seqs = [s for s in launched.seqs if s.status is not Status.FINISHED]
+        if not seqs:
+            return []
+        logits = launched.logits
+        if len(seqs) < len(launched.seqs):  # some finished while this step ran: drop their rows
+            keep = [i for i, s in enumerate(launched.seqs) if s.status is not Status.FINISHED]
+            logits = logits[torch.tensor(keep, device=logits.device)]
+        result = self.sampler(logits, [self._sample_row(s) for s in seqs])
+        now = time.perf_counter()
+        updates = []
+        for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs):
             if seq.first_token_time is None:
                 seq.first_token_time = now
             updates.append(self._append(seq, token, logprob))
@@ -251,13 +337,17 @@ class Engine:
                 self.spawned.raise_failure(e)
             raise
 
+    def _blocks_eos(self, seq: Sequence) -> list[int]:
+        """Token ids that seq may not sample yet (min_tokens)."""
+        p = seq.params
+        if len(seq.output_ids) < p.min_tokens:
+            return sorted((self.eos_ids if not p.ignore_eos else set()) | set(p.stop_token_ids))
+        return []
+
     def _sample_row(self, seq: Sequence) -> SampleRow:
         p = seq.params
         needs_history = p.repetition_penalty != 1.0
-        block = []
-        if len(seq.output_ids) < p.min_tokens:
-            block = sorted((self.eos_ids if not p.ignore_eos else set()) | set(p.stop_token_ids))
-        return SampleRow(p, seq.all_ids if needs_history else [], seq.output_ids, seq.generator, block)
+        return SampleRow(p, seq.all_ids if needs_history else [], seq.output_ids, seq.generator, self._blocks_eos(seq))
 
     def _append(self, seq: Sequence, token: int, logprob) -> SeqUpdate:
         p = seq.params

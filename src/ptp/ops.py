@@ -2,6 +2,7 @@
 traces them as opaque calls and CUDA graphs capture them."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -10,22 +11,63 @@ from torch import nn
 
 # Set PTP_DISABLE_SKINNY_GEMM=1 to send every projection to cuBLAS (for A/B measurements).
 SKINNY = os.environ.get("PTP_DISABLE_SKINNY_GEMM", "0") != "1"
-SKINNY_MAX_ROWS = 1  # rows that go to the skinny kernel; bench/gemm.py measured where it wins
+SKINNY_MAX_ROWS = 1  # bench/gemm.py on an H200: at 2 and 4 rows cuBLAS won every 8B projection
 # Under the Triton interpreter (tests on CPU) the kernel runs on CPU tensors too.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+log = logging.getLogger("ptp")
+_CHOICE: dict[tuple, bool] = {}  # (shapes, dtype, bias, device) -> whether the skinny kernel is faster
+
+
 @torch.library.custom_op("ptp::skinny_linear", mutates_args=())
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias for a few rows, streaming the weight at memory bandwidth (kernels/skinny_gemm.py)."""
+    """x @ weight.T + bias for a few rows: ptp's skinny kernel (kernels/skinny_gemm.py) or cuBLAS,
+    whichever measured faster for this shape on this GPU (on its first call, before any capture)."""
     from ptp.kernels.skinny_gemm import skinny_linear as kernel
 
-    return kernel(x, weight, bias)
+    return kernel(x, weight, bias) if _prefer_skinny(x, weight, bias) else F.linear(x, weight, bias)
 
 
 @skinny_linear.register_fake
 def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _prefer_skinny(x, weight, bias) -> bool:
+    key = (tuple(x.shape), tuple(weight.shape), x.dtype, bias is not None, x.device)
+    choice = _CHOICE.get(key)
+    if choice is not None:
+        return choice
+    if not x.is_cuda:
+        return True  # the Triton interpreter (tests): always the kernel
+    if torch.cuda.is_current_stream_capturing():
+        return False  # cannot measure inside a capture; warm-up runs come first, so this is rare
+    from ptp.kernels.skinny_gemm import skinny_linear as kernel
+
+    skinny = _graph_us(lambda: kernel(x, weight, bias))
+    cublas = _graph_us(lambda: F.linear(x, weight, bias))
+    choice = _CHOICE[key] = skinny < cublas
+    log.debug("%s x %s: skinny kernel %.1f us, cuBLAS %.1f us", tuple(x.shape), tuple(weight.shape), skinny, cublas)
+    return choice
+
+
+def _graph_us(fn, calls: int = 10, replays: int = 3) -> float:
+    """Microseconds per call of fn, replayed from a CUDA graph (as the decode step runs it)."""
+    fn()  # the skinny kernel autotunes here
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (calls * replays)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -50,7 +50,7 @@ def build_runner(args, rank: int, init_method: str | None, before_join=None):
         compile_decode=args.torch_compile in ("on", "tuned") or (args.torch_compile == "auto" and d.device.type == "cuda"),
         compile_tuned=args.torch_compile == "tuned",
         cuda_graphs=d.device.type == "cuda" and not args.disable_cuda_graph,
-        cuda_graph_max_bs=min(args.cuda_graph_max_bs, args.max_running_requests),
+        cuda_graph_max_bs=min(args.cuda_graph_max_bs, args.max_running_requests), max_seqs=args.max_running_requests,
         custom_all_reduce=not args.disable_custom_all_reduce, p2p_check=args.enable_p2p_check,
         max_step_tokens=args.chunked_prefill_size if args.chunked_prefill_size > 0 else 1 << 30,
     )

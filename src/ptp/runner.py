@@ -66,7 +66,7 @@ class ModelRunner:
                  load_format: str, max_model_len: int, block_size: int, num_kv_blocks: int | None,
                  mem_fraction_static: float, attention_backend: str, seed: int,
                  compile_decode: bool = False, compile_tuned: bool = False, cuda_graphs: bool = False,
-                 cuda_graph_max_bs: int = 160,
+                 cuda_graph_max_bs: int = 160, max_seqs: int = 256,
                  custom_all_reduce: bool = True, p2p_check: bool = False, max_step_tokens: int = 8192):
         self.config, self.d, self.device = config, d, d.device
         self.max_model_len = max_model_len
@@ -91,6 +91,10 @@ class ModelRunner:
         # One block more than the scheduler hands out: padded rows of a graph write their K/V there.
         self.kv_cache = KVCache(config.num_layers, blocks + 1, block_size, kv_heads, config.head_dim, dtype, d.device)
         self.num_blocks = blocks
+        # The greedy token of each sampled row of the last step, on the device, on every rank. A step's
+        # token id -(j + 1) stands for row j of it: the previous step's token, which the host has not
+        # seen yet (the engine queues decode steps one ahead of their results).
+        self.last_tokens = torch.zeros(max(max_seqs, cuda_graph_max_bs), dtype=torch.long, device=d.device)
         self.attention = make_backend(attention_backend, self.kv_cache, config.sliding_window, d.device)
         if custom_all_reduce and d.world_size > 1 and d.device.type == "cuda":
             from ptp.parallel.comm import setup_custom_all_reduce
@@ -130,10 +134,16 @@ class ModelRunner:
         return self.num_blocks * self.kv_cache.block_size
 
     def forward_logits(self, input_ids, positions, meta, logit_rows=None) -> torch.Tensor:
+        """float32 logits of the chosen rows; their greedy tokens go to last_tokens. Input ids below 0
+        are taken from last_tokens (see there)."""
+        last = self.last_tokens
+        input_ids = torch.where(input_ids < 0, last[(-1 - input_ids).clamp(min=0)], input_ids)
         hidden = self.model(input_ids, positions, Bound(self.attention, meta))
         if logit_rows is not None:
             hidden = hidden[logit_rows]
-        return gather_vocab(self.model.logits(hidden), self.config.vocab_size).float()
+        logits = gather_vocab(self.model.logits(hidden), self.config.vocab_size).float()
+        last[: logits.shape[0]].copy_(logits.argmax(dim=-1))
+        return logits
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor | None:
@@ -158,6 +168,8 @@ class ModelRunner:
             meta = PrefillMeta.build(batch.starts, [len(t) for t in batch.token_ids], batch.block_tables, slot_t,
                                      block_size, self.config.sliding_window, device)
         if not logit_rows:
+            if min(ids) < 0:
+                raise AssertionError("a step that samples nothing cannot use the previous step's tokens")
             self.model(input_ids, pos_t, Bound(self.attention, meta))
             return None
         return self.forward_logits(input_ids, pos_t, meta, as_tensor(logit_rows))

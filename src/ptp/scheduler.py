@@ -83,6 +83,8 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted below by an earlier sequence
             n = min(len(seq) - seq.num_computed, budget)
+            if n == 0:
+                continue  # its next token is still on its way from the step in flight
             while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
