@@ -8,6 +8,8 @@ small and contexts are long (split-K / flash-decoding).
 The step's new key and value (one token per sequence) come in as tensors: the kernel attends to
 them from registers and the first split of each (sequence, KV head) writes them into their cache
 slot, so the cache write costs no launch of its own. No program reads that slot in this launch.
+Given the rotary table, the kernel also rotates q and the new k (rotate-half layout, position =
+length - 1), so the model's RoPE costs no launch either.
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ import triton.language as tl
 
 @triton.jit
 def _decode_partial(
-    Q, KN, VN, SLOTS, K, V, BT, LENS, O, M, L,
+    Q, KN, VN, SLOTS, K, V, BT, LENS, O, M, L, COS_SIN,
     scale, splits,
-    s_qb, s_qh, s_nb, s_nh, s_kb, s_ks, s_kh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh,
+    s_qb, s_qh, s_nb, s_nh, s_kb, s_ks, s_kh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh, s_cs,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TOKENS: tl.constexpr, IEEE: tl.constexpr,
+    TOKENS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -40,6 +42,17 @@ def _decode_partial(
     newest = seq_len - 1  # the new token's position: its k, v come from KN, VN
     k_new = tl.load(KN + b * s_nb + kvh * s_nh + d)
     v_new = tl.load(VN + b * s_nb + kvh * s_nh + d)
+    if ROPE:  # x * cos + rotate_half(x) * sin, in float32 as the model does it
+        half: tl.constexpr = D // 2
+        partner = (d + half) % D
+        sign = tl.where(d < half, -1.0, 1.0)
+        at = tl.maximum(newest, 0) * s_cs + d % half
+        cos = tl.load(COS_SIN + at)
+        sin = tl.load(COS_SIN + at + half) * sign
+        q_p = tl.load(Q + b * s_qb + heads[:, None] * s_qh + partner[None, :], mask=(g < GROUP)[:, None], other=0.0)
+        q = (q.to(tl.float32) * cos[None, :] + q_p.to(tl.float32) * sin[None, :]).to(q.dtype)
+        k_p = tl.load(KN + b * s_nb + kvh * s_nh + partner)
+        k_new = (k_new.to(tl.float32) * cos + k_p.to(tl.float32) * sin).to(k_new.dtype)
     if split == 0:
         slot = tl.load(SLOTS + b)
         at = (slot // BLOCK_SIZE) * s_kb + (slot % BLOCK_SIZE) * s_ks + kvh * s_kh
@@ -100,13 +113,16 @@ def _decode_merge(O, M, L, OUT, splits, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_
 
 def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slots: torch.Tensor,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 scale: float, splits: int, tokens_per_step: int = 64) -> torch.Tensor:
+                 scale: float, splits: int, tokens_per_step: int = 64, cos_sin: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, D]; the new k_new, v_new [B, KV, D] go to cache slot `slots` [B] (and are attended to);
     caches [blocks, block_size, KV, D]; block_tables [B, max_blocks]; seq_lens [B], new token included.
+    cos_sin [positions, D] float32 (cos | sin halves): q and k_new are rotated first (RoPE).
 
     Returns [B, H, D]. A sequence of length 0 (a padded row) gives zeros.
     """
     k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)  # views are fine: strides are passed
+    if q.stride(-1) != 1:
+        q = q.contiguous()
     if k_new.stride(-1) != 1 or v_new.stride(-1) != 1 or k_new.stride() != v_new.stride():
         k_new, v_new = k_new.contiguous(), v_new.contiguous()
     batch, heads, dim = q.shape
@@ -115,13 +131,16 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
     part = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
     m = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
-    out = torch.empty_like(q)
+    out = torch.empty(batch, heads, dim, dtype=q.dtype, device=q.device)
+    rope = cos_sin is not None
     _decode_partial[(batch, kv_heads, splits)](
-        q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, part, m, l, scale, splits,
+        q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, part, m, l, cos_sin if rope else q,
+        scale, splits,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
+        cos_sin.stride(0) if rope else 0,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_SIZE=block_size,
-        TOKENS=tokens_per_step, IEEE=q.dtype == torch.float32,
+        TOKENS=tokens_per_step, IEEE=q.dtype == torch.float32, ROPE=rope,
     )
     _decode_merge[(batch, heads)](
         part, m, l, out, splits, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),

@@ -24,7 +24,7 @@ MAX_ROWS = 4  # beyond this, a tensor-core GEMM reads the weights just as well
 
 @triton.jit
 def _skinny_mm(X, W, B, Y, N, K, s_xm, s_wn, s_ym,
-               ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+               ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -42,6 +42,14 @@ def _skinny_mm(X, W, B, Y, N, K, s_xm, s_wn, s_ym,
             k_ok = (k0 + kk) < K
             w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_ptrs + k0, mask=k_ok[None, :], other=0.0)
+        if GATED:  # x = silu(gate) * up, gate and up side by side in X, rounded as eager torch rounds
+            if EVEN_K:
+                up = tl.load(x_ptrs + K + k0)
+            else:
+                up = tl.load(x_ptrs + K + k0, mask=k_ok[None, :], other=0.0)
+            gate = x.to(tl.float32)
+            x = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+            x = (x.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
         acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
     y = tl.sum(acc, 2)  # [ROWS, BLOCK_N]
     if HAS_BIAS:
@@ -66,26 +74,28 @@ def _prune(configs, named_args, **kwargs):
             if rows * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps] or configs[:1]
 
 
-_tuned = triton.autotune(configs=_configs(), key=["N", "K", "ROWS"],
+_tuned = triton.autotune(configs=_configs(), key=["N", "K", "ROWS", "GATED"],
                          prune_configs_by={"early_config_prune": _prune})(_skinny_mm)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
+                  block_n: int | None = None, block_k: int | None = None, gated: bool = False) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) @ weight[N, K].T (+ bias) -> [M, N] in x's dtype.
 
+    gated: x is [M, 2K], gate and up side by side, and the product is silu(gate) * up @ weight.T
+    (SwiGLU's down projection, without a launch for the activation).
     block_n/block_k fix the tile (tests, the interpreter); otherwise it is autotuned.
     """
-    m, k = x.shape
-    n = weight.shape[0]
-    assert m <= MAX_ROWS and weight.shape[1] == k and weight.stride(1) == 1, (x.shape, weight.shape)
+    m = x.shape[0]
+    n, k = weight.shape
+    assert m <= MAX_ROWS and x.shape[1] == (2 * k if gated else k) and weight.stride(1) == 1, (x.shape, weight.shape)
     x = x.contiguous()
     rows = triton.next_power_of_2(m)
     if rows != m:  # pad to a power of two: the kernel reads ROWS rows
-        x = torch.cat([x, x.new_zeros(rows - m, k)])
+        x = torch.cat([x, x.new_zeros(rows - m, x.shape[1])])
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     b = bias if bias is not None else y
-    common = dict(ROWS=rows, HAS_BIAS=bias is not None)
+    common = dict(ROWS=rows, HAS_BIAS=bias is not None, GATED=gated)
     if block_n is None and os.environ.get("TRITON_INTERPRET") == "1":
         block_n, block_k = 4, 64
     if block_n is not None:

@@ -174,3 +174,16 @@ def test_flags_doc_is_current():
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "flags.md"
     assert doc.read_text() == flags_markdown(), "docs/flags.md is stale: run python -m ptp.args > docs/flags.md"
+
+
+def test_two_pass_argmax_equals_argmax():
+    from ptp.sampling import argmax_rows
+
+    import torch
+    g = torch.Generator().manual_seed(0)
+    for vocab in (50, 4097, 32000, 128256, 151936):
+        x = torch.randn(3, vocab, generator=g)
+        assert torch.equal(argmax_rows(x), x.argmax(-1))
+        x[1, vocab - 1] = 100.0  # the best in the padded last slice
+        x[2, 0] = 100.0
+        assert torch.equal(argmax_rows(x), x.argmax(-1))

@@ -26,9 +26,12 @@ def reference(q, k_cache, v_cache, tables, lens, scale):
     return out
 
 
-def run_case(batch, kv_heads, group, dim, block_size, max_len, splits, dtype=torch.float32, device="cpu", seed=0):
-    """Max error of the kernel's output and of its cache writes against the torch reference."""
+def run_case(batch, kv_heads, group, dim, block_size, max_len, splits, rope=False, dtype=torch.float32, device="cpu",
+             seed=0):
+    """Max error of the kernel's output and of its cache writes against the torch reference
+    (with rope: q and the new k are rotated by the kernel, as the model's Rotary would)."""
     from ptp.kernels.paged_attention import paged_decode
+    from ptp.models.llama import _rotate
 
     g = torch.Generator().manual_seed(seed)
     heads = kv_heads * group
@@ -49,25 +52,34 @@ def run_case(batch, kv_heads, group, dim, block_size, max_len, splits, dtype=tor
     scratch = int(perm[-1]) * block_size
     slots = torch.tensor([int(tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else scratch
                           for b, n in enumerate(lens.tolist())])
+    cos_sin = None
+    q_ref, k_ref = q, k_new
+    if rope:
+        freqs = torch.outer(torch.arange(max_len).float(), 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim))
+        cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        pos = (lens - 1).clamp(min=0)
+        cos, sin = cos_sin[pos].unsqueeze(1).chunk(2, dim=-1)
+        q_ref, k_ref = _rotate(q, cos, sin), _rotate(k_new, cos, sin)
     # reference: write the new k, v, then attend over the cache
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     assert batch == 1 or not k_new.is_contiguous()
-    ref_k.view(-1, kv_heads, dim)[slots] = k_new
+    ref_k.view(-1, kv_heads, dim)[slots] = k_ref
     ref_v.view(-1, kv_heads, dim)[slots] = v_new
     scale = dim ** -0.5
-    want = reference(q.float(), ref_k.float(), ref_v.float(), tables.long(), lens, scale)
+    want = reference(q_ref.float(), ref_k.float(), ref_v.float(), tables.long(), lens, scale)
     kc, vc = k_cache.to(device), v_cache.to(device)
     got = paged_decode(q.to(device), k_new.to(device), v_new.to(device), slots.to(device), kc, vc,
-                       tables.to(device), lens.to(device, torch.int32), scale, splits)
+                       tables.to(device), lens.to(device, torch.int32), scale, splits,
+                       cos_sin=cos_sin.to(device) if rope else None)
     cache_err = max((kc.cpu() - ref_k).abs().max().item(), (vc.cpu() - ref_v).abs().max().item())
     return max((got.float().cpu() - want).abs().max().item(), cache_err)
 
 
-CASES = [  # batch, kv heads, GQA group, head dim, block size, max length, splits
-    (3, 2, 1, 64, 16, 50, 1),
-    (4, 1, 4, 64, 16, 100, 3),
-    (2, 2, 8, 128, 16, 130, 4),
-    (3, 1, 4, 128, 8, 37, 2),
+CASES = [  # batch, kv heads, GQA group, head dim, block size, max length, splits, rope
+    (3, 2, 1, 64, 16, 50, 1, False),
+    (4, 1, 4, 64, 16, 100, 3, True),
+    (2, 2, 8, 128, 16, 130, 4, False),
+    (3, 1, 4, 128, 8, 37, 2, True),
 ]
 
 
@@ -92,8 +104,8 @@ def test_paged_decode_kernel_matches_reference_in_interpreter():
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_paged_decode_kernel_on_gpu(group, dim):
-    for batch, max_len, splits in [(1, 4096, 16), (8, 1000, 4), (64, 600, 1)]:
-        err = run_case(batch, 8 // group if group < 8 else 1, group, dim, 16, max_len, splits,
+    for batch, max_len, splits, rope in [(1, 4096, 16, True), (8, 1000, 4, False), (64, 600, 1, True)]:
+        err = run_case(batch, 8 // group if group < 8 else 1, group, dim, 16, max_len, splits, rope,
                        dtype=torch.bfloat16, device="cuda")
         assert err < 2e-2, (batch, max_len, err)
 
@@ -120,9 +132,14 @@ def backend_case(seed=0):
     q = torch.randn(batch, 8, d, generator=g)
     k, v = torch.randn(batch, 2, kv, d, generator=g).unbind(1)
     errors = []
-    for layer in range(layers):
-        want = TorchAttention(caches[0], None).forward(meta, layer, q, k, v)
-        got = TritonAttention(caches[1], None).forward(meta, layer, q, k, v)
+    from ptp.models.llama import _rotate
+    freqs = torch.outer(torch.arange(16).float(), 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    cos, sin = cos_sin[(lens - 1).long()].unsqueeze(1).chunk(2, dim=-1)
+    for layer in range(layers):  # layer 1: the triton kernel applies RoPE itself
+        q_rot, k_rot = (_rotate(q, cos, sin), _rotate(k, cos, sin)) if layer == 1 else (q, k)
+        want = TorchAttention(caches[0], None).forward(meta, layer, q_rot, k_rot, v)
+        got = TritonAttention(caches[1], None).forward(meta, layer, q, k, v, cos_sin if layer == 1 else None)
         errors.append((got - want).abs().max().item())
     errors.append((caches[0].data - caches[1].data).abs().max().item())
     return max(errors)
@@ -139,25 +156,28 @@ def test_triton_backend_matches_torch_backend_in_interpreter():
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
 
 
-SKINNY_CASES = [  # rows, N, K, bias, block_n, block_k
-    (1, 40, 256, False, 8, 64),
-    (1, 37, 200, True, 16, 64),     # N and K not multiples of the tile
-    (2, 24, 128, False, 4, 32),
-    (3, 19, 96, True, 8, 64),       # 3 rows, padded to 4
-    (4, 64, 192, False, 32, 64),
+SKINNY_CASES = [  # rows, N, K, bias, block_n, block_k, gated
+    (1, 40, 256, False, 8, 64, False),
+    (1, 37, 200, True, 16, 64, False),     # N and K not multiples of the tile
+    (2, 24, 128, False, 4, 32, False),
+    (3, 19, 96, True, 8, 64, False),       # 3 rows, padded to 4
+    (4, 64, 192, False, 32, 64, False),
+    (1, 40, 256, False, 8, 64, True),      # silu(gate) * up first
+    (1, 37, 200, True, 16, 64, True),
 ]
 
 
-def skinny_case(rows, n, k, bias, block_n, block_k, dtype=torch.float32, device="cpu", seed=0):
-    """Max relative error of the skinny matmul against a float64 x @ w.T + b."""
+def skinny_case(rows, n, k, bias, block_n, block_k, gated=False, dtype=torch.float32, device="cpu", seed=0):
+    """Max relative error of the skinny matmul against a float64 x @ w.T + b (gated: x = silu(gate) * up)."""
     from ptp.kernels.skinny_gemm import skinny_linear
 
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, k, generator=g).to(dtype)
+    x = torch.randn(rows, 2 * k if gated else k, generator=g).to(dtype)
     w = torch.randn(n, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
-    want = x.double() @ w.double().T + (b.double() if bias else 0)
-    got = skinny_linear(x.to(device), w.to(device), b.to(device) if bias else None, block_n, block_k)
+    act = torch.nn.functional.silu(x[:, :k]) * x[:, k:] if gated else x
+    want = act.double() @ w.double().T + (b.double() if bias else 0)
+    got = skinny_linear(x.to(device), w.to(device), b.to(device) if bias else None, block_n, block_k, gated=gated)
     assert got.shape == (rows, n) and got.dtype == dtype
     return ((got.double().cpu() - want).abs().max() / want.abs().max()).item()
 
@@ -184,7 +204,7 @@ def test_skinny_gemm_on_gpu(rows):
         for dtype, tol in [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)]:
             if dtype == torch.float32 and n not in (1000, 4096):
                 continue
-            err = skinny_case(rows, n, k, n == 1000, None, None, dtype=dtype, device="cuda")
+            err = skinny_case(rows, n, k, n == 1000, None, None, gated=k == 14336, dtype=dtype, device="cuda")
             assert err < tol, (rows, n, k, dtype, err)
 
 

@@ -21,21 +21,31 @@ _CHOICE: dict[tuple, bool] = {}  # (shapes, dtype, bias, device) -> whether the 
 
 
 @torch.library.custom_op("ptp::skinny_linear", mutates_args=())
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias for a few rows: ptp's skinny kernel (kernels/skinny_gemm.py) or cuBLAS,
-    whichever measured faster for this shape on this GPU (on its first call, before any capture)."""
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
+    """x @ weight.T + bias for a few rows (gated: silu(gate) * up of x = [gate | up] first): ptp's
+    skinny kernel (kernels/skinny_gemm.py) or torch (cuBLAS), whichever measured faster for this shape
+    on this GPU (on its first call, before any capture)."""
     from ptp.kernels.skinny_gemm import skinny_linear as kernel
 
-    return kernel(x, weight, bias) if _prefer_skinny(x, weight, bias) else F.linear(x, weight, bias)
+    if _prefer_skinny(x, weight, bias, gated):
+        return kernel(x, weight, bias, gated=gated)
+    return _torch_linear(x, weight, bias, gated)
 
 
 @skinny_linear.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, gated=False):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _prefer_skinny(x, weight, bias) -> bool:
-    key = (tuple(x.shape), tuple(weight.shape), x.dtype, bias is not None, x.device)
+def _torch_linear(x, weight, bias, gated: bool):
+    if gated:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    return F.linear(x, weight, bias)
+
+
+def _prefer_skinny(x, weight, bias, gated: bool) -> bool:
+    key = (tuple(x.shape), tuple(weight.shape), x.dtype, bias is not None, gated, x.device)
     choice = _CHOICE.get(key)
     if choice is not None:
         return choice
@@ -45,10 +55,11 @@ def _prefer_skinny(x, weight, bias) -> bool:
         return False  # cannot measure inside a capture; warm-up runs come first, so this is rare
     from ptp.kernels.skinny_gemm import skinny_linear as kernel
 
-    skinny = _graph_us(lambda: kernel(x, weight, bias))
-    cublas = _graph_us(lambda: F.linear(x, weight, bias))
+    skinny = _graph_us(lambda: kernel(x, weight, bias, gated=gated))
+    cublas = _graph_us(lambda: _torch_linear(x, weight, bias, gated))
     choice = _CHOICE[key] = skinny < cublas
-    log.debug("%s x %s: skinny kernel %.1f us, cuBLAS %.1f us", tuple(x.shape), tuple(weight.shape), skinny, cublas)
+    log.debug("%s x %s%s: skinny kernel %.1f us, torch %.1f us", tuple(x.shape), tuple(weight.shape),
+              " gated" if gated else "", skinny, cublas)
     return choice
 
 
@@ -70,17 +81,29 @@ def _graph_us(fn, calls: int = 10, replays: int = 3) -> float:
     return start.elapsed_time(end) * 1e3 / (calls * replays)
 
 
+def _skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    rows = x.shape[0] if x.dim() == 2 else None
+    return (SKINNY and type(rows) is int and rows <= SKINNY_MAX_ROWS and (x.is_cuda or INTERPRET)
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.dtype == x.dtype
+            and weight.stride(-1) == 1)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except that a CUDA input with a static, small row count goes to the skinny kernel.
 
     Under torch.compile a dynamic batch size is a symbol, not an int: those graphs keep cuBLAS.
     """
-    rows = x.shape[0] if x.dim() == 2 else None
-    if (SKINNY and type(rows) is int and rows <= SKINNY_MAX_ROWS and (x.is_cuda or INTERPRET)
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.dtype == x.dtype
-            and weight.stride(-1) == 1):
+    if _skinny_ok(x, weight):
         return skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up @ weight.T for x = [gate | up]: SwiGLU's down projection, the activation fused
+    into the skinny kernel when that path is taken."""
+    if _skinny_ok(x, weight):
+        return skinny_linear(x, weight, bias, gated=True)
+    return _torch_linear(x, weight, bias, gated=True)
 
 
 class Linear(nn.Linear):
@@ -88,3 +111,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        """This layer applied to silu(gate) * up, for x = [gate | up]."""
+        return gated_linear(x, self.weight, self.bias)

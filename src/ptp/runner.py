@@ -23,6 +23,7 @@ from ptp.loader import load_model
 from ptp.parallel.comm import gather_vocab
 from ptp.parallel.mesh import Dist
 from ptp.parallel.plans import kv_heads_per_model
+from ptp.sampling import argmax_rows
 
 log = logging.getLogger("ptp")
 
@@ -142,7 +143,7 @@ class ModelRunner:
         if logit_rows is not None:
             hidden = hidden[logit_rows]
         logits = gather_vocab(self.model.logits(hidden), self.config.vocab_size).float()
-        last[: logits.shape[0]].copy_(logits.argmax(dim=-1))
+        last[: logits.shape[0]].copy_(argmax_rows(logits))
         return logits
 
     @torch.inference_mode()

@@ -77,6 +77,19 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+def argmax_rows(x: torch.Tensor, parts: int = 64) -> torch.Tensor:
+    """argmax over the last dimension of [B, V] in two passes: one pass over a 128k vocabulary is one
+    program per row on the GPU (30 us on an H200 at batch 1); `parts` slices of it run side by side."""
+    b, v = x.shape
+    if v < 64 * parts:
+        return x.argmax(dim=-1)
+    width = -(-v // parts)
+    x = torch.nn.functional.pad(x, (0, parts * width - v), value=float("-inf"))
+    best, at = x.view(b, parts, width).max(dim=-1)
+    part = best.argmax(dim=-1, keepdim=True)
+    return (part * width + at.gather(-1, part)).squeeze(-1)
+
+
 def _penalized(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
@@ -110,7 +123,7 @@ class Sampler:
         plain = all(r.params.greedy and not r.block_eos and r.params.logprobs is None
                     and not _penalized(r.params) for r in rows)
         if plain:  # the common greedy case: one argmax, one copy to the host
-            return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+            return SampleResult(argmax_rows(logits).tolist(), [None] * len(rows))
         if any(_penalized(r.params) for r in rows):
             logits = self._penalize(logits.clone(), rows)
         elif any(r.block_eos for r in rows):
@@ -118,7 +131,7 @@ class Sampler:
         for i, row in enumerate(rows):
             if row.block_eos:
                 logits[i, row.block_eos] = float("-inf")
-        greedy_tokens = logits.argmax(dim=-1)
+        greedy_tokens = argmax_rows(logits)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         tokens = greedy_tokens
         if sampled:

@@ -63,29 +63,37 @@ def register(backend) -> int:
 
 @torch.library.custom_op("ptp::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-                     block_tables: torch.Tensor, seq_lens: torch.Tensor, layer: int, backend: int) -> torch.Tensor:
-    """Write this step's k, v into the paged cache and attend, for a decode step.
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, layer: int, backend: int,
+                     cos_sin: torch.Tensor | None = None) -> torch.Tensor:
+    """Write this step's k, v into the paged cache and attend, for a decode step. Given cos_sin,
+    q and k are not rotated yet and the backend applies RoPE itself (at position seq_len - 1).
 
     One opaque op for torch.compile: the KV cache is reached through the backend, not passed in, so
     the compiler never sees (and never copies) the cache that the op updates in place.
     """
     meta = DecodeMeta(slot_mapping, block_tables, seq_lens)
-    return _BACKENDS[backend].forward(meta, layer, q, k, v)
+    return _BACKENDS[backend].forward(meta, layer, q, k, v, cos_sin=cos_sin)
 
 
 @decode_attention.register_fake
-def _(q, k, v, slot_mapping, block_tables, seq_lens, layer, backend):
-    return torch.empty_like(q)
+def _(q, k, v, slot_mapping, block_tables, seq_lens, layer, backend, cos_sin=None):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 class Bound:
-    """A backend bound to one step's metadata: what the model calls as attn(layer, q, k, v)."""
+    """A backend bound to one step's metadata: what the model calls as attn(layer, q, k, v, rotary, positions)
+    with q and k not yet rotated; RoPE is applied here, or inside the backend's decode kernel."""
 
     def __init__(self, backend, meta):
         self.backend, self.meta = backend, meta
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary, positions) -> torch.Tensor:
         m = self.meta
         if isinstance(m, DecodeMeta):
+            if getattr(self.backend, "fuses_rope", False):
+                return decode_attention(q, k, v, m.slot_mapping, m.block_tables, m.seq_lens, layer, self.backend.key,
+                                        rotary.cos_sin)
+            q, k = rotary(positions, q, k)
             return decode_attention(q, k, v, m.slot_mapping, m.block_tables, m.seq_lens, layer, self.backend.key)
+        q, k = rotary(positions, q, k)
         return self.backend.forward(m, layer, q, k, v)

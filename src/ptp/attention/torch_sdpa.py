@@ -28,7 +28,10 @@ class TorchAttention:
         v_cache.view(-1, heads_kv, dim).index_copy_(0, slots, v.to(v_cache.dtype))
         return k_cache, v_cache
 
-    def forward(self, meta, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    fuses_rope = False  # q and k arrive rotated
+
+    def forward(self, meta, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin=None) -> torch.Tensor:
+        assert cos_sin is None, "the torch backend takes q and k already rotated"
         k_cache, v_cache = self.write_kv(layer, meta.slot_mapping, k, v)
         tables = meta.block_tables.long()
         batch, heads_kv, dim = tables.shape[0], k.shape[1], k.shape[2]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ptp.config import ModelConfig
@@ -111,8 +110,7 @@ class Attention(nn.Module):
         v = v.reshape(tokens, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        out = attn(self.layer_idx, q, k, v)
+        out = attn(self.layer_idx, q, k, v, rotary, positions)  # RoPE there: some kernels fuse it
         return all_reduce(self.o_proj(out.reshape(tokens, -1)))
 
 
@@ -125,8 +123,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return all_reduce(self.down_proj(F.silu(gate) * up))
+        return all_reduce(self.down_proj.gated(self.gate_up_proj(x)))  # silu(gate) * up, then down
 
 
 class DecoderLayer(nn.Module):
