@@ -46,9 +46,9 @@ def _decode_partial(
         half: tl.constexpr = D // 2
         partner = (d + half) % D
         sign = tl.where(d < half, -1.0, 1.0)
-        at = tl.maximum(newest, 0) * s_cs + d % half
-        cos = tl.load(COS_SIN + at)
-        sin = tl.load(COS_SIN + at + half) * sign
+        cs_at = tl.maximum(newest, 0) * s_cs + d % half
+        cos = tl.load(COS_SIN + cs_at)
+        sin = tl.load(COS_SIN + cs_at + half) * sign
         q_p = tl.load(Q + b * s_qb + heads[:, None] * s_qh + partner[None, :], mask=(g < GROUP)[:, None], other=0.0)
         q = (q.to(tl.float32) * cos[None, :] + q_p.to(tl.float32) * sin[None, :]).to(q.dtype)
         k_p = tl.load(KN + b * s_nb + kvh * s_nh + partner)
