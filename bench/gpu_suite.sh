@@ -39,6 +39,19 @@ tp1-b)  # one GPU: fast paths against eager in fp32, the step's kernels, tuned c
   step profile 100 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
   step latency_tp1_tuned 200 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --torch-compile tuned --label tuned --json "$OUT/latency.jsonl"
   ;;
+final-a)  # one GPU: kernels, batch-1 latency from a cold and a warm cache, eager baseline
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR" "$PTP_CACHE_DIR" ~/.triton/cache
+  step kernels 200 python -m pytest tests/test_kernels.py -q -m gpu
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR" "$PTP_CACHE_DIR" ~/.triton/cache
+  step latency_tp1_cold 200 python bench/latency.py $M8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled-cold-cache --json "$OUT/latency.jsonl"
+  step latency_tp1 150 python bench/latency.py $M8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step latency_tp1_eager 100 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 64 --torch-compile off --disable-cuda-graph --label eager --json "$OUT/latency.jsonl"
+  ;;
+final-b)  # one GPU: fast paths against eager in fp32, batch 64, attention kernel alone, the step's kernels
+  step check_tp1 300 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
+  step latency_b64 150 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
+  step profile 80 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
+  ;;
 pair-a)  # two GPUs, part one: all-reduce, latency at tp=1 and tp=2
   step allreduce 150 torchrun --nproc-per-node 2 bench/allreduce.py --check --json "$OUT/allreduce.jsonl"
   step latency_tp1 200 python bench/latency.py $M8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
