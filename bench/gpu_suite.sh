@@ -51,9 +51,6 @@ final-b)  # one GPU: fast paths against eager in fp32, batch 64, attention kerne
   step check_tp1 300 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
   step latency_b64 150 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
   step profile 80 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
-  step profile_merge_kernel 80 env PTP_ATTENTION_MERGE_KERNEL=1 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
-  step latency_tp1_merge_kernel 80 env PTP_ATTENTION_MERGE_KERNEL=1 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 256 --label merge-kernel --json "$OUT/latency.jsonl"
-  step latency_tp1_again 80 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
   ;;
 pair-a)  # two GPUs, part one: all-reduce, latency at tp=1 and tp=2
   step allreduce 150 torchrun --nproc-per-node 2 bench/allreduce.py --check --json "$OUT/allreduce.jsonl"

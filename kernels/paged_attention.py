@@ -13,8 +13,6 @@ length - 1), so the model's RoPE costs no launch either.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -22,11 +20,11 @@ import triton.language as tl
 
 @triton.jit
 def _decode_partial(
-    Q, KN, VN, SLOTS, K, V, BT, LENS, O, M, L, COS_SIN, OUT, TICKETS,
+    Q, KN, VN, SLOTS, K, V, BT, LENS, O, M, L, COS_SIN,
     scale, splits,
-    s_qb, s_qh, s_nb, s_nh, s_kb, s_ks, s_kh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh, s_cs, s_outb, s_outh,
+    s_qb, s_qh, s_nb, s_nh, s_kb, s_ks, s_kh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh, s_cs,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TOKENS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr, MERGE: tl.constexpr,
+    TOKENS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -93,31 +91,6 @@ def _decode_partial(
     tl.store(O + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :], acc, mask=keep[:, None])
     tl.store(M + b * s_mb + heads * s_mh + split, m, mask=keep)
     tl.store(L + b * s_mb + heads * s_mh + split, l, mask=keep)
-    if MERGE:
-        # The last split of this (sequence, KV head) to finish merges all of them: a ticket counter
-        # (left at zero for the next launch) instead of a second kernel. The barrier orders every
-        # thread's partial stores before the release of the atomic; .cg loads bypass L1.
-        tl.debug_barrier()
-        ticket = tl.atomic_add(TICKETS + b * tl.num_programs(1) + kvh, 1, sem="acq_rel")
-        if ticket == splits - 1:
-            top = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-            for sp in range(0, splits):
-                top = tl.maximum(top, tl.load(M + b * s_mb + heads * s_mh + sp, mask=keep, other=float("-inf"),
-                                              cache_modifier=".cg"))
-            total = tl.zeros([GROUP_PAD], tl.float32)
-            merged = tl.zeros([GROUP_PAD, D], tl.float32)
-            for sp in range(0, splits):
-                m_s = tl.load(M + b * s_mb + heads * s_mh + sp, mask=keep, other=float("-inf"), cache_modifier=".cg")
-                l_s = tl.load(L + b * s_mb + heads * s_mh + sp, mask=keep, other=0.0, cache_modifier=".cg")
-                o_s = tl.load(O + b * s_ob + heads[:, None] * s_oh + sp * s_os + d[None, :], mask=keep[:, None],
-                              other=0.0, cache_modifier=".cg")
-                w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - top))
-                total += l_s * w
-                merged += o_s * w[:, None]
-            merged = merged / tl.where(total > 0, total, 1.0)[:, None]
-            tl.store(OUT + b * s_outb + heads[:, None] * s_outh + d[None, :], merged.to(OUT.dtype.element_ty),
-                     mask=keep[:, None])
-            tl.atomic_xchg(TICKETS + b * tl.num_programs(1) + kvh, 0)
 
 
 @triton.jit
@@ -160,33 +133,17 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
     l = torch.empty_like(m)
     out = torch.empty(batch, heads, dim, dtype=q.dtype, device=q.device)
     rope = cos_sin is not None
-    tickets = _tickets(q.device, batch * kv_heads)
-    merge_here = tickets is not None
     _decode_partial[(batch, kv_heads, splits)](
         q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, part, m, l, cos_sin if rope else q,
-        out, tickets if merge_here else slots, scale, splits,
+        scale, splits,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
-        cos_sin.stride(0) if rope else 0, out.stride(0), out.stride(1),
+        cos_sin.stride(0) if rope else 0,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_SIZE=block_size,
-        TOKENS=tokens_per_step, IEEE=q.dtype == torch.float32, ROPE=rope, MERGE=merge_here,
+        TOKENS=tokens_per_step, IEEE=q.dtype == torch.float32, ROPE=rope,
     )
-    if not merge_here:
-        _decode_merge[(batch, heads)](
-            part, m, l, out, splits, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
-            out.stride(0), out.stride(1), SPLITS_PAD=triton.next_power_of_2(splits), D=dim,
-        )
+    _decode_merge[(batch, heads)](
+        part, m, l, out, splits, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
+        out.stride(0), out.stride(1), SPLITS_PAD=triton.next_power_of_2(splits), D=dim,
+    )
     return out
-
-
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-TICKET_SLOTS = 1 << 16  # (sequence, KV head) pairs one launch can merge in place; more use the merge kernel
-
-
-def _tickets(device: torch.device, needed: int) -> torch.Tensor | None:
-    """The zeroed ticket counters of `device` (allocated once: CUDA graphs keep their address)."""
-    if needed > TICKET_SLOTS or os.environ.get("PTP_ATTENTION_MERGE_KERNEL") == "1":
-        return None
-    if device not in _TICKETS:
-        _TICKETS[device] = torch.zeros(TICKET_SLOTS, dtype=torch.int32, device=device)
-    return _TICKETS[device]
