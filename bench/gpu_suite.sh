@@ -52,6 +52,16 @@ final-b)  # one GPU: fast paths against eager in fp32, batch 64, attention kerne
   step latency_b64 150 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
   step profile 80 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
   ;;
+pair-final)  # two GPUs, in one call: tp=2 against tp=1 in fp32, tp=2 latency, serving at tp=2
+  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  step check_tp2 210 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"
+  step latency_tp2 150 env PTP_PROFILE=1 python bench/latency.py $M8 --cuda-graph-max-bs 8 --tp 2 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step latency_tp2_nccl 70 python bench/latency.py $M8 --cuda-graph-max-bs 8 --tp 2 --batch-sizes 1 --input-len 128 --output-len 256 --disable-custom-all-reduce --label nccl-only --json "$OUT/latency.jsonl"
+  step serving_tp2 150 bash -c 'python -m ptp.serve $0 --torch-compile off --tp 2 --port 30000 > "$1/server.log" 2>&1 & pid=$!;
+    for i in $(seq 1 100); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done;
+    python bench/serving.py --request-rates 4,16,inf --num-prompts 96 --input-len 512 --output-len 128 --json "$1/serving.jsonl" --label tp2;
+    kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$1/server.log"' "${M8/llama-3.1-8b/bench/configs/llama-3.1-8b}" "$OUT"
+  ;;
 pair-a)  # two GPUs, part one: all-reduce, latency at tp=1 and tp=2
   step allreduce 150 torchrun --nproc-per-node 2 bench/allreduce.py --check --json "$OUT/allreduce.jsonl"
   step latency_tp1 200 python bench/latency.py $M8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
