@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src:$PWD/bench:${PYTHONPATH:-} PYTHONUNBUFFERED=1 PTP_LOG_LEVEL=${PTP_LOG_LEVEL:-INFO}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PTP_DEBUG_EXIT=${PTP_DEBUG_EXIT:-40}  # a process alive 40 s after its engine's shutdown prints its stacks
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ptp-inductor} PTP_CACHE_DIR=${PTP_CACHE_DIR:-/tmp/ptp-cache}
 M8="--model llama-3.1-8b --load-format dummy --max-model-len 4096 --cuda-graph-max-bs 64"
 step() { local name=$1 limit=$2; shift 2; [[ " ${SKIP:-} " == *" $name "* ]] && return; echo "=== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"; echo "=== $name rc=$?"; }

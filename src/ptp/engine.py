@@ -409,6 +409,9 @@ class Engine:
             return
         self._closed = True
         atexit.unregister(self.shutdown)
+        if os.environ.get("PTP_DEBUG_EXIT"):  # still alive N s after shutdown began: dump every thread's stack
+            import faulthandler
+            faulthandler.dump_traceback_later(float(os.environ["PTP_DEBUG_EXIT"]), exit=False)
         if self.profile and self.profile["steps"]:
             self.profile.pop("seen")
             steps = self.profile.pop("steps")
