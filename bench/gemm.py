@@ -14,27 +14,12 @@ import torch.nn.functional as F
 
 from common import bandwidth, print_table, write_json
 
+from ptp.ops import _graph_us as graph_us  # noqa: E402  (common puts src on the path)
+
 SHAPES = {  # Llama-3.1-8B at tp=1: (N, K)
     "qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
     "down_proj": (4096, 14336), "lm_head": (128256, 4096),
 }
-
-
-def graph_us(fn, reps: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (5 * reps)
 
 
 def main() -> None:

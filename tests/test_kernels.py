@@ -10,6 +10,26 @@ pytest.importorskip("triton")
 HERE = os.path.dirname(__file__)
 
 
+def in_interpreter(code: str) -> str:
+    """Run `code` in a child process under TRITON_INTERPRET=1 (it must be set before triton is
+    imported), with this folder importable; return its stdout, failing the test on an error."""
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r)\n" % HERE + code],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    return out.stdout
+
+
+def check_cases(name: str, cases: str, tol: float) -> None:
+    """Every case of `cases` (a list in this module) through `name`: error below tol, in the interpreter."""
+    stdout = in_interpreter(
+        f"from test_kernels import {name}, {cases}\n"
+        f"for case in {cases}:\n"
+        f"    err = {name}(*case)\n"
+        f"    print(case, err)\n"
+        f"    assert err < {tol}, (case, err)\n")
+    assert stdout.count("\n") == len(globals()[cases])
+
+
 def reference(q, k_cache, v_cache, tables, lens, scale):
     out = torch.zeros_like(q, dtype=torch.float32)
     bs = k_cache.shape[1]
@@ -84,19 +104,7 @@ CASES = [  # batch, kv heads, GQA group, head dim, block size, max length, split
 
 
 def test_paged_decode_kernel_matches_reference_in_interpreter():
-    """Runs in a child process: TRITON_INTERPRET must be set before triton is imported."""
-    code = (
-        "import sys; sys.path.insert(0, %r)\n"
-        "from test_kernels import run_case, CASES\n"
-        "for case in CASES:\n"
-        "    err = run_case(*case)\n"
-        "    print(case, err)\n"
-        "    assert err < 1e-4, (case, err)\n"
-    ) % HERE
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    assert out.stdout.count("\n") == len(CASES)
+    check_cases("run_case", "CASES", 1e-4)
 
 
 @pytest.mark.gpu
@@ -147,14 +155,9 @@ def backend_case(seed=0):
 
 
 def test_triton_backend_matches_torch_backend_in_interpreter():
-    code = ("import sys; sys.path.insert(0, %r)\n"
-            "from test_kernels import backend_case\n"
-            "err = backend_case()\n"
-            "print(err)\n"
-            "assert err < 1e-4, err\n") % HERE
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    in_interpreter("from test_kernels import backend_case\n"
+                   "err = backend_case()\n"
+                   "assert err < 1e-4, err\n")
 
 
 SKINNY_CASES = [  # rows, N, K, bias, block_n, block_k, gated
@@ -184,16 +187,7 @@ def skinny_case(rows, n, k, bias, block_n, block_k, gated=False, dtype=torch.flo
 
 
 def test_skinny_gemm_matches_float64_in_interpreter():
-    code = ("import sys; sys.path.insert(0, %r)\n"
-            "from test_kernels import skinny_case, SKINNY_CASES\n"
-            "for case in SKINNY_CASES:\n"
-            "    err = skinny_case(*case)\n"
-            "    print(case, err)\n"
-            "    assert err < 1e-5, (case, err)\n") % HERE
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    assert out.stdout.count("\n") == len(SKINNY_CASES)
+    check_cases("skinny_case", "SKINNY_CASES", 1e-5)
 
 
 @pytest.mark.gpu
@@ -210,9 +204,8 @@ def test_skinny_gemm_on_gpu(rows):
 
 
 SKINNY_MODEL = """
-import sys, tempfile
+import tempfile
 from pathlib import Path
-sys.path.insert(0, %r)
 import torch, ptp
 import ptp.kernels.skinny_gemm as sg
 from helpers import hf_greedy, hf_model, make_checkpoint, ptp_logits, rel_err, tokenizer
@@ -233,6 +226,4 @@ assert calls and err <= 1e-4 and out == ref_tokens, (len(calls), err, out, ref_t
 def test_model_through_skinny_gemm_in_interpreter():
     """Batch-1 decode steps, compiled, with every projection through the skinny kernel's custom op:
     logits and greedy tokens still equal transformers'."""
-    out = subprocess.run([sys.executable, "-c", SKINNY_MODEL % HERE], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    in_interpreter(SKINNY_MODEL)
