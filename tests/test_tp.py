@@ -129,3 +129,34 @@ def test_a_step_larger_than_one_message(reference):
     want = [o.token_ids for o in ptp.LLM(str(folder), dtype="float32", device="cpu").generate(prompts, greedy)]
     with ptp.LLM(str(folder), dtype="float32", device="cpu", tp=2) as llm:
         assert [o.token_ids for o in llm.generate(prompts, greedy)] == want
+
+
+TEARDOWN = """
+import sys, torch.distributed as dist
+from ptp.parallel.mesh import init_distributed, teardown_together
+rank, addr = int(sys.argv[1]), sys.argv[2]
+d = init_distributed(2, rank, "cpu", addr, 30)
+class Runner:
+    released = False
+    def release(self):
+        Runner.released = True
+teardown_together(d, Runner())
+assert Runner.released and not dist.is_initialized()
+print("rank", rank, "done", flush=True)
+"""
+
+
+def test_ranks_tear_the_group_down_together():
+    """The shutdown path of CUDA runs (release, barrier, orderly destroy on every rank at once),
+    exercised with gloo: both ranks finish it and leave no process group."""
+    import subprocess
+    import sys
+
+    from ptp.ranks import free_port
+
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", TEARDOWN, str(r), addr], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"rank {r} done" in out, err[-2000:]

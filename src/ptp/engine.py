@@ -4,8 +4,9 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
-import os
 import itertools
+import os
+import threading
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from ptp.errors import ConfigError, RankFailedError
 from ptp.hub import ModelFiles, resolve
 from ptp.kv_cache import BlockAllocator
 from ptp.outputs import CompletionOutput, RequestOutput, SeqUpdate
-from ptp.parallel.mesh import StepChannel, release_process_group, shutdown, under_torchrun
+from ptp.parallel.mesh import StepChannel, release_process_group, shutdown, teardown_together, under_torchrun
 from ptp.parallel.plans import check_tp
 from ptp.runner import StepBatch
 from ptp.sampling import Sampler, SampleRow, SamplingParams
@@ -420,12 +421,35 @@ class Engine:
         if self.d.world_size > 1:
             try:
                 self.channel.send(None)
+                sent = True
             except Exception:
-                pass
+                sent = False
+            together = sent and self._teardown_together()
             if self.spawned is not None:
                 self.spawned.stop()
-            shutdown(self.d)
+            if not together:
+                shutdown(self.d)
         self.runner.release()
+
+    def _teardown_together(self, timeout: float = 60.0) -> bool:
+        """teardown_together with the other ranks, given `timeout` s; False if it failed or hung."""
+        outcome: list[BaseException | None] = []
+
+        def run():
+            try:
+                teardown_together(self.d, self.runner)
+                outcome.append(None)
+            except BaseException as e:
+                outcome.append(e)
+
+        worker = threading.Thread(target=run, name="ptp-teardown", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if outcome and outcome[0] is None:
+            return True
+        why = f"it failed: {outcome[0]}" if outcome else f"it did not finish within {timeout:.0f} s"
+        log.warning("tearing the process group down together with the other ranks: %s; aborting it instead", why)
+        return False
 
     def __enter__(self):
         return self

@@ -21,7 +21,7 @@ import traceback
 import torch
 
 from ptp.errors import RankFailedError
-from ptp.parallel.mesh import Dist, StepChannel, init_distributed
+from ptp.parallel.mesh import Dist, StepChannel, init_distributed, teardown_together
 
 log = logging.getLogger("ptp")
 HANG_GRACE_SECONDS = 20.0
@@ -69,8 +69,9 @@ def resolve_dtype(name: str, config, files, device) -> torch.dtype:
 def follow(d: Dist, runner) -> None:
     """The loop of ranks 1..tp-1. When rank 0 says stop, the process ends here with status 0.
 
-    It ends with os._exit rather than by tearing the process group down: gloo's teardown races with
-    rank 0's and has aborted the process ("terminate called without an active exception").
+    First every rank releases its memory and destroys the process group together with rank 0
+    (parallel/mesh.teardown_together); then the process ends with os._exit, skipping interpreter
+    teardown (gloo's and NCCL's destructors, run alone, have aborted or hung processes).
     """
     channel = StepChannel(d)
     while True:
@@ -78,6 +79,10 @@ def follow(d: Dist, runner) -> None:
         if batch is None:
             break
         runner.execute(batch)
+    try:  # rank 0 tears down at the same time (Engine.shutdown)
+        teardown_together(d, runner)
+    except Exception as e:
+        logging.getLogger("ptp").warning("rank %d: process-group teardown failed: %s", d.rank, e)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

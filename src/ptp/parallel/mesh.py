@@ -117,6 +117,22 @@ class StepChannel:
         return StepBatch.decode(ints)
 
 
+def teardown_together(d: Dist, runner) -> None:
+    """Every rank at once when rank 0 stops: release the graphs, the model, the KV cache
+    and the symmetric-memory buffer, wait for each other (gloo), then destroy the process group in
+    order. Memory mapped from a peer and NCCL communicators are let go while every peer is still
+    alive: a rank 0 that tore down alone after its peers had exited stayed hung on the GPUs."""
+    import gc
+
+    runner.release()
+    comm.set_tp_group(None)  # drops the symmetric-memory buffer
+    gc.collect()
+    if d.device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier(group=d.cpu_group)
+    dist.destroy_process_group()
+
+
 def shutdown(d: Dist) -> None:
     """Tear the process group down. NCCL's orderly teardown has hung on the GPUs once the other ranks
     were gone, so on CUDA the communicators are aborted instead (nothing is in flight by then)."""
