@@ -3,6 +3,7 @@
 #   bash bench/gpu_suite.sh single   # one GPU: kernels, fast paths vs eager, latency, attention, throughput
 #   bash bench/gpu_suite.sh pair-a   # two GPUs: all-reduce, latency at tp=1 and tp=2
 #   bash bench/gpu_suite.sh pair-b   # two GPUs: greedy checks of every fast path, serving at tp=2
+#   (perf, tp1-a, tp1-b, final-a, final-b, pair-check, pair-perf: the second session's calls; see the cases)
 # Logs and JSON lines go to $OUT (or ./out); bench/report.py turns them into tables and a plot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,12 +54,14 @@ final-b)  # one GPU: fast paths against eager in fp32, batch 64, attention kerne
   step latency_b64 150 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
   step profile 80 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
   ;;
-pair-final)  # two GPUs, in one call: tp=2 against tp=1 in fp32, tp=2 latency, serving at tp=2
+pair-check)  # two GPUs: every fast path at tp=2 against eager tp=1, fp32 (each variant starts two ranks)
+  step check_tp2 560 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"
+  ;;
+pair-perf)  # two GPUs: tp=2 latency with each rank's kernels (PTP_KERNEL_PROFILE), NCCL only, serving at tp=2
   [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-  step check_tp2 210 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"
-  step latency_tp2 150 env PTP_PROFILE=1 python bench/latency.py $M8 --cuda-graph-max-bs 8 --tp 2 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  step latency_tp2_nccl 70 python bench/latency.py $M8 --cuda-graph-max-bs 8 --tp 2 --batch-sizes 1 --input-len 128 --output-len 256 --disable-custom-all-reduce --label nccl-only --json "$OUT/latency.jsonl"
-  step serving_tp2 150 bash -c 'python -m ptp.serve $0 --torch-compile off --tp 2 --port 30000 > "$1/server.log" 2>&1 & pid=$!;
+  step latency_tp2 180 env PTP_PROFILE=1 PTP_KERNEL_PROFILE=50 python bench/latency.py $M8 --cuda-graph-max-bs 8 --tp 2 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step latency_tp2_nccl 90 python bench/latency.py $M8 --cuda-graph-max-bs 8 --tp 2 --batch-sizes 1 --input-len 128 --output-len 256 --disable-custom-all-reduce --label nccl-only --json "$OUT/latency.jsonl"
+  step serving_tp2 200 bash -c 'python -m ptp.serve $0 --torch-compile off --tp 2 --port 30000 > "$1/server.log" 2>&1 & pid=$!;
     for i in $(seq 1 100); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done;
     python bench/serving.py --request-rates 4,16,inf --num-prompts 96 --input-len 512 --output-len 128 --json "$1/serving.jsonl" --label tp2;
     kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$1/server.log"' "${M8/llama-3.1-8b/bench/configs/llama-3.1-8b}" "$OUT"

@@ -7,16 +7,11 @@ per kernel name, launches and microseconds per step, then totals by kind of kern
 """
 from __future__ import annotations
 
-import collections
-import re
-
 import torch
 
 from common import build_llm, engine_parser, random_prompts
 
-KINDS = [("matmul", r"gemv|gemm|nvjet|cutlass|sm90_|sm80_|_skinny_mm|splitK|ampere"), ("attention", r"_decode_"),
-         ("all-reduce", r"nccl|all_reduce|allreduce|one_shot|two_shot"), ("compiled (inductor)", r"^triton_"),
-         ("other", r".")]
+from ptp.profiling import kernel_table  # noqa: E402  (common puts src on the path)
 
 
 def main() -> None:
@@ -52,27 +47,7 @@ def main() -> None:
         end.record()
         end.synchronize()
         wall = start.elapsed_time(end) * 1e3 / reps
-        stats = collections.defaultdict(lambda: [0, 0.0])
-        for e in prof.key_averages():
-            t = getattr(e, "device_time_total", None)
-            t = e.cuda_time_total if t is None else t
-            if t <= 0 or e.key.startswith(("cudaGraph", "Memcpy", "Memset")) and "Kernel" not in e.key:
-                continue
-            stats[e.key][0] += e.count
-            stats[e.key][1] += t
-        total = sum(t for _, t in stats.values()) / reps
-        print(f"\n== batch {bs}: graph replay {wall:.1f} us per step; kernels add up to {total:.1f} us "
-              f"({len(stats)} kernel names, {sum(c for c, _ in stats.values()) / reps:.0f} launches per step)")
-        print(f"{'us/step':>9} {'launches':>8} {'us each':>8}  kernel")
-        for name, (count, t) in sorted(stats.items(), key=lambda kv: -kv[1][1])[: ns.top]:
-            print(f"{t / reps:9.1f} {count / reps:8.1f} {t / count:8.2f}  {name[:110]}")
-        by_kind = collections.defaultdict(lambda: [0.0, 0.0])
-        for name, (count, t) in stats.items():
-            kind = next(k for k, pattern in KINDS if re.search(pattern, name))
-            by_kind[kind][0] += count / reps
-            by_kind[kind][1] += t / reps
-        print("by kind: " + "; ".join(f"{k} {t:.0f} us in {c:.0f} launches" for k, (c, t) in
-                                      sorted(by_kind.items(), key=lambda kv: -kv[1][1])))
+        print(f"\n== batch {bs}: graph replay {wall:.1f} us per step; " + kernel_table(prof, reps, ns.top))
     llm.shutdown()
 
 

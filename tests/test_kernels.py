@@ -227,3 +227,16 @@ def test_model_through_skinny_gemm_in_interpreter():
     """Batch-1 decode steps, compiled, with every projection through the skinny kernel's custom op:
     logits and greedy tokens still equal transformers'."""
     in_interpreter(SKINNY_MODEL)
+
+
+def test_skinny_choices_round_trip_through_the_machine_cache(tmp_path, monkeypatch):
+    import ptp.ops as ops
+    import ptp.parallel.comm as comm
+
+    monkeypatch.setattr(comm, "machine_cache_file", lambda kind: tmp_path / f"{kind}.json")
+    monkeypatch.setattr(ops, "_CHOICE", {"(1, 4096)x(4096, 4096) bfloat16": {"skinny": True, "skinny_us": 7.6,
+                                                                                "torch_us": 9.5}})
+    ops._save_choices()
+    assert ops._load_choices() == ops._CHOICE
+    (tmp_path / "skinny-gemm.json").write_text("{not json")
+    assert ops._load_choices() == {}  # a damaged cache is measured again, not an error

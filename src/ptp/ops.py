@@ -2,6 +2,7 @@
 traces them as opaque calls and CUDA graphs capture them."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -17,7 +18,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 log = logging.getLogger("ptp")
-_CHOICE: dict[tuple, bool] = {}  # (shapes, dtype, bias, device) -> whether the skinny kernel is faster
+_CHOICE: dict[str, dict] = {}  # shape key -> {"skinny": faster?, "skinny_us", "torch_us"}
 
 
 @torch.library.custom_op("ptp::skinny_linear", mutates_args=())
@@ -45,22 +46,51 @@ def _torch_linear(x, weight, bias, gated: bool):
 
 
 def _prefer_skinny(x, weight, bias, gated: bool) -> bool:
-    key = (tuple(x.shape), tuple(weight.shape), x.dtype, bias is not None, gated, x.device)
-    choice = _CHOICE.get(key)
-    if choice is not None:
-        return choice
+    """Whether the skinny kernel is faster than torch's path for this shape: measured once per GPU
+    model and torch version, then kept in the machine cache (warm starts skip it, and every run of
+    a machine makes the same choice)."""
     if not x.is_cuda:
         return True  # the Triton interpreter (tests): always the kernel
+    key = (f"{tuple(x.shape)}x{tuple(weight.shape)} {str(x.dtype).removeprefix('torch.')}"
+           f"{' bias' if bias is not None else ''}{' gated' if gated else ''}")
+    if not _CHOICE:
+        _CHOICE.update(_load_choices())
+    entry = _CHOICE.get(key)
+    if entry is not None:
+        return entry["skinny"]
     if torch.cuda.is_current_stream_capturing():
         return False  # cannot measure inside a capture; warm-up runs come first, so this is rare
     from ptp.kernels.skinny_gemm import skinny_linear as kernel
 
     skinny = _graph_us(lambda: kernel(x, weight, bias, gated=gated))
     cublas = _graph_us(lambda: _torch_linear(x, weight, bias, gated))
-    choice = _CHOICE[key] = skinny < cublas
-    log.debug("%s x %s%s: skinny kernel %.1f us, torch %.1f us", tuple(x.shape), tuple(weight.shape),
-              " gated" if gated else "", skinny, cublas)
-    return choice
+    _CHOICE[key] = {"skinny": skinny < cublas, "skinny_us": round(skinny, 2), "torch_us": round(cublas, 2)}
+    log.debug("%s: skinny kernel %.1f us, torch %.1f us", key, skinny, cublas)
+    _save_choices()
+    return skinny < cublas
+
+
+def _load_choices() -> dict:
+    from ptp.parallel.comm import machine_cache_file
+
+    path = machine_cache_file("skinny-gemm")
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_choices() -> None:
+    from ptp.parallel.comm import machine_cache_file
+
+    path = machine_cache_file("skinny-gemm")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_CHOICE, indent=1))
+        os.replace(tmp, path)  # ranks of one machine may write at once: each write is whole
+    except OSError as e:
+        log.warning("could not cache the skinny-GEMM choices in %s: %s", path, e)
 
 
 def _graph_us(fn, calls: int = 10, replays: int = 3) -> float:

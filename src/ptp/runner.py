@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import time
 
 import torch
@@ -102,6 +103,10 @@ class ModelRunner:
             largest = max(max_step_tokens, cuda_graph_max_bs) * config.hidden_size * torch.finfo(dtype).bits // 8
             setup_custom_all_reduce(d.tp_mesh.get_group(), d.device, d.rank, d.cpu_group,
                                     min(64 << 20, largest), p2p_check)
+        self.profiler = None
+        if os.environ.get("PTP_KERNEL_PROFILE") and d.device.type == "cuda":
+            from ptp.profiling import StepProfiler
+            self.profiler = StepProfiler(int(os.environ["PTP_KERNEL_PROFILE"]), d.rank)
         self.decode = None
         if compile_decode or cuda_graphs:
             self.decode = DecodeGraphs(self, compile_decode, cuda_graphs, cuda_graph_max_bs, compile_tuned)
@@ -149,6 +154,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor | None:
         """Run the batch; return float32 logits [sequences to sample, vocab] (same on every rank)."""
+        if self.profiler is not None and batch.is_decode:
+            self.profiler.tick()
         if self.decode is not None and batch.is_decode and len(batch.token_ids) <= self.decode.max_bs:
             return self.decode.run(batch)
         device, block_size = self.device, self.kv_cache.block_size

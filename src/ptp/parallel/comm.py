@@ -149,10 +149,15 @@ def setup_custom_all_reduce(group, device: torch.device, rank: int, cpu_group, m
     return symm
 
 
-def _cache_path(world: int) -> Path:
+def machine_cache_file(kind: str) -> Path:
+    """Where measurements of this GPU model and torch version are kept: $PTP_CACHE_DIR or ~/.cache/ptp."""
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     root = Path(os.environ.get("PTP_CACHE_DIR", Path.home() / ".cache" / "ptp"))
-    return root / f"allreduce-{gpu}-x{world}-torch{torch.__version__.split('+')[0]}.json"
+    return root / f"{kind}-{gpu}-torch{torch.__version__.split('+')[0]}.json"
+
+
+def _cache_path(world: int) -> Path:
+    return machine_cache_file(f"allreduce-x{world}")
 
 
 def _fmt(n: int) -> str:
