@@ -60,9 +60,11 @@ VARIANTS = {  # "env": environment of the variant's process
     "compile + graphs, triton": dict(attention_backend="triton"),
     "compile + graphs, torch attention": dict(attention_backend="torch"),
     "compile + graphs, triton, no overlap": dict(attention_backend="triton", disable_overlap_schedule=True),
+    "compile, flex attention (no graphs)": dict(attention_backend="flex"),
     "tp=2 eager, torch attention": dict(tp=2, torch_compile="off", disable_cuda_graph=True, attention_backend="torch"),
     "tp=2 compile + graphs, triton": dict(tp=2, attention_backend="triton"),
     "tp=2 compile + graphs, NCCL only": dict(tp=2, attention_backend="triton", disable_custom_all_reduce=True),
+    "tp=2 compile, flex attention": dict(tp=2, attention_backend="flex"),
 }
 
 

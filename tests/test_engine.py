@@ -152,7 +152,7 @@ def test_unknown_llm_argument_and_bad_flags(folder):
         ptp.LLM(str(folder), tensor_parallel=2)
     with pytest.raises(ptp.ConfigError, match="pp-size 2 is not supported"):
         ptp.LLM(str(folder), pp_size=2)
-    with pytest.raises(ptp.ConfigError, match="'flashinfer' is not available here .ptp does not ship it.; available: torch, auto"):
+    with pytest.raises(ptp.ConfigError, match="'flashinfer' is not available here .ptp does not ship it.; available: torch, flex, auto"):
         ptp.LLM(str(folder), attention_backend="flashinfer", device="cpu")
     with pytest.raises(ptp.ConfigError, match="'triton' is not available here .it needs a CUDA GPU"):
         ptp.LLM(str(folder), attention_backend="triton", device="cpu")

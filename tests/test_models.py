@@ -49,3 +49,23 @@ def test_dummy_weights_have_real_shapes(ckpt_root):
     assert llm.engine.runner.model.model.layers[0].self_attn.q_norm.weight.shape == (16,)
     out = llm.generate("Paris", ptp.SamplingParams(max_tokens=4, ignore_eos=True))
     assert len(out[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("mistral", {"sliding_window": 8}), ("qwen3", {})],
+                         ids=["llama", "mistral-window", "qwen3"])
+def test_flex_backend_equals_torch_backend(ckpt_root, arch, overrides):
+    """--attention-backend flex: logits of prefill (whole and chunked) and decode equal the torch
+    backend's, and so do greedy tokens of a batch."""
+    folder = make_checkpoint(ckpt_root, arch, **overrides)
+    prompt = tokenizer().encode(PROMPT)
+    ref_tokens, ref_logits = hf_greedy(hf_model(folder), prompt, 16)
+    prompts = [PROMPT, "Tensor parallelism splits the heads", "a"]
+    outs = {}
+    for backend in ("torch", "flex"):
+        llm = ptp.LLM(str(folder), dtype="float32", device="cpu", attention_backend=backend, chunked_prefill_size=5)
+        assert llm.engine.runner.attention.name == backend
+        errors = [rel_err(g, r) for g, r in zip(ptp_logits(llm, prompt, ref_tokens), ref_logits)]
+        assert max(errors) <= 1e-4, (backend, errors)
+        outs[backend] = [o.token_ids for o in llm.generate(
+            prompts, ptp.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))]
+    assert outs["flex"] == outs["torch"]

@@ -21,7 +21,12 @@ NOT_BUILT_IN = {"fa3", "flashinfer", "flashattention", "flashmla"}
 
 
 def available_backends(device: torch.device) -> list[str]:
+    """In order of preference: `auto` takes the first."""
+    from ptp.attention.flex_backend import flex_available
+
     names = ["torch"]
+    if flex_available():
+        names.append("flex")
     if device.type == "cuda" and _has_triton():
         names.insert(0, "triton")
     return names
@@ -49,6 +54,9 @@ def make_backend(name: str, kv_cache, sliding_window: int | None, device: torch.
     if name == "triton":
         from ptp.attention.triton_backend import TritonAttention
         return TritonAttention(kv_cache, sliding_window)
+    if name == "flex":
+        from ptp.attention.flex_backend import FlexAttention
+        return FlexAttention(kv_cache, sliding_window)
     return TorchAttention(kv_cache, sliding_window)
 
 
