@@ -108,9 +108,10 @@ class ModelRunner:
             from ptp.profiling import StepProfiler
             self.profiler = StepProfiler(int(os.environ["PTP_KERNEL_PROFILE"]), d.rank)
         self.decode = None
-        if cuda_graphs and not getattr(self.attention, "graphs", True):
-            log.info("the %s attention backend runs decode without CUDA graphs", self.attention.name)
-            cuda_graphs = False
+        if (cuda_graphs or compile_decode) and not getattr(self.attention, "graphs", True):
+            log.info("the %s attention backend runs decode eagerly (no compiled step, no CUDA graphs)",
+                     self.attention.name)
+            cuda_graphs = compile_decode = False
         if compile_decode or cuda_graphs:
             self.decode = DecodeGraphs(self, compile_decode, cuda_graphs, cuda_graph_max_bs, compile_tuned)
 

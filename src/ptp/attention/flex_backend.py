@@ -4,7 +4,8 @@ Like the torch backend, each step gathers every sequence's blocks into a [batch,
 block_size] view of keys and values; the visibility rule (causal, sequence lengths, sliding window,
 padded rows) is the same boolean mask, here turned once per step into FlexAttention's block-sparse
 BlockMask and shared by every layer, so blocks a query cannot see are skipped. On CUDA,
-flex_attention is compiled (dynamic shapes); on CPU it runs eagerly (correct, not fast).
+flex_attention is compiled (dynamic shapes) while the step around it runs eagerly; on CPU it all
+runs eagerly (correct, not fast).
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def flex_available() -> bool:
 class FlexAttention(TorchAttention):
     name = "flex"
     fuses_rope = False
-    graphs = False  # the BlockMask is built on the host side of each step: decode runs without CUDA graphs
+    # The BlockMask is built once per step, when Bound announces the step: decode runs eagerly (no
+    # compile of the step, no CUDA graphs); flex_attention itself is compiled on CUDA.
+    graphs = False
 
     def __init__(self, kv_cache, sliding_window: int | None):
         super().__init__(kv_cache, sliding_window)
@@ -39,7 +42,6 @@ class FlexAttention(TorchAttention):
         else:  # eager on CPU: exact, and the tests' reference; its "not compiled" warning says nothing new
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             self._attend = flex_attention
-        self._step = None  # (block tables, lengths or query index) of the step whose BlockMask is kept
         self._block_mask = None
 
     def forward(self, meta, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin=None) -> torch.Tensor:
@@ -60,14 +62,16 @@ class FlexAttention(TorchAttention):
             return out.squeeze(2).contiguous()
         return out.transpose(1, 2).reshape(-1, q.shape[1], dim)[meta.out_index]
 
+    def begin_step(self) -> None:
+        """Called by Bound once per step (eagerly: this backend's decode is not compiled)."""
+        self._block_mask = None
+
     def _mask(self, meta, q_len: int, kv_len: int):
         """The step's BlockMask, built at its first layer and reused by the others."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        step = (meta.block_tables, meta.seq_lens if isinstance(meta, DecodeMeta) else meta.q_index)
-        if self._step is None or any(a is not b for a, b in zip(self._step, step)):
+        if self._block_mask is None:
             dense = self._decode_mask(meta, kv_len) if isinstance(meta, DecodeMeta) else meta.mask  # [B, 1, Q, L]
             self._block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: dense[b, 0, q_idx, kv_idx],
                                                  dense.shape[0], None, q_len, kv_len, device=dense.device)
-            self._step = step
         return self._block_mask

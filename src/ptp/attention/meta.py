@@ -86,6 +86,9 @@ class Bound:
 
     def __init__(self, backend, meta):
         self.backend, self.meta = backend, meta
+        begin = getattr(backend, "begin_step", None)  # per-step state of a backend (flex: its BlockMask)
+        if begin is not None:
+            begin()
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary, positions) -> torch.Tensor:
         m = self.meta
