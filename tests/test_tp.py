@@ -41,6 +41,15 @@ def test_tp_equals_tp1(reference, arch, tp):
             _check_parameter_bytes(llm, tp)
 
 
+def test_flex_backend_at_tp2(reference):
+    folder, tokens, logits = reference["llama"]
+    prompt = tokenizer().encode(PROMPT)
+    with ptp.LLM(str(folder), dtype="float32", device="cpu", tp=2, attention_backend="flex") as llm:
+        errors = [rel_err(g, r) for g, r in zip(ptp_logits(llm, prompt, tokens), logits)]
+        assert max(errors) <= 1e-4, errors
+        assert llm.generate([prompt], GREEDY32)[0].token_ids == tokens
+
+
 def _check_parameter_bytes(llm, tp):
     """Each rank holds about 1/tp of the sharded weights, plus the replicated parts."""
     c = llm.engine.config

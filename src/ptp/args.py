@@ -37,7 +37,7 @@ class EngineArgs:
                                      "size); -1 runs each prompt whole")
     max_running_requests: int = flag(256, "most sequences in one step")
     attention_backend: str = flag("auto", "attention over the paged KV cache: auto (triton on CUDA, torch "
-                                  "on CPU), triton, flex (FlexAttention; decode without CUDA graphs), torch")
+                                  "on CPU), triton, flex (FlexAttention; its decode runs eagerly), torch")
     disable_cuda_graph: bool = flag(False, "run decode without CUDA graphs (same tokens, slower)")
     cuda_graph_max_bs: int = flag(160, "largest decode batch captured in a CUDA graph; larger batches run eagerly")
     torch_compile: str = flag("auto", "compile the decode step with torch.compile: auto (on with CUDA), on, off, "
