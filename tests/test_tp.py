@@ -50,6 +50,21 @@ def test_flex_backend_at_tp2(reference):
         assert llm.generate([prompt], GREEDY32)[0].token_ids == tokens
 
 
+def test_sampled_overlap_at_tp2_equals_synchronous(reference):
+    """Tokens drawn on rank 0's device feed the next step on every rank (a broadcast): seeded sampling
+    at tp=2 gives the same text with and without overlap."""
+    folder = reference["llama"][0]
+    params = [ptp.SamplingParams(temperature=0.9, top_p=0.95, seed=s, max_tokens=20, ignore_eos=True) for s in (1, 2)]
+    params.append(ptp.SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    prompts = ["Paris is", "The quick brown fox", "def add(a, b):"]
+    outs = []
+    for overlap in (True, False):
+        with ptp.LLM(str(folder), dtype="float32", device="cpu", tp=2, disable_overlap_schedule=not overlap) as llm:
+            outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+            assert (llm.engine.num_overlapped > 10) == overlap
+    assert outs[0] == outs[1]
+
+
 def _check_parameter_bytes(llm, tp):
     """Each rank holds about 1/tp of the sharded weights, plus the replicated parts."""
     c = llm.engine.config

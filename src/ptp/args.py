@@ -44,7 +44,7 @@ class EngineArgs:
                               "or tuned (also coordinate-descent tuning of the kernels: slower first start)",
                               choices=("auto", "on", "off", "tuned"))
     disable_overlap_schedule: bool = flag(False, "wait for each step's tokens before preparing the next (by default "
-                                          "greedy decode steps are queued one ahead: the GPU never waits for the host)")
+                                          "a step whose tokens are drawn on the GPU is queued one ahead of them)")
     disable_custom_all_reduce: bool = flag(False, "all-reduce through NCCL only")
     enable_p2p_check: bool = flag(False, "check GPU peer access between every pair of ranks at start")
     enable_deterministic_inference: bool = flag(False, "use deterministic torch algorithms (slower)")

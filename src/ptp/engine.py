@@ -79,12 +79,14 @@ class _Launched:
     seqs: list[Sequence]
     logits: torch.Tensor
     host: tuple
+    ahead: bool  # tokens drawn on the device: the step may stay in flight
 
 
-def _plain_greedy(seq: Sequence, blocked: list[int]) -> bool:
-    """Whether the device's argmax is this sequence's next token (so the host need not sample)."""
+def _on_device(seq: Sequence, blocked: list[int]) -> bool:
+    """Whether seq's next token can be drawn on the device without its history or the host: no
+    penalties (they need the token in flight), no logprobs, no min_tokens block."""
     p = seq.params
-    return p.greedy and p.logprobs is None and not blocked and p.repetition_penalty == 1.0 \
+    return p.logprobs is None and not blocked and p.repetition_penalty == 1.0 \
         and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
 
 
@@ -237,9 +239,11 @@ class Engine:
     def step(self) -> list[SeqUpdate]:
         """Run one step; return what the sequences gained.
 
-        Overlap: a step whose sampled rows are all plain greedy is left in flight. The next call
-        first queues the following step — each of those sequences bringing a placeholder for its
-        unknown token, which the GPU fills in from the previous step's argmax — and only then waits
+        Overlap: a step whose sampled rows need nothing from the host (greedy, or sampled without
+        penalties, logprobs or a min_tokens block) has its tokens drawn on the device and is left in
+        flight. The next call first queues the following step — each of those sequences bringing a
+        placeholder for its unknown token, which the GPU fills in from the previous step's tokens
+        (`runner.last_tokens`; sampled ones are broadcast to the other ranks) — and only then waits
         for the tokens of the step in flight. So the GPU runs step N+1 while the host detokenizes
         and checks stop conditions of step N. A sequence found finished then has one extra token
         computed, which is dropped.
@@ -252,14 +256,20 @@ class Engine:
         t0 = time.perf_counter()
         if scheduled is not None:
             seqs, batch = scheduled
-            logits = self.execute(batch)
             sampling = [s for s, sample in zip(seqs, batch.sample) if sample]
+            ahead = self.overlap and bool(sampling) and all(_on_device(s, self._blocks_eos(s)) for s in sampling)
+            drawn = ahead and not all(s.params.greedy for s in sampling)
+            batch.share_tokens = drawn and self.d.world_size > 1
+            logits = self.execute(batch)
             if sampling:
-                launched = _Launched(sampling, logits, self._tokens_to_host(len(sampling)))
+                if drawn:  # draw on the device now; the tokens replace the argmax in last_tokens
+                    tokens = self.sampler.sample_tokens(logits, [self._sample_row(s) for s in sampling])
+                    self.runner.set_last_tokens(tokens, broadcast=batch.share_tokens)
+                launched = _Launched(sampling, logits, self._tokens_to_host(len(sampling)), ahead)
         t1 = time.perf_counter()
         updates = self._resolve(prev) if prev is not None else []
         if launched is not None:
-            if self.overlap and all(_plain_greedy(s, self._blocks_eos(s)) for s in launched.seqs):
+            if launched.ahead:
                 self.inflight = launched
                 self.num_overlapped += 1
             else:

@@ -79,6 +79,8 @@ def follow(d: Dist, runner) -> None:
         if batch is None:
             break
         runner.execute(batch)
+        if batch.share_tokens:  # rank 0 drew this step's tokens on the device: they feed the next step
+            runner.receive_last_tokens(sum(batch.sample))
     try:  # rank 0 tears down at the same time (Engine.shutdown)
         teardown_together(d, runner)
     except Exception as e:

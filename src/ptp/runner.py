@@ -21,7 +21,7 @@ from ptp.errors import ConfigError
 from ptp.hub import ModelFiles
 from ptp.kv_cache import KVCache
 from ptp.loader import load_model
-from ptp.parallel.comm import gather_vocab
+from ptp.parallel.comm import broadcast_from_first, gather_vocab
 from ptp.parallel.mesh import Dist
 from ptp.parallel.plans import kv_heads_per_model
 from ptp.sampling import argmax_rows
@@ -36,6 +36,7 @@ class StepBatch:
     starts: list[int]              # position of each sequence's first new token
     block_tables: list[list[int]]
     sample: list[bool]             # whether this step completes the sequence (its logits are needed)
+    share_tokens: bool = False     # rank 0 broadcasts the tokens it draws (they feed the next step)
 
     @property
     def is_decode(self) -> bool:
@@ -43,13 +44,14 @@ class StepBatch:
 
     def encode(self) -> list[int]:
         """Flat integers for the wire: n, then per sequence its token count, start, sample flag and
-        table length, then all tokens, then all tables."""
+        table length, then all tokens, then all tables, then share_tokens."""
         return [len(self.token_ids), *map(len, self.token_ids), *self.starts, *map(int, self.sample),
                 *map(len, self.block_tables), *itertools.chain.from_iterable(self.token_ids),
-                *itertools.chain.from_iterable(self.block_tables)]
+                *itertools.chain.from_iterable(self.block_tables), int(self.share_tokens)]
 
     @classmethod
     def decode(cls, ints: list[int]) -> "StepBatch":
+        share, ints = bool(ints[-1]), ints[:-1]
         n = ints[0]
         counts, starts, sample, widths = (ints[1 + i * n: 1 + (i + 1) * n] for i in range(4))
         flat, at = ints[1 + 4 * n:], 0
@@ -60,7 +62,7 @@ class StepBatch:
         for w in widths:
             tables.append(flat[at: at + w])
             at += w
-        return cls(token_ids, starts, tables, [bool(s) for s in sample])
+        return cls(token_ids, starts, tables, [bool(s) for s in sample], share)
 
 
 class ModelRunner:
@@ -138,6 +140,16 @@ class ModelRunner:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def set_last_tokens(self, tokens: torch.Tensor, broadcast: bool) -> None:
+        """Rank 0: the tokens it drew for the step's sampled rows replace their argmax in last_tokens;
+        with broadcast, every rank receives them (each calls receive_last_tokens)."""
+        self.last_tokens[: tokens.shape[0]].copy_(tokens)
+        if broadcast:
+            broadcast_from_first(self.last_tokens[: tokens.shape[0]])
+
+    def receive_last_tokens(self, rows: int) -> None:
+        broadcast_from_first(self.last_tokens[:rows])
 
     @property
     def scratch_slot(self) -> int:

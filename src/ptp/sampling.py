@@ -77,6 +77,15 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+def to_device(values: list, device, dtype=None) -> torch.Tensor:
+    """A small host list on the device without waiting for the GPU (a copy from pageable memory
+    would wait for the stream: the sampler of a step in flight must not)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 def argmax_rows(x: torch.Tensor, parts: int = 64) -> torch.Tensor:
     """argmax over the last dimension of [B, V] in two passes: one pass over a 128k vocabulary is one
     program per row on the GPU (30 us on an H200 at batch 1); `parts` slices of it run side by side."""
@@ -119,11 +128,16 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
         logits = logits.float()
-        raw = logits
-        plain = all(r.params.greedy and not r.block_eos and r.params.logprobs is None
-                    and not _penalized(r.params) for r in rows)
-        if plain:  # the common greedy case: one argmax, one copy to the host
-            return SampleResult(argmax_rows(logits).tolist(), [None] * len(rows))
+        token_list = self.sample_tokens(logits, rows).tolist()
+        return SampleResult(token_list, self._logprobs(logits, token_list, rows))
+
+    @torch.no_grad()
+    def sample_tokens(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """The next token of each row, as a device tensor: no copy to the host, no sync."""
+        logits = logits.float()
+        plain = all(r.params.greedy and not r.block_eos and not _penalized(r.params) for r in rows)
+        if plain:  # the common greedy case: one argmax
+            return argmax_rows(logits)
         if any(_penalized(r.params) for r in rows):
             logits = self._penalize(logits.clone(), rows)
         elif any(r.block_eos for r in rows):
@@ -135,36 +149,35 @@ class Sampler:
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         tokens = greedy_tokens
         if sampled:
-            idx = torch.tensor(sampled, device=logits.device)
+            idx = to_device(sampled, logits.device)
             probs = self._probs(logits[idx], [rows[i] for i in sampled])
             choice = self._draw(probs, [rows[i] for i in sampled])
             tokens = greedy_tokens.clone()
             tokens[idx] = choice
-        token_list = tokens.tolist()
-        return SampleResult(token_list, self._logprobs(raw, token_list, rows))
+        return tokens
 
     def _penalize(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         for i, row in enumerate(rows):
             p = row.params
             if p.repetition_penalty != 1.0 and row.token_history:
-                ids = torch.tensor(sorted(set(row.token_history)), device=logits.device)
+                ids = to_device(sorted(set(row.token_history)), logits.device)
                 seen = logits[i, ids]
                 logits[i, ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
             if (p.presence_penalty or p.frequency_penalty) and row.output_tokens:
                 counts = torch.zeros(logits.shape[1], device=logits.device)
-                counts.scatter_add_(0, torch.tensor(row.output_tokens, device=logits.device),
+                counts.scatter_add_(0, to_device(row.output_tokens, logits.device),
                                     torch.ones(len(row.output_tokens), device=logits.device))
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
         return logits
 
     @staticmethod
     def _probs(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device).unsqueeze(1)
+        temps = to_device([r.params.temperature for r in rows], logits.device).unsqueeze(1)
         logits = logits / temps
         vocab = logits.shape[1]
-        top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=logits.device)
-        top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
-        min_p = torch.tensor([r.params.min_p for r in rows], device=logits.device)
+        top_k = to_device([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], logits.device)
+        top_p = to_device([r.params.top_p for r in rows], logits.device)
+        min_p = to_device([r.params.min_p for r in rows], logits.device)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
         drop = ranks >= top_k.unsqueeze(1)
@@ -181,7 +194,7 @@ class Sampler:
         out = torch.empty(len(rows), dtype=torch.long, device=probs.device)
         unseeded = [i for i, r in enumerate(rows) if r.generator is None]
         if unseeded:
-            idx = torch.tensor(unseeded, device=probs.device)
+            idx = to_device(unseeded, probs.device)
             out[idx] = torch.multinomial(probs[idx], 1, generator=self.generator).squeeze(1)
         for i, row in enumerate(rows):
             if row.generator is not None:

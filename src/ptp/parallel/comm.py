@@ -88,6 +88,12 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.ptp.all_reduce(x)
 
 
+def broadcast_from_first(x: torch.Tensor) -> None:
+    """Overwrite x on every tensor-parallel rank with the first rank's x (in place)."""
+    group = _state["group"]
+    dist.broadcast(x, src=dist.get_global_rank(group, 0), group=group)
+
+
 def gather_vocab(local_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Join each rank's vocabulary slice [N, V/tp] into [N, V] (slices may be uneven by one chunk)."""
     size = _state["size"]
