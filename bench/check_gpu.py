@@ -38,22 +38,50 @@ def write_checkpoint(root: Path) -> Path:
     return folder
 
 
-def run_variant(folder: Path, prompts_by_batch, new_tokens: int, dtype: str, **kwargs) -> dict[int, list[list[int]]]:
+def run_variant(folder: Path, prompts_by_batch, new_tokens: int, dtype: str, margins: bool = False, **kwargs) -> dict:
+    """{batch: [tokens of each prompt]}; with margins, {batch: {"tokens": ..., "margins": ...}} where a
+    margin is the log-probability gap between the best and the second-best token at each step."""
     import ptp
 
     llm = ptp.LLM(str(folder), dtype=dtype, max_model_len=1024, cuda_graph_max_bs=8, num_kv_blocks=8192,
                   **kwargs)
-    greedy = ptp.SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    out = {bs: [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-           for bs, prompts in prompts_by_batch.items()}
+    greedy = ptp.SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=2 if margins else None)
+    out = {}
+    for bs, prompts in prompts_by_batch.items():
+        outs = [o.outputs[0] for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        tokens = [o.token_ids for o in outs]
+        if margins:
+            gaps = [[_gap(entry) for entry in o.logprobs] for o in outs]
+            out[bs] = {"tokens": tokens, "margins": gaps}
+        else:
+            out[bs] = tokens
     llm.shutdown()
     return out
+
+
+def compare(tokens: list[list[int]], reference: dict, near_tie: float) -> dict:
+    """How many prompts give exactly the reference's tokens, how many tokens agree, and, where a prompt
+    first differs, the reference's gap between its two best tokens there (small: a near-tie)."""
+    ref_tokens, gaps = reference["tokens"], reference["margins"]
+    same = sum(a == b for a, b in zip(tokens, ref_tokens))
+    agree = sum(sum(x == y for x, y in zip(a, b)) for a, b in zip(tokens, ref_tokens))
+    split = [gaps[j][next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)]
+             for j, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b]
+    return {"exact_prompts": f"{same}/{len(ref_tokens)}", "tokens_equal": f"{agree}/{sum(map(len, ref_tokens))}",
+            "margins_where_first_differs": " ".join(f"{m:.3f}" for m in split),
+            "not_near_ties": sum(m > near_tie for m in split)}
+
+
+def _gap(entry: dict[int, float]) -> float:
+    best = sorted(entry.values(), reverse=True)
+    return best[0] - best[1] if len(best) > 1 else float("inf")
 
 
 EAGER = dict(torch_compile="off", disable_cuda_graph=True)
 VARIANTS = {  # "env": environment of the variant's process
     "eager tp=1, torch attention, cuBLAS, no overlap (reference)": dict(
-        EAGER, attention_backend="torch", disable_overlap_schedule=True, env={"PTP_DISABLE_SKINNY_GEMM": "1"}),
+        EAGER, attention_backend="torch", disable_overlap_schedule=True, env={"PTP_DISABLE_SKINNY_GEMM": "1"},
+        margins=True),
     "eager, torch attention (skinny GEMM, overlap)": dict(EAGER, attention_backend="torch"),
     "eager, triton attention": dict(torch_compile="off", disable_cuda_graph=True, attention_backend="triton"),
     "graphs (no compile), triton": dict(torch_compile="off", attention_backend="triton"),
@@ -77,6 +105,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="float32 (TF32 off) makes any difference a bug rather than a near-tie")
+    parser.add_argument("--near-tie", type=float, default=0.05,
+                        help="log-probability gap below which a first difference is put down to rounding")
     parser.add_argument("--json", default=None)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)   # child mode
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -85,7 +115,7 @@ def main() -> None:
     prompts = {bs: random_prompts(bs, 40, 8192, seed=bs, jitter=0.5) for bs in BATCHES}
     if ns.variant:  # one variant in its own process, so that a crash is its own
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        kwargs = {k: v for k, v in VARIANTS[ns.variant].items() if k != "env"}
+        kwargs = {k: v for k, v in VARIANTS[ns.variant].items() if k != "env"}  # margins stays
         got = run_variant(Path(ns.folder), prompts, ns.new_tokens, dtype=ns.dtype, **kwargs)
         Path(ns.out).write_text(json.dumps({str(k): v for k, v in got.items()}))
         return
@@ -109,14 +139,12 @@ def main() -> None:
             if isinstance(got, str) or isinstance(reference, str):
                 rows.append({"variant": name, "batch": bs, "exact_prompts": got if isinstance(got, str) else reference})
                 continue
-            a_all, b_all = got[str(bs)], reference[str(bs)]
-            same = sum(a == b for a, b in zip(a_all, b_all))
-            agree = sum(sum(x == y for x, y in zip(a, b)) for a, b in zip(a_all, b_all))
-            rows.append({"variant": name, "batch": bs, "exact_prompts": f"{same}/{bs}",
-                         "tokens_equal": f"{agree}/{bs * ns.new_tokens}"})
+            rows.append({"variant": name, "batch": bs, **compare(got[str(bs)], reference[str(bs)], ns.near_tie)})
     print(f"reference: eager tp=1, torch attention, {ns.dtype}; {ns.new_tokens} greedy tokens per prompt; "
-          f"device {torch.cuda.get_device_name()}")
-    print_table(rows, ["variant", "batch", "exact_prompts", "tokens_equal"])
+          f"device {torch.cuda.get_device_name()}; a difference where the reference's two best tokens were "
+          f"more than {ns.near_tie} apart (log-probability) counts as not a near-tie")
+    print_table(rows, ["variant", "batch", "exact_prompts", "tokens_equal", "margins_where_first_differs",
+                       "not_near_ties"])
     write_json(ns.json, rows)
 
 
