@@ -187,3 +187,13 @@ def test_two_pass_argmax_equals_argmax():
         x[1, vocab - 1] = 100.0  # the best in the padded last slice
         x[2, 0] = 100.0
         assert torch.equal(argmax_rows(x), x.argmax(-1))
+
+
+def test_step_batch_round_trips_through_its_wire_format():
+    from ptp.runner import StepBatch
+
+    batch = StepBatch([[5, 6, 7], [-2], [9]], [0, 40, 3], [[1, 2], [7, 8, 9], [4]], [False, True, True], True)
+    back = StepBatch.decode(batch.encode())
+    assert back == batch and back.share_tokens and back.token_ids[1] == [-2]  # a placeholder survives
+    plain = StepBatch([[1]], [0], [[3]], [True])
+    assert StepBatch.decode(plain.encode()) == plain and not plain.share_tokens
