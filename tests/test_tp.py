@@ -184,3 +184,23 @@ def test_ranks_tear_the_group_down_together():
     outs = [p.communicate(timeout=120) for p in procs]
     for r, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"rank {r} done" in out, err[-2000:]
+
+
+NO_MAIN_GUARD = """
+import sys
+sys.path.insert(0, %r)
+import ptp
+llm = ptp.LLM(%r, tp=2, dtype="float32", device="cpu")
+"""
+
+
+def test_a_script_without_main_guard_gets_told(reference, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(NO_MAIN_GUARD % (os.path.dirname(__file__), str(reference["llama"][0])))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert 'Build it under `if __name__ == "__main__":`' in out.stderr, out.stderr[-2000:]
+    assert "rank 1" in out.stderr

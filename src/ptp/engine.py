@@ -108,6 +108,13 @@ class Engine:
                 )
             rank = int(os.environ["RANK"])
         elif args.tp > 1:
+            import multiprocessing
+            if multiprocessing.current_process().name.startswith("ptp-rank"):
+                raise ConfigError(
+                    f"ptp.LLM(tp={args.tp}) ran again inside the spawned {multiprocessing.current_process().name}: "
+                    "starting a rank re-imports your script, and the script builds the LLM at import time. "
+                    "Build it under `if __name__ == \"__main__\":`."
+                )
             # Check the split before starting processes, so a bad tp fails at once.
             _, config, _ = resolve_model(args, torch.device("cpu"))
             self.spawned = SpawnedRanks(args)
