@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from common import bandwidth, print_table, write_json
 
-from ptp.ops import _graph_us as graph_us  # noqa: E402  (common puts src on the path)
+from ptp.parallel.comm import time_in_graph  # noqa: E402  (common puts src on the path)
 
 SHAPES = {  # Llama-3.1-8B at tp=1: (N, K)
     "qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
@@ -40,8 +40,8 @@ def main() -> None:
                 n //= ns.tp
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            cublas = graph_us(lambda: F.linear(x, w))
-            skinny = graph_us(lambda: skinny_linear(x, w)) if rows <= 4 else None
+            cublas = time_in_graph(lambda: F.linear(x, w), 50)
+            skinny = time_in_graph(lambda: skinny_linear(x, w), 50) if rows <= 4 else None
             best = _tuned.cache.get(next((key for key in _tuned.cache if key[0] == n and key[1] == k), None))
             gb = w.numel() * 2 / 1e9
             row = {"rows": rows, "proj": name, "N": n, "K": k, "MB": gb * 1e3, "cublas_us": cublas,

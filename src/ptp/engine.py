@@ -78,8 +78,8 @@ class _Launched:
     """A step on its way: its sampled sequences, their logits, and the greedy tokens' copy to the host."""
     seqs: list[Sequence]
     logits: torch.Tensor
-    host: tuple
-    ahead: bool  # tokens drawn on the device: the step may stay in flight
+    host: tuple | None  # (pinned buffer, event) of the tokens' copy, for a step left in flight
+    ahead: bool  # tokens drawn on the device: the step stays in flight
 
 
 def _on_device(seq: Sequence, blocked: list[int]) -> bool:
@@ -272,7 +272,9 @@ class Engine:
                 if drawn:  # draw on the device now; the tokens replace the argmax in last_tokens
                     tokens = self.sampler.sample_tokens(logits, [self._sample_row(s) for s in sampling])
                     self.runner.set_last_tokens(tokens, broadcast=batch.share_tokens)
-                launched = _Launched(sampling, logits, self._tokens_to_host(len(sampling)), ahead)
+                # only a step left in flight needs its tokens copied: the synchronous path samples them
+                host = self._tokens_to_host(len(sampling)) if ahead else None
+                launched = _Launched(sampling, logits, host, ahead)
         t1 = time.perf_counter()
         updates = self._resolve(prev) if prev is not None else []
         if launched is not None:

@@ -61,9 +61,11 @@ def _prefer_skinny(x, weight, bias, gated: bool) -> bool:
     if torch.cuda.is_current_stream_capturing():
         return False  # cannot measure inside a capture; warm-up runs come first, so this is rare
     from ptp.kernels.skinny_gemm import skinny_linear as kernel
+    from ptp.parallel.comm import time_in_graph
 
-    skinny = _graph_us(lambda: kernel(x, weight, bias, gated=gated))
-    cublas = _graph_us(lambda: _torch_linear(x, weight, bias, gated))
+    # the first call of the kernel (outside the graph) autotunes it
+    skinny = time_in_graph(lambda: kernel(x, weight, bias, gated=gated), 10)
+    cublas = time_in_graph(lambda: _torch_linear(x, weight, bias, gated), 10)
     _CHOICE[key] = {"skinny": skinny < cublas, "skinny_us": round(skinny, 2), "torch_us": round(cublas, 2)}
     log.debug("%s: skinny kernel %.1f us, torch %.1f us", key, skinny, cublas)
     _save_choices()
@@ -91,24 +93,6 @@ def _save_choices() -> None:
         os.replace(tmp, path)  # ranks of one machine may write at once: each write is whole
     except OSError as e:
         log.warning("could not cache the skinny-GEMM choices in %s: %s", path, e)
-
-
-def _graph_us(fn, calls: int = 10, replays: int = 3) -> float:
-    """Microseconds per call of fn, replayed from a CUDA graph (as the decode step runs it)."""
-    fn()  # the skinny kernel autotunes here
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (calls * replays)
 
 
 def _skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:

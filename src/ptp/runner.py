@@ -110,7 +110,7 @@ class ModelRunner:
             from ptp.profiling import StepProfiler
             self.profiler = StepProfiler(int(os.environ["PTP_KERNEL_PROFILE"]), d.rank)
         self.decode = None
-        if (cuda_graphs or compile_decode) and not getattr(self.attention, "graphs", True):
+        if (cuda_graphs or compile_decode) and not getattr(self.attention, "compiled_decode", True):
             log.info("the %s attention backend runs decode eagerly (no compiled step, no CUDA graphs)",
                      self.attention.name)
             cuda_graphs = compile_decode = False

@@ -30,7 +30,7 @@ class FlexAttention(TorchAttention):
     fuses_rope = False
     # The BlockMask is built once per step, when Bound announces the step: decode runs eagerly (no
     # compile of the step, no CUDA graphs); flex_attention itself is compiled on CUDA.
-    graphs = False
+    compiled_decode = False
 
     def __init__(self, kv_cache, sliding_window: int | None):
         super().__init__(kv_cache, sliding_window)
