@@ -54,6 +54,27 @@ final-b)  # one GPU: fast paths against eager in fp32, batch 64, attention kerne
   step latency_b64 150 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
   step profile 80 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
   ;;
+pdl-a)  # one GPU (third session): kernels, batch-1 latency with and without PDL-chained kernels, eager
+  step kernels 200 python -m pytest tests/test_kernels.py -q -m gpu
+  step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step latency_tp1_nopdl 120 env PTP_DISABLE_PDL=1 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1 --input-len 128 --output-len 256 --label no-pdl --json "$OUT/latency.jsonl"
+  step latency_tp1_eager 90 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 64 --torch-compile off --disable-cuda-graph --label eager --json "$OUT/latency.jsonl"
+  ;;
+pdl-b)  # one GPU (third session): fast paths against eager in fp32, the step's kernels, projections alone
+  step check_tp1 240 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
+  step profile 100 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
+  step gemm 100 python bench/gemm.py --rows 1 --json "$OUT/gemm.jsonl"
+  step gemm_nopdl 80 env PTP_DISABLE_PDL=1 python bench/gemm.py --rows 1 --json "$OUT/gemm_nopdl.jsonl"
+  ;;
+tune-a)  # one GPU (third session): kernels, each projection's tiles timed in place, batch-1 latency
+  step kernels 200 python -m pytest tests/test_kernels.py -q -m gpu
+  step gemm 150 python bench/gemm.py --rows 1 --json "$OUT/gemm.jsonl"
+  step latency_tp1 200 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  ;;
+tune-b)  # one GPU (third session): fast paths against eager in fp32 (every variant, flex included), the step's kernels
+  step check_tp1 420 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
+  step profile 100 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
+  ;;
 pair-check)  # two GPUs: every fast path at tp=2 against eager tp=1, fp32 (each variant starts two ranks)
   step check_tp2 560 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"
   ;;

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ptp.kernels import pdl_for
+
 
 @triton.jit
 def _decode_partial(
@@ -24,8 +26,11 @@ def _decode_partial(
     scale, splits,
     s_qb, s_qh, s_nb, s_nh, s_kb, s_ks, s_kh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh, s_cs,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TOKENS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr,
+    TOKENS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # everything read here may come from the kernel before (kernels/__init__.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -95,7 +100,10 @@ def _decode_partial(
 
 @triton.jit
 def _decode_merge(O, M, L, OUT, splits, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_outh,
-                  SPLITS_PAD: tl.constexpr, D: tl.constexpr):
+                  SPLITS_PAD: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
@@ -133,6 +141,7 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
     l = torch.empty_like(m)
     out = torch.empty(batch, heads, dim, dtype=q.dtype, device=q.device)
     rope = cos_sin is not None
+    use_pdl = pdl_for(q)
     _decode_partial[(batch, kv_heads, splits)](
         q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, part, m, l, cos_sin if rope else q,
         scale, splits,
@@ -140,10 +149,11 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
         cos_sin.stride(0) if rope else 0,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_SIZE=block_size,
-        TOKENS=tokens_per_step, IEEE=q.dtype == torch.float32, ROPE=rope,
+        TOKENS=tokens_per_step, IEEE=q.dtype == torch.float32, ROPE=rope, USE_PDL=use_pdl, launch_pdl=use_pdl,
     )
     _decode_merge[(batch, heads)](
         part, m, l, out, splits, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
         out.stride(0), out.stride(1), SPLITS_PAD=triton.next_power_of_2(splits), D=dim,
+        USE_PDL=use_pdl, launch_pdl=use_pdl,
     )
     return out

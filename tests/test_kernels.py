@@ -203,29 +203,126 @@ def test_skinny_gemm_on_gpu(rows):
             assert err < tol, (rows, n, k, dtype, err)
 
 
+NORM_CASES = [  # rows, dim, residual, dtype
+    (1, 100, True, torch.float32), (2, 256, False, torch.float32), (1, 4096, True, torch.float32),
+    (1, 100, True, torch.bfloat16), (3, 128, False, torch.bfloat16),
+]
+
+
+def norm_case(rows, dim, residual, dtype, device="cpu", seed=0):
+    """Max relative error of ptp's RMSNorm kernel (with the residual add) against the model's RMSNorm."""
+    from ptp.kernels.rms_norm import add_rms_norm
+    from ptp.models.llama import RMSNorm
+
+    g = torch.Generator().manual_seed(seed)
+    x, r = (torch.randn(rows, dim, generator=g).to(dtype) for _ in range(2))
+    norm = RMSNorm(dim, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(dim, generator=g).to(dtype)
+    with torch.no_grad():
+        want = _reference_norm(norm, x, r if residual else None)
+    got, new_r = add_rms_norm(x.to(device), r.to(device) if residual else None, norm.weight.to(device), 1e-5)
+    assert got.dtype == dtype and (new_r is None) == (not residual)
+    errors = [((got.cpu().float() - want[0].float()).abs().max() / want[0].float().abs().max()).item()]
+    if residual:
+        errors.append((new_r.cpu().float() - want[1].float()).abs().max().item() / want[1].float().abs().max().item())
+    return max(errors)
+
+
+def _reference_norm(norm, x, residual):
+    """The model's RMSNorm arithmetic, in torch on CPU (not through ptp's kernel)."""
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    out = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
+    return out, x
+
+
+def test_rms_norm_kernel_matches_model_in_interpreter():
+    # bf16 within one rounding step: the interpreter truncates float32 -> bfloat16 (the GPU rounds to
+    # nearest, and its test below asks for equality)
+    check_cases("norm_case", "NORM_CASES", 0.02)
+    in_interpreter("from test_kernels import norm_case\n"
+                   "import torch\n"
+                   "err = norm_case(1, 256, True, torch.float32)\n"
+                   "assert err < 1e-6, err\n")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rms_norm_kernel_on_gpu():
+    for case in NORM_CASES + [(1, 4096, True, torch.bfloat16), (1, 8192, False, torch.bfloat16)]:
+        err = norm_case(*case, device="cuda")
+        assert err < (1e-6 if case[3] == torch.float32 else 0.005), (case, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pdl_chain_in_a_cuda_graph_on_gpu():
+    """A batch-1 layer's worth of PDL-launched kernels (norm -> projection -> norm -> gated
+    projection, each reading the one before), 20 times over in one CUDA graph: the same values
+    as the same kernels launched one by one without capture."""
+    from ptp.kernels.rms_norm import add_rms_norm
+    from ptp.kernels.skinny_gemm import skinny_linear
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    d, inter = 4096, 14336
+    w_up = torch.randn(2 * inter, d, device="cuda", generator=g, dtype=torch.bfloat16) / d ** 0.5
+    w_down = torch.randn(d, inter, device="cuda", generator=g, dtype=torch.bfloat16) / inter ** 0.5
+    w_o = torch.randn(d, d, device="cuda", generator=g, dtype=torch.bfloat16) / d ** 0.5
+    nw = torch.rand(d, device="cuda", generator=g, dtype=torch.bfloat16) + 0.5
+    x0 = torch.randn(1, d, device="cuda", generator=g, dtype=torch.bfloat16)
+
+    def chain(x):
+        h, res = add_rms_norm(x, torch.zeros_like(x), nw, 1e-5)
+        for _ in range(20):
+            h = skinny_linear(h, w_o)
+            h, res = add_rms_norm(h, res, nw, 1e-5)
+            h = skinny_linear(skinny_linear(h, w_up), w_down, gated=True)
+            h, res = add_rms_norm(h, res, nw, 1e-5)
+        return h
+
+    want = chain(x0.clone())
+    torch.cuda.synchronize()
+    static_x = x0.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(static_x)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
+
+
 SKINNY_MODEL = """
 import tempfile
 from pathlib import Path
 import torch, ptp
 import ptp.kernels.skinny_gemm as sg
 from helpers import hf_greedy, hf_model, make_checkpoint, ptp_logits, rel_err, tokenizer
-calls = []
-kernel = sg.skinny_linear
+import ptp.kernels.rms_norm as rn
+calls, norms = [], []
+kernel, norm_kernel = sg.skinny_linear, rn.add_rms_norm
 sg.skinny_linear = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+rn.add_rms_norm = lambda *a, **k: norms.append(1) or norm_kernel(*a, **k)
 folder = make_checkpoint(Path(tempfile.mkdtemp()), "qwen2")   # qkv bias: the bias path too
 prompt = tokenizer().encode("Paris is the capital of")
 ref_tokens, ref_logits = hf_greedy(hf_model(folder), prompt, 8)
 llm = ptp.LLM(str(folder), dtype="float32", device="cpu", torch_compile="on", cuda_graph_max_bs=4)
 err = max(rel_err(g, r) for g, r in zip(ptp_logits(llm, prompt, ref_tokens), ref_logits))
 out = llm.generate([prompt], ptp.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].token_ids
-print(len(calls), err, out == ref_tokens)
-assert calls and err <= 1e-4 and out == ref_tokens, (len(calls), err, out, ref_tokens)
+print(len(calls), len(norms), err, out == ref_tokens)
+assert calls and norms and err <= 1e-4 and out == ref_tokens, (len(calls), err, out, ref_tokens)
 """
 
 
 def test_model_through_skinny_gemm_in_interpreter():
-    """Batch-1 decode steps, compiled, with every projection through the skinny kernel's custom op:
-    logits and greedy tokens still equal transformers'."""
+    """Batch-1 decode steps, compiled, with every projection through the skinny kernel's custom op
+    and every norm through ptp's norm kernel: logits and greedy tokens still equal transformers'."""
     in_interpreter(SKINNY_MODEL)
 
 
@@ -234,8 +331,9 @@ def test_skinny_choices_round_trip_through_the_machine_cache(tmp_path, monkeypat
     import ptp.parallel.comm as comm
 
     monkeypatch.setattr(comm, "machine_cache_file", lambda kind: tmp_path / f"{kind}.json")
-    monkeypatch.setattr(ops, "_CHOICE", {"(1, 4096)x(4096, 4096) bfloat16": {"skinny": True, "skinny_us": 7.6,
-                                                                                "torch_us": 9.5}})
+    monkeypatch.setattr(ops, "_CHOICE", {"(1, 4096)x(4096, 4096) bfloat16 pdl": {
+        "config": [8, 512, 4, 1], "skinny_us": 7.6, "skinny_tile": [8, 512, 4, 1], "torch_us": 9.5,
+        "tiles": {"8x512x4x1": 7.6}}})
     ops._save_choices()
     assert ops._load_choices() == ops._CHOICE
     (tmp_path / "skinny-gemm.json").write_text("{not json")

@@ -15,7 +15,7 @@ import torch
 
 from ptp.args import EngineArgs
 from ptp.config import ModelConfig
-from ptp.errors import ConfigError, RankFailedError
+from ptp.errors import ConfigError
 from ptp.hub import ModelFiles, resolve
 from ptp.kv_cache import BlockAllocator
 from ptp.outputs import CompletionOutput, RequestOutput, SeqUpdate

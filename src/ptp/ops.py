@@ -2,6 +2,7 @@
 traces them as opaque calls and CUDA graphs capture them."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -9,6 +10,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ptp.kernels import pdl_for
 
 # Set PTP_DISABLE_SKINNY_GEMM=1 to send every projection to cuBLAS (for A/B measurements).
 SKINNY = os.environ.get("PTP_DISABLE_SKINNY_GEMM", "0") != "1"
@@ -24,13 +27,15 @@ _CHOICE: dict[str, dict] = {}  # shape key -> {"skinny": faster?, "skinny_us", "
 @torch.library.custom_op("ptp::skinny_linear", mutates_args=())
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
     """x @ weight.T + bias for a few rows (gated: silu(gate) * up of x = [gate | up] first): ptp's
-    skinny kernel (kernels/skinny_gemm.py) or torch (cuBLAS), whichever measured faster for this shape
-    on this GPU (on its first call, before any capture)."""
+    skinny kernel (kernels/skinny_gemm.py) with the tile that measured fastest for this shape on this
+    GPU, or torch (cuBLAS) where that was faster still (measured on the first call, before any capture)."""
     from ptp.kernels.skinny_gemm import skinny_linear as kernel
 
-    if _prefer_skinny(x, weight, bias, gated):
-        return kernel(x, weight, bias, gated=gated)
-    return _torch_linear(x, weight, bias, gated)
+    config = _skinny_config(x, weight, bias, gated)
+    if config is None:
+        return _torch_linear(x, weight, bias, gated)
+    bn, bk, warps, stages = config
+    return kernel(x, weight, bias, bn, bk, gated=gated, num_warps=warps, num_stages=stages)
 
 
 @skinny_linear.register_fake
@@ -45,31 +50,69 @@ def _torch_linear(x, weight, bias, gated: bool):
     return F.linear(x, weight, bias)
 
 
-def _prefer_skinny(x, weight, bias, gated: bool) -> bool:
-    """Whether the skinny kernel is faster than torch's path for this shape: measured once per GPU
-    model and torch version, then kept in the machine cache (warm starts skip it, and every run of
-    a machine makes the same choice)."""
+def _skinny_config(x, weight, bias, gated: bool) -> tuple | None:
+    """The skinny kernel's tile for this shape, or None where torch's path is faster: measured once
+    per GPU model and torch version, then kept in the machine cache (warm starts skip it, and every
+    run of a machine makes the same choice)."""
     if not x.is_cuda:
-        return True  # the Triton interpreter (tests): always the kernel
+        return (None, None, 4, 1)  # the Triton interpreter (tests): the kernel, its small default tile
     key = (f"{tuple(x.shape)}x{tuple(weight.shape)} {str(x.dtype).removeprefix('torch.')}"
-           f"{' bias' if bias is not None else ''}{' gated' if gated else ''}")
+           f"{' bias' if bias is not None else ''}{' gated' if gated else ''}{' pdl' if pdl_for(x) else ''}")
     if not _CHOICE:
         _CHOICE.update(_load_choices())
     entry = _CHOICE.get(key)
-    if entry is not None:
-        return entry["skinny"]
-    if torch.cuda.is_current_stream_capturing():
-        return False  # cannot measure inside a capture; warm-up runs come first, so this is rare
+    if entry is None or "config" not in entry:
+        if torch.cuda.is_current_stream_capturing():
+            return None  # cannot measure inside a capture; warm-up runs come first, so this is rare
+        entry = _CHOICE[key] = tune_skinny(x, weight, bias, gated)
+        log.debug("%s: %s", key, entry)
+        _save_choices()
+    return tuple(entry["config"]) if entry["config"] else None
+
+
+def tune_skinny(x, weight, bias, gated: bool) -> dict:
+    """Time every tile of the skinny kernel and torch's path for this shape as a decode step runs
+    them: in a CUDA graph, each call reading another copy of the weights (more copies than fit in
+    L2). Returns {"config": the fastest tile or None for torch, "skinny_us", "torch_us", "tiles"}."""
+    from ptp.kernels.skinny_gemm import configs_for
     from ptp.kernels.skinny_gemm import skinny_linear as kernel
+
+    copies = copies_beyond_l2(weight)
+    tiles = {}
+    for bn, bk, warps, stages in configs_for(triton_rows(x.shape[0])):
+        def run(w, bn=bn, bk=bk, warps=warps, stages=stages):
+            return kernel(x, w, bias, bn, bk, gated=gated, num_warps=warps, num_stages=stages)
+        try:
+            run(weight)  # compiles it, outside the graph
+            tiles[(bn, bk, warps, stages)] = time_rotating(run, copies)
+        except Exception as e:  # noqa: BLE001  a tile this GPU cannot run (shared memory) is skipped
+            log.debug("skinny tile %s failed: %s", (bn, bk, warps, stages), e)
+    torch_us = time_rotating(lambda w: _torch_linear(x, w, bias, gated), copies)
+    del copies
+    best = min(tiles, key=tiles.get) if tiles else None
+    skinny_us = tiles[best] if best else float("inf")
+    return {"config": list(best) if best and skinny_us < torch_us else None, "skinny_us": round(skinny_us, 2),
+            "skinny_tile": list(best) if best else None, "torch_us": round(torch_us, 2),
+            "tiles": {"x".join(map(str, t)): round(us, 2) for t, us in tiles.items()}}
+
+
+def triton_rows(m: int) -> int:
+    return 1 << (m - 1).bit_length()
+
+
+def copies_beyond_l2(weight: torch.Tensor) -> list[torch.Tensor]:
+    """weight and enough clones of it that reading them in turn exceeds the L2 cache three times."""
+    l2 = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 50 << 20)
+    nbytes = weight.numel() * weight.element_size()
+    return [weight] + [weight.clone() for _ in range(max(1, min(8, -(-3 * l2 // nbytes))) - 1)]
+
+
+def time_rotating(fn, weights: list[torch.Tensor], calls: int = 24) -> float:
+    """Mean microseconds of fn(w) in a CUDA graph, w taken from `weights` in turn."""
     from ptp.parallel.comm import time_in_graph
 
-    # the first call of the kernel (outside the graph) autotunes it
-    skinny = time_in_graph(lambda: kernel(x, weight, bias, gated=gated), 10)
-    cublas = time_in_graph(lambda: _torch_linear(x, weight, bias, gated), 10)
-    _CHOICE[key] = {"skinny": skinny < cublas, "skinny_us": round(skinny, 2), "torch_us": round(cublas, 2)}
-    log.debug("%s: skinny kernel %.1f us, torch %.1f us", key, skinny, cublas)
-    _save_choices()
-    return skinny < cublas
+    turn = itertools.count()
+    return time_in_graph(lambda: fn(weights[next(turn) % len(weights)]), calls)
 
 
 def _load_choices() -> dict:
@@ -118,6 +161,39 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if _skinny_ok(x, weight):
         return skinny_linear(x, weight, bias, gated=True)
     return _torch_linear(x, weight, bias, gated=True)
+
+
+@torch.library.custom_op("ptp::add_rms_norm", mutates_args=())
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) * weight, x + residual) in one Triton kernel (kernels/rms_norm.py)."""
+    from ptp.kernels.rms_norm import add_rms_norm as kernel
+
+    return kernel(x, residual, weight, eps)
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), torch.empty_like(x)
+
+
+@torch.library.custom_op("ptp::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(x) * weight in one Triton kernel (kernels/rms_norm.py)."""
+    from ptp.kernels.rms_norm import add_rms_norm as kernel
+
+    return kernel(x, None, weight, eps)[0]
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+def norm_kernel_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether an RMSNorm goes to ptp's kernel: where the projections after it take the skinny path
+    and kernels are chained by programmatic dependent launch (the Triton interpreter: tests).
+    Elsewhere inductor's fused kernel is as good."""
+    return _skinny_ok(x, weight) and (INTERPRET or pdl_for(x))
 
 
 class Linear(nn.Linear):

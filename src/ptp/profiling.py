@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import re
 
-KINDS = [("matmul", r"gemv|gemm|nvjet|cutlass|sm90_|sm80_|_skinny_mm|splitK|ampere"), ("attention", r"_decode_"),
+KINDS = [("matmul", r"gemv|gemm|nvjet|cutlass|sm90_|sm80_|_skinny_mm|splitK|ampere"), ("attention", r"_decode_"), ("norm", r"_add_rms_norm"),
          ("all-reduce", r"nccl|all_reduce|allreduce|one_shot|two_shot"), ("compiled (inductor)", r"^triton_"),
          ("other", r".")]
 
