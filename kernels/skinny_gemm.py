@@ -52,9 +52,21 @@ def _x_tile(x_ptrs, k0, K, kk, EVEN_K: tl.constexpr, GATED: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(W, n, s_wn, k0, K, N, LINES: tl.constexpr):
+    """Ask L2 for LINES 128-byte lines of each of this program's weight rows from column k0 on, one
+    prefetch instruction per line (no registers held: the data is read again later, from L2). Rows
+    and columns past the end prefetch the matrix's first line instead (a prefetch cannot be masked)."""
+    cols = k0 + tl.arange(0, LINES) * (128 // W.dtype.element_ty.primitive_bitwidth * 8)
+    ok = (n < N)[:, None] & (cols < K)[None, :]
+    at = tl.where(ok, n[:, None].to(tl.int64) * s_wn + cols[None, :], 0)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [(W + at).to(tl.int64, bitcast=True)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _skinny_mm(X, W, B, Y, N, K, s_xm, s_wn, s_ym,
                ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
-               USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
@@ -65,6 +77,8 @@ def _skinny_mm(X, W, B, Y, N, K, s_xm, s_wn, s_ym,
     # The first weight tile depends on no earlier kernel: with PDL it is in flight while the
     # kernel before this one finishes (kernels/__init__.py).
     w = _w_tile(w_ptrs, 0, K, kk, n_ok, EVEN_K)
+    if PREFETCH_K > 0:  # and the next PREFETCH_K columns into L2: DRAM stays busy across the kernel boundary
+        _prefetch_l2(W, n, s_wn, BLOCK_K, K, N, PREFETCH_K * W.dtype.element_ty.primitive_bitwidth // 1024)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -94,13 +108,14 @@ def configs_for(rows: int) -> list[tuple[int, int, int, int]]:
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   block_n: int | None = None, block_k: int | None = None, gated: bool = False,
-                  num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
+                  num_warps: int = 4, num_stages: int = 1, prefetch_k: int = 0) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) @ weight[N, K].T (+ bias) -> [M, N] in x's dtype.
 
     gated: x is [M, 2K], gate and up side by side, and the product is silu(gate) * up @ weight.T
     (SwiGLU's down projection, without a launch for the activation).
     The tile is block_n x block_k with num_warps and num_stages (ops.py picks it per shape by timing
-    CONFIGS); without one, DEFAULT (under the interpreter, a small one).
+    CONFIGS); without one, DEFAULT (under the interpreter, a small one). With PDL (Hopper), prefetch_k
+    columns after the first tile are requested into L2 before the kernel waits for its input.
     """
     m = x.shape[0]
     n, k = weight.shape
@@ -117,5 +132,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         block_n, block_k = (4, 64) if os.environ.get("TRITON_INTERPRET") == "1" else DEFAULT[:2]
     _skinny_mm[(triton.cdiv(n, block_n),)](x, weight, b, y, n, k, x.stride(0), weight.stride(0), y.stride(0),
                                            EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+                                           PREFETCH_K=prefetch_k if use_pdl else 0,
                                            num_warps=num_warps, num_stages=num_stages, **common)
     return y[:m]

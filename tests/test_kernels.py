@@ -332,8 +332,8 @@ def test_skinny_choices_round_trip_through_the_machine_cache(tmp_path, monkeypat
 
     monkeypatch.setattr(comm, "machine_cache_file", lambda kind: tmp_path / f"{kind}.json")
     monkeypatch.setattr(ops, "_CHOICE", {"(1, 4096)x(4096, 4096) bfloat16 pdl": {
-        "config": [8, 512, 4, 1], "skinny_us": 7.6, "skinny_tile": [8, 512, 4, 1], "torch_us": 9.5,
-        "tiles": {"8x512x4x1": 7.6}}})
+        "config": [8, 512, 4, 1, 2048], "skinny_us": 7.6, "skinny_tile": [8, 512, 4, 1, 2048], "torch_us": 9.5,
+        "tiles": {"8x512x4x1x2048": 7.6}}})
     ops._save_choices()
     assert ops._load_choices() == ops._CHOICE
     (tmp_path / "skinny-gemm.json").write_text("{not json")
