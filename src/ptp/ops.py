@@ -34,8 +34,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     config = _skinny_config(x, weight, bias, gated)
     if config is None:
         return _torch_linear(x, weight, bias, gated)
-    bn, bk, warps, stages, prefetch = config
-    return kernel(x, weight, bias, bn, bk, gated=gated, num_warps=warps, num_stages=stages, prefetch_k=prefetch)
+    bn, bk, warps, stages, waves = config
+    return kernel(x, weight, bias, bn, bk, gated=gated, num_warps=warps, num_stages=stages, waves=waves)
 
 
 @skinny_linear.register_fake
@@ -73,8 +73,8 @@ def _skinny_config(x, weight, bias, gated: bool) -> tuple | None:
 def tune_skinny(x, weight, bias, gated: bool) -> dict:
     """Time every tile of the skinny kernel and torch's path for this shape as a decode step runs
     them: in a CUDA graph, each call reading another copy of the weights (more copies than fit in
-    L2). Tiles first; then the three fastest again, each with two depths of L2 prefetch (PDL only).
-    Returns {"config": the fastest (BLOCK_N, BLOCK_K, warps, stages, prefetch) or None for torch,
+    L2). Tiles first; then the three fastest again as a fixed grid of 4 or 8 programs per SM.
+    Returns {"config": the fastest (BLOCK_N, BLOCK_K, warps, stages, waves) or None for torch,
     "skinny_us", "skinny_tile", "torch_us", "tiles": {tile: us}}."""
     from ptp.kernels.skinny_gemm import configs_for
     from ptp.kernels.skinny_gemm import skinny_linear as kernel
@@ -83,10 +83,10 @@ def tune_skinny(x, weight, bias, gated: bool) -> dict:
     tiles = {}
 
     def measure(tile):
-        bn, bk, warps, stages, prefetch = tile
+        bn, bk, warps, stages, waves = tile
 
         def run(w):
-            return kernel(x, w, bias, bn, bk, gated=gated, num_warps=warps, num_stages=stages, prefetch_k=prefetch)
+            return kernel(x, w, bias, bn, bk, gated=gated, num_warps=warps, num_stages=stages, waves=waves)
         try:
             run(weight)  # compiles it, outside the graph
             tiles[tile] = time_rotating(run, copies)
@@ -95,10 +95,9 @@ def tune_skinny(x, weight, bias, gated: bool) -> dict:
 
     for tile in configs_for(triton_rows(x.shape[0])):
         measure(tile + (0,))
-    if pdl_for(x):
-        for tile in sorted(tiles, key=tiles.get)[:3]:
-            for prefetch in (2048, 8192):
-                measure(tile[:4] + (prefetch,))
+    for tile in sorted(tiles, key=tiles.get)[:3]:
+        for waves in (4, 8):
+            measure(tile[:4] + (waves,))
     torch_us = time_rotating(lambda w: _torch_linear(x, w, bias, gated), copies)
     best = min(tiles, key=tiles.get) if tiles else None
     skinny_us = tiles[best] if best else float("inf")
