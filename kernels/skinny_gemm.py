@@ -52,18 +52,22 @@ def _x_tile(x_ptrs, k0, K, kk, EVEN_K: tl.constexpr, GATED: tl.constexpr):
 
 
 @triton.jit
-def _row_block(X, W, B, Y, N, K, s_xm, s_wn, s_ym, blk, w_first,
+def _skinny_mm(X, W, B, Y, N, K, s_xm, s_wn, s_ym,
                ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAVE_FIRST: tl.constexpr):
-    """Output columns blk * BLOCK_N ... of all ROWS rows (w_first: the block's first weight tile, if
-    already loaded)."""
-    n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+               USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     kk = tl.arange(0, BLOCK_K)
     r = tl.arange(0, ROWS)
     w_ptrs = W + n[:, None].to(tl.int64) * s_wn + kk[None, :]
     x_ptrs = X + r[:, None] * s_xm + kk[None, :]
-    w = w_first if HAVE_FIRST else _w_tile(w_ptrs, 0, K, kk, n_ok, EVEN_K)
+    # The first weight tile depends on no earlier kernel: with PDL it is in flight while the
+    # kernel before this one finishes (kernels/__init__.py).
+    w = _w_tile(w_ptrs, 0, K, kk, n_ok, EVEN_K)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     acc = w.to(tl.float32)[None, :, :] * _x_tile(x_ptrs, 0, K, kk, EVEN_K, GATED)[:, None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = _w_tile(w_ptrs, k0, K, kk, n_ok, EVEN_K)
@@ -74,38 +78,12 @@ def _row_block(X, W, B, Y, N, K, s_xm, s_wn, s_ym, blk, w_first,
     tl.store(Y + r[:, None] * s_ym + n[None, :], y.to(Y.dtype.element_ty), mask=n_ok[None, :])
 
 
-@triton.jit
-def _skinny_mm(X, W, B, Y, N, K, s_xm, s_wn, s_ym,
-               ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
-               USE_PDL: tl.constexpr, PERSISTENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    kk = tl.arange(0, BLOCK_K)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    # The first weight tile depends on no earlier kernel: with PDL it is in flight while the
-    # kernel before this one finishes (kernels/__init__.py).
-    w = _w_tile(W + n[:, None].to(tl.int64) * s_wn + kk[None, :], 0, K, kk, n < N, EVEN_K)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    _row_block(X, W, B, Y, N, K, s_xm, s_wn, s_ym, pid, w, ROWS, HAS_BIAS, EVEN_K, GATED, BLOCK_N, BLOCK_K, True)
-    if PERSISTENT:  # a fixed grid: each program goes on to further row blocks
-        for blk in range(pid + tl.num_programs(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
-            _row_block(X, W, B, Y, N, K, s_xm, s_wn, s_ym, blk, w, ROWS, HAS_BIAS, EVEN_K, GATED, BLOCK_N,
-                       BLOCK_K, False)
-
-
 # Tiles (BLOCK_N, BLOCK_K, warps, stages) that ops.py times for each projection shape, in a CUDA
 # graph over weights that are not in L2 (as in a decode step), against cuBLAS; the fastest is kept.
 CONFIGS = [(2, 1024, 4, 1), (4, 512, 4, 1), (4, 1024, 4, 1), (8, 256, 4, 1), (8, 512, 4, 1), (8, 512, 8, 1),
            (16, 256, 4, 1), (16, 512, 8, 1), (32, 256, 8, 1),
            (4, 512, 4, 2), (8, 256, 4, 2), (8, 512, 8, 2), (16, 256, 8, 2), (8, 128, 4, 3), (16, 128, 4, 3)]
 DEFAULT = (8, 512, 4, 1)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def configs_for(rows: int) -> list[tuple[int, int, int, int]]:
@@ -116,14 +94,13 @@ def configs_for(rows: int) -> list[tuple[int, int, int, int]]:
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   block_n: int | None = None, block_k: int | None = None, gated: bool = False,
-                  num_warps: int = 4, num_stages: int = 1, waves: int = 0) -> torch.Tensor:
+                  num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) @ weight[N, K].T (+ bias) -> [M, N] in x's dtype.
 
     gated: x is [M, 2K], gate and up side by side, and the product is silu(gate) * up @ weight.T
     (SwiGLU's down projection, without a launch for the activation).
     The tile is block_n x block_k with num_warps and num_stages (ops.py picks it per shape by timing
-    CONFIGS); without one, DEFAULT (under the interpreter, a small one). waves > 0: a grid of
-    waves programs per SM, each looping over row blocks, instead of one program per block.
+    CONFIGS); without one, DEFAULT (under the interpreter, a small one).
     """
     m = x.shape[0]
     n, k = weight.shape
@@ -138,9 +115,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     common = dict(ROWS=rows, HAS_BIAS=bias is not None, GATED=gated, USE_PDL=use_pdl, launch_pdl=use_pdl)
     if block_n is None:
         block_n, block_k = (4, 64) if os.environ.get("TRITON_INTERPRET") == "1" else DEFAULT[:2]
-    blocks = triton.cdiv(n, block_n)
-    grid = min(blocks, waves * _sm_count(x.device)) if waves else blocks
-    _skinny_mm[(grid,)](x, weight, b, y, n, k, x.stride(0), weight.stride(0), y.stride(0),
-                        EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=grid < blocks,
-                        num_warps=num_warps, num_stages=num_stages, **common)
+    _skinny_mm[(triton.cdiv(n, block_n),)](x, weight, b, y, n, k, x.stride(0), weight.stride(0), y.stride(0),
+                                           EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+                                           num_warps=num_warps, num_stages=num_stages, **common)
     return y[:m]

@@ -34,8 +34,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     config = _skinny_config(x, weight, bias, gated)
     if config is None:
         return _torch_linear(x, weight, bias, gated)
-    bn, bk, warps, stages, waves = config
-    return kernel(x, weight, bias, bn, bk, gated=gated, num_warps=warps, num_stages=stages, waves=waves)
+    bn, bk, warps, stages = config
+    return kernel(x, weight, bias, bn, bk, gated=gated, num_warps=warps, num_stages=stages)
 
 
 @skinny_linear.register_fake
@@ -55,13 +55,13 @@ def _skinny_config(x, weight, bias, gated: bool) -> tuple | None:
     per GPU model and torch version, then kept in the machine cache (warm starts skip it, and every
     run of a machine makes the same choice)."""
     if not x.is_cuda:
-        return (None, None, 4, 1, 0)  # the Triton interpreter (tests): the kernel, its small default tile
+        return (None, None, 4, 1)  # the Triton interpreter (tests): the kernel, its small default tile
     key = (f"{tuple(x.shape)}x{tuple(weight.shape)} {str(x.dtype).removeprefix('torch.')}"
            f"{' bias' if bias is not None else ''}{' gated' if gated else ''}{' pdl' if pdl_for(x) else ''}")
     if not _CHOICE:
         _CHOICE.update(_load_choices())
     entry = _CHOICE.get(key)
-    if entry is None or len(entry.get("config") or [0] * 5) != 5:  # absent, or from an older ptp
+    if entry is None or "config" not in entry:
         if torch.cuda.is_current_stream_capturing():
             return None  # cannot measure inside a capture; warm-up runs come first, so this is rare
         entry = _CHOICE[key] = tune_skinny(x, weight, bias, gated)
@@ -73,32 +73,22 @@ def _skinny_config(x, weight, bias, gated: bool) -> tuple | None:
 def tune_skinny(x, weight, bias, gated: bool) -> dict:
     """Time every tile of the skinny kernel and torch's path for this shape as a decode step runs
     them: in a CUDA graph, each call reading another copy of the weights (more copies than fit in
-    L2). Tiles first; then the three fastest again as a fixed grid of 4 or 8 programs per SM.
-    Returns {"config": the fastest (BLOCK_N, BLOCK_K, warps, stages, waves) or None for torch,
-    "skinny_us", "skinny_tile", "torch_us", "tiles": {tile: us}}."""
+    L2). Returns {"config": the fastest tile or None for torch, "skinny_us", "torch_us", "tiles"}."""
     from ptp.kernels.skinny_gemm import configs_for
     from ptp.kernels.skinny_gemm import skinny_linear as kernel
 
     copies = copies_beyond_l2(weight)
     tiles = {}
-
-    def measure(tile):
-        bn, bk, warps, stages, waves = tile
-
-        def run(w):
-            return kernel(x, w, bias, bn, bk, gated=gated, num_warps=warps, num_stages=stages, waves=waves)
+    for bn, bk, warps, stages in configs_for(triton_rows(x.shape[0])):
+        def run(w, bn=bn, bk=bk, warps=warps, stages=stages):
+            return kernel(x, w, bias, bn, bk, gated=gated, num_warps=warps, num_stages=stages)
         try:
             run(weight)  # compiles it, outside the graph
-            tiles[tile] = time_rotating(run, copies)
+            tiles[(bn, bk, warps, stages)] = time_rotating(run, copies)
         except Exception as e:  # noqa: BLE001  a tile this GPU cannot run (shared memory) is skipped
-            log.debug("skinny tile %s failed: %s", tile, e)
-
-    for tile in configs_for(triton_rows(x.shape[0])):
-        measure(tile + (0,))
-    for tile in sorted(tiles, key=tiles.get)[:3]:
-        for waves in (4, 8):
-            measure(tile[:4] + (waves,))
+            log.debug("skinny tile %s failed: %s", (bn, bk, warps, stages), e)
     torch_us = time_rotating(lambda w: _torch_linear(x, w, bias, gated), copies)
+    del copies
     best = min(tiles, key=tiles.get) if tiles else None
     skinny_us = tiles[best] if best else float("inf")
     return {"config": list(best) if best and skinny_us < torch_us else None, "skinny_us": round(skinny_us, 2),
