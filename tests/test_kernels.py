@@ -336,5 +336,10 @@ def test_skinny_choices_round_trip_through_the_machine_cache(tmp_path, monkeypat
         "tiles": {"8x512x4x1": 7.6}}})
     ops._save_choices()
     assert ops._load_choices() == ops._CHOICE
+    # entries another version of ptp wrote (other fields, a tile of another length) are measured again
+    assert ops._valid_choice(ops._CHOICE["(1, 4096)x(4096, 4096) bfloat16 pdl"])
+    assert ops._valid_choice({"config": None, "torch_us": 9.5})
+    for stale in [{"skinny": True}, {"config": [4, 1024, 4, 1, 0]}, {"config": "4x1024"}, None]:
+        assert not ops._valid_choice(stale)
     (tmp_path / "skinny-gemm.json").write_text("{not json")
     assert ops._load_choices() == {}  # a damaged cache is measured again, not an error

@@ -61,13 +61,22 @@ def _skinny_config(x, weight, bias, gated: bool) -> tuple | None:
     if not _CHOICE:
         _CHOICE.update(_load_choices())
     entry = _CHOICE.get(key)
-    if entry is None or "config" not in entry:
+    if not _valid_choice(entry):  # not measured yet, or written by another version of ptp
         if torch.cuda.is_current_stream_capturing():
             return None  # cannot measure inside a capture; warm-up runs come first, so this is rare
         entry = _CHOICE[key] = tune_skinny(x, weight, bias, gated)
         log.debug("%s: %s", key, entry)
         _save_choices()
     return tuple(entry["config"]) if entry["config"] else None
+
+
+def _valid_choice(entry) -> bool:
+    """A cached choice this version can use: {"config": None or [BLOCK_N, BLOCK_K, warps, stages], ...}."""
+    if not isinstance(entry, dict) or "config" not in entry:
+        return False
+    config = entry["config"]
+    return config is None or (isinstance(config, list) and len(config) == 4
+                              and all(isinstance(v, int) and v > 0 for v in config))
 
 
 def tune_skinny(x, weight, bias, gated: bool) -> dict:
