@@ -75,6 +75,12 @@ tune-b)  # one GPU (third session): fast paths against eager in fp32 (every vari
   step check_tp1 420 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
   step profile 100 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
   ;;
+final-c)  # one GPU (third session): batch-1 latency with and without PDL and the eager baseline in one call, the step's kernels
+  step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step latency_tp1_nopdl 120 env PTP_DISABLE_PDL=1 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1 --input-len 128 --output-len 256 --label no-pdl --json "$OUT/latency.jsonl"
+  step latency_tp1_eager 90 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 64 --torch-compile off --disable-cuda-graph --label eager --json "$OUT/latency.jsonl"
+  step profile 100 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
+  ;;
 pair-check)  # two GPUs: every fast path at tp=2 against eager tp=1, fp32 (each variant starts two ranks)
   step check_tp2 560 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"
   ;;
