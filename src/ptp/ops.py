@@ -21,7 +21,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 log = logging.getLogger("ptp")
-_CHOICE: dict[str, dict] = {}  # shape key -> {"skinny": faster?, "skinny_us", "torch_us"}
+_CHOICE: dict[str, dict] = {}  # shape key -> {"config": tile or None (torch), "skinny_us", "torch_us", ...}
 
 
 @torch.library.custom_op("ptp::skinny_linear", mutates_args=())
