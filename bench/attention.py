@@ -1,6 +1,9 @@
 """Paged decode attention alone: microseconds and % of memory bandwidth on the KV bytes read, per backend.
 
-    python bench/attention.py
+    python bench/attention.py [--backends triton,torch,flex]
+
+triton and torch are timed as a decode step runs them, replayed in a CUDA graph; flex as ptp runs
+it, eagerly (its BlockMask built once per step, outside the timing), each call's launch included.
 """
 from __future__ import annotations
 
@@ -18,10 +21,13 @@ def main() -> None:
     parser.add_argument("--groups", default="1,4,8", help="query heads per KV head")
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--backends", default="triton,torch,flex")
     parser.add_argument("--json", default=None)
     ns = parser.parse_args()
+    backends = ns.backends.split(",")
     from ptp.attention.triton_backend import paged_decode
     from ptp.attention.torch_sdpa import TorchAttention
+    from ptp.attention.flex_backend import FlexAttention
     from ptp.attention.meta import DecodeMeta
     from ptp.parallel.comm import time_in_graph
 
@@ -40,30 +46,53 @@ def main() -> None:
             scratch = torch.full((bs,), blocks * block, device=device)  # the new k, v go to a spare block
             tables = torch.randperm(blocks, device=device).view(bs, ctx // block).int()
             lens = torch.full((bs,), ctx, device=device, dtype=torch.int32)
+
+            class Cache:  # what a backend reads of ptp's KV cache
+                block_size = block
+                data = cache
+
+                def layer(self, i):
+                    return self.data[0], self.data[1]
+            k_cache, v_cache = cache[0], cache[1]
+            meta = DecodeMeta(torch.full((bs,), blocks * block, device=device), tables, lens)
+            k = torch.zeros(bs, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16)
             for group in [int(g) for g in ns.groups.split(",")]:
                 q = torch.randn(bs, ns.kv_heads * group, ns.head_dim, device=device, dtype=torch.bfloat16)
-                us = time_in_graph(lambda: paged_decode(q, new, new, scratch, cache[0], cache[1], tables, lens,
-                                                        ns.head_dim ** -0.5), 20)
-                row = {"backend": "triton", "context": ctx, "batch": bs, "gqa": group, "us": us,
-                       "GB/s": kv_bytes / us / 1e3, "pct_bw": 100 * kv_bytes / us / 1e-6 / bw if bw else None}
-                rows.append(row)
-                if kv_bytes * 2 < 8e9:  # the torch backend gathers a copy of the context first
-                    class Cache:
-                        block_size = block
-                        def layer(self, i):
-                            return cache[0], cache[1]
-                    torch_backend = TorchAttention(Cache(), None)
-                    meta = DecodeMeta(torch.full((bs,), blocks * block, device=device), tables, lens)
-                    k = torch.zeros(bs, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16)
-                    us_t = time_in_graph(lambda: torch_backend.forward(meta, 0, q, k, k), 5)
-                    rows.append({"backend": "torch", "context": ctx, "batch": bs, "gqa": group, "us": us_t,
-                                 "GB/s": kv_bytes / us_t / 1e3,
-                                 "pct_bw": 100 * kv_bytes / us_t / 1e-6 / bw if bw else None})
-            del cache
+                timings = {}
+                if "triton" in backends:
+                    timings["triton"] = time_in_graph(lambda: paged_decode(
+                        q, new, new, scratch, k_cache, v_cache, tables, lens, ns.head_dim ** -0.5), 20)
+                if kv_bytes * 2 < 8e9:  # the torch and flex backends gather a copy of the context first
+                    if "torch" in backends:
+                        torch_backend = TorchAttention(Cache(), None)
+                        timings["torch"] = time_in_graph(lambda: torch_backend.forward(meta, 0, q, k, k), 5)
+                    if "flex" in backends:
+                        flex = FlexAttention(Cache(), None)
+                        flex.begin_step()
+                        timings["flex"] = time_eager(lambda: flex.forward(meta, 0, q, k, k), 10)
+                for name, us in timings.items():
+                    rows.append({"backend": name, "context": ctx, "batch": bs, "gqa": group, "us": us,
+                                 "GB/s": kv_bytes / us / 1e3,
+                                 "pct_bw": 100 * kv_bytes / us / 1e-6 / bw if bw else None})
+            cache = k_cache = v_cache = Cache = torch_backend = flex = None  # free it for the next context
     print_table(rows, ["backend", "context", "batch", "gqa", "us", "GB/s", "pct_bw"])
     print(f"{torch.cuda.get_device_name()}; KV bytes read = 2 x batch x context x {ns.kv_heads} KV heads x "
           f"{ns.head_dim} x 2 B; % of {bw / 1e12 if bw else '?'} TB/s")
     write_json(ns.json, rows)
+
+
+def time_eager(fn, iters: int) -> float:
+    """Mean microseconds of fn() over `iters` eager calls (after three to warm up and compile)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / iters
 
 
 if __name__ == "__main__":

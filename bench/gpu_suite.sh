@@ -81,6 +81,11 @@ final-c)  # one GPU (third session): batch-1 latency with and without PDL and th
   step latency_tp1_eager 90 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 64 --torch-compile off --disable-cuda-graph --label eager --json "$OUT/latency.jsonl"
   step profile 100 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
   ;;
+deep)  # one GPU (third session): deeper-pipelined skinny tiles, batch-1 latency, attention per backend (flex included)
+  step gemm 150 python bench/gemm.py --rows 1 --json "$OUT/gemm.jsonl"
+  step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step attention 250 python bench/attention.py --json "$OUT/attention.jsonl"
+  ;;
 pair-check)  # two GPUs: every fast path at tp=2 against eager tp=1, fp32 (each variant starts two ranks)
   step check_tp2 560 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"
   ;;
