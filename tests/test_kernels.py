@@ -100,6 +100,7 @@ CASES = [  # batch, kv heads, GQA group, head dim, block size, max length, split
     (4, 1, 4, 64, 16, 100, 3, True),
     (2, 2, 8, 128, 16, 130, 4, False),
     (3, 1, 4, 128, 8, 37, 2, True),
+    (3, 2, 2, 64, 32, 90, 2, False),  # row 1 has 65 tokens: its second 64-token chunk is only the new one
 ]
 
 
