@@ -91,6 +91,10 @@ attn)  # one GPU (third session): decode kernel tests, attention per backend, ba
   step attention 200 python bench/attention.py --json "$OUT/attention.jsonl"
   step latency_b64 150 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
   ;;
+final-d)  # one GPU (third session): after the decode kernel's fix, batch-1/8 latency and the fp32 token check
+  step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step check_tp1 420 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
+  ;;
 pair-check)  # two GPUs: every fast path at tp=2 against eager tp=1, fp32 (each variant starts two ranks)
   step check_tp2 560 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"
   ;;
