@@ -128,7 +128,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return all_reduce(self.down_proj.gated(self.gate_up_proj(x)))  # silu(gate) * up, then down
+        return all_reduce(self.down_proj(self.gate_up_proj.swiglu(x)))  # silu(gate) * up, then down
 
 
 class DecoderLayer(nn.Module):
