@@ -41,10 +41,9 @@ def main() -> None:
             else:
                 n //= ns.tp
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            swiglu = name == "gate_up_proj"  # as a decode step calls it: silu(gate) * up in the epilogue
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             if rows <= 4:
-                tuned = tune_skinny(x, w, None, swiglu)
+                tuned = tune_skinny(x, w, None)
                 cublas, skinny, best = tuned["torch_us"], tuned["skinny_us"], tuned["skinny_tile"]
             else:
                 copies = copies_beyond_l2(w)

@@ -101,6 +101,12 @@ swiglu)  # one GPU (third session): SwiGLU in the gate_up kernel's epilogue: ker
   step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
   step profile 80 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
   ;;
+plain-mlp)  # one GPU (third session): SwiGLU as plain model code (inductor fuses it): kernels, projections, batch-1 latency, fp32 check
+  step kernels 150 python -m pytest tests/test_kernels.py -q -m gpu
+  step gemm 100 python bench/gemm.py --rows 1 --json "$OUT/gemm.jsonl"
+  step latency_tp1 120 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step check_tp1 330 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
+  ;;
 pair-check)  # two GPUs: every fast path at tp=2 against eager tp=1, fp32 (each variant starts two ranks)
   step check_tp2 560 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"
   ;;

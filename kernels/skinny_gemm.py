@@ -42,46 +42,29 @@ def _x_tile(x_ptrs, k0, K, kk, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _skinny_mm(X, W, B, Y, N, K, s_xm, s_wn, s_ym,
-               ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr,
+               ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Y[:, n] = X @ W[n].T (+ B[n]) for this program's BLOCK_N columns n. SWIGLU: W holds N gate rows
-    then N up rows, and Y[:, n] = silu(X @ gate_n) * (X @ up_n), each step rounded to Y's dtype as
-    eager torch rounds it (SwiGLU's activation without a launch or a round trip of its own)."""
+    """Y[:, n] = X @ W[n].T (+ B[n]) for this program's BLOCK_N columns n."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     kk = tl.arange(0, BLOCK_K)
     r = tl.arange(0, ROWS)
     w_ptrs = W + n[:, None].to(tl.int64) * s_wn + kk[None, :]
-    u_ptrs = w_ptrs + N.to(tl.int64) * s_wn  # the up rows (SWIGLU)
     x_ptrs = X + r[:, None] * s_xm + kk[None, :]
     # The first weight tile depends on no earlier kernel: with PDL it is in flight while the
     # kernel before this one finishes (kernels/__init__.py).
     w = _w_tile(w_ptrs, 0, K, kk, n_ok, EVEN_K)
-    if SWIGLU:
-        wu = _w_tile(u_ptrs, 0, K, kk, n_ok, EVEN_K)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    x = _x_tile(x_ptrs, 0, K, kk, EVEN_K)[:, None, :]
-    acc = w.to(tl.float32)[None, :, :] * x
-    if SWIGLU:
-        acc_u = wu.to(tl.float32)[None, :, :] * x
+    acc = w.to(tl.float32)[None, :, :] * _x_tile(x_ptrs, 0, K, kk, EVEN_K)[:, None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        x = _x_tile(x_ptrs, k0, K, kk, EVEN_K)[:, None, :]
-        acc += _w_tile(w_ptrs, k0, K, kk, n_ok, EVEN_K).to(tl.float32)[None, :, :] * x
-        if SWIGLU:
-            acc_u += _w_tile(u_ptrs, k0, K, kk, n_ok, EVEN_K).to(tl.float32)[None, :, :] * x
+        acc += (_w_tile(w_ptrs, k0, K, kk, n_ok, EVEN_K).to(tl.float32)[None, :, :]
+                * _x_tile(x_ptrs, k0, K, kk, EVEN_K)[:, None, :])
     y = tl.sum(acc, 2)  # [ROWS, BLOCK_N]
     if HAS_BIAS:
         y += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:
-        up = tl.sum(acc_u, 2)
-        if HAS_BIAS:
-            up += tl.load(B + N + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        gate = y.to(Y.dtype.element_ty).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(Y.dtype.element_ty).to(tl.float32)
-        y = act * up.to(Y.dtype.element_ty).to(tl.float32)
     tl.store(Y + r[:, None] * s_ym + n[None, :], y.to(Y.dtype.element_ty), mask=n_ok[None, :])
 
 
@@ -101,19 +84,15 @@ def configs_for(rows: int) -> list[tuple[int, int, int, int]]:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  block_n: int | None = None, block_k: int | None = None, swiglu: bool = False,
+                  block_n: int | None = None, block_k: int | None = None,
                   num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) @ weight[N, K].T (+ bias) -> [M, N] in x's dtype.
 
-    swiglu: weight is [2N, K], gate rows then up rows (a merged gate_up projection), and the result
-    is silu(gate) * up, [M, N] (SwiGLU's activation without a launch of its own).
     The tile is block_n x block_k with num_warps and num_stages (ops.py picks it per shape by timing
     CONFIGS); without one, DEFAULT (under the interpreter, a small one).
     """
     m = x.shape[0]
     n, k = weight.shape
-    assert not swiglu or n % 2 == 0, weight.shape
-    n = n // 2 if swiglu else n
     assert m <= MAX_ROWS and x.shape[1] == k and weight.stride(1) == 1, (x.shape, weight.shape)
     x = x.contiguous()
     rows = triton.next_power_of_2(m)
@@ -122,7 +101,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     b = bias if bias is not None else y
     use_pdl = pdl_for(x)
-    common = dict(ROWS=rows, HAS_BIAS=bias is not None, SWIGLU=swiglu, USE_PDL=use_pdl, launch_pdl=use_pdl)
+    common = dict(ROWS=rows, HAS_BIAS=bias is not None, USE_PDL=use_pdl, launch_pdl=use_pdl)
     if block_n is None:
         block_n, block_k = (4, 64) if os.environ.get("TRITON_INTERPRET") == "1" else DEFAULT[:2]
     _skinny_mm[(triton.cdiv(n, block_n),)](x, weight, b, y, n, k, x.stride(0), weight.stride(0), y.stride(0),

@@ -161,32 +161,25 @@ def test_triton_backend_matches_torch_backend_in_interpreter():
                    "assert err < 1e-4, err\n")
 
 
-SKINNY_CASES = [  # rows, N, K, bias, block_n, block_k, swiglu (N gate rows and N up rows)
-    (1, 40, 256, False, 8, 64, False),
-    (1, 37, 200, True, 16, 64, False),     # N and K not multiples of the tile
-    (2, 24, 128, False, 4, 32, False),
-    (3, 19, 96, True, 8, 64, False),       # 3 rows, padded to 4
-    (4, 64, 192, False, 32, 64, False),
-    (1, 40, 256, False, 8, 64, True),      # silu(gate) * up in the epilogue
-    (1, 37, 200, True, 16, 64, True),
-    (3, 19, 96, True, 8, 64, True),
+SKINNY_CASES = [  # rows, N, K, bias, block_n, block_k
+    (1, 40, 256, False, 8, 64),
+    (1, 37, 200, True, 16, 64),     # N and K not multiples of the tile
+    (2, 24, 128, False, 4, 32),
+    (3, 19, 96, True, 8, 64),       # 3 rows, padded to 4
+    (4, 64, 192, False, 32, 64),
 ]
 
 
-def skinny_case(rows, n, k, bias, block_n, block_k, swiglu=False, dtype=torch.float32, device="cpu", seed=0):
-    """Max relative error of the skinny matmul against a float64 x @ w.T + b (swiglu: w has 2n rows,
-    and the result is silu(gate) * up of the two halves)."""
+def skinny_case(rows, n, k, bias, block_n, block_k, dtype=torch.float32, device="cpu", seed=0):
+    """Max relative error of the skinny matmul against a float64 x @ w.T + b."""
     from ptp.kernels.skinny_gemm import skinny_linear
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, k, generator=g).to(dtype)
-    rows_w = 2 * n if swiglu else n
-    w = torch.randn(rows_w, k, generator=g).to(dtype)
-    b = torch.randn(rows_w, generator=g).to(dtype) if bias else None
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
     want = x.double() @ w.double().T + (b.double() if bias else 0)
-    if swiglu:
-        want = torch.nn.functional.silu(want[:, :n]) * want[:, n:]
-    got = skinny_linear(x.to(device), w.to(device), b.to(device) if bias else None, block_n, block_k, swiglu=swiglu)
+    got = skinny_linear(x.to(device), w.to(device), b.to(device) if bias else None, block_n, block_k)
     assert got.shape == (rows, n) and got.dtype == dtype
     return ((got.double().cpu() - want).abs().max() / want.abs().max()).item()
 
@@ -200,12 +193,11 @@ def test_skinny_gemm_matches_float64_in_interpreter():
 @pytest.mark.parametrize("rows", [1, 3])
 def test_skinny_gemm_on_gpu(rows):
     """Real 8B shapes through the autotuned kernel (block sizes None); fp32 on two of them."""
-    for n, k in [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096), (1000, 1000)]:
+    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (1000, 1000)]:
         for dtype, tol in [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)]:
             if dtype == torch.float32 and n not in (1000, 4096):
                 continue
-            swiglu = n in (14336, 1000)  # gate_up: 2 x 14336 rows, silu(gate) * up in the epilogue
-            err = skinny_case(rows, n, k, n == 1000, None, None, swiglu=swiglu, dtype=dtype, device="cuda")
+            err = skinny_case(rows, n, k, n == 1000, None, None, dtype=dtype, device="cuda")
             assert err < tol, (rows, n, k, dtype, err)
 
 
@@ -264,7 +256,7 @@ def test_rms_norm_kernel_on_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pdl_chain_in_a_cuda_graph_on_gpu():
-    """A batch-1 layer's worth of PDL-launched kernels (norm -> projection -> norm -> gate_up with SwiGLU ->
+    """A batch-1 layer's worth of PDL-launched kernels (norm -> projection -> norm -> gate_up, SwiGLU ->
     down projection, each reading the one before), 20 times over in one CUDA graph: the same values
     as the same kernels launched one by one without capture."""
     from ptp.kernels.rms_norm import add_rms_norm
@@ -283,7 +275,8 @@ def test_pdl_chain_in_a_cuda_graph_on_gpu():
         for _ in range(20):
             h = skinny_linear(h, w_o)
             h, res = add_rms_norm(h, res, nw, 1e-5)
-            h = skinny_linear(skinny_linear(h, w_up, swiglu=True), w_down)
+            gate, up = skinny_linear(h, w_up).chunk(2, dim=-1)
+            h = skinny_linear(torch.nn.functional.silu(gate) * up, w_down)
             h, res = add_rms_norm(h, res, nw, 1e-5)
         return h
 

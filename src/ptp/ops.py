@@ -25,47 +25,39 @@ _CHOICE: dict[str, dict] = {}  # shape key -> {"config": tile or None (torch), "
 
 
 @torch.library.custom_op("ptp::skinny_linear", mutates_args=())
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool = False) -> torch.Tensor:
-    """x @ weight.T + bias for a few rows (swiglu: then silu(gate) * up of its two halves): ptp's
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias for a few rows: ptp's
     skinny kernel (kernels/skinny_gemm.py) with the tile that measured fastest for this shape on this
     GPU, or torch (cuBLAS) where that was faster still (measured on the first call, before any capture)."""
     from ptp.kernels.skinny_gemm import skinny_linear as kernel
 
-    config = _skinny_config(x, weight, bias, swiglu)
+    config = _skinny_config(x, weight, bias)
     if config is None:
-        return _torch_linear(x, weight, bias, swiglu)
+        return F.linear(x, weight, bias)
     bn, bk, warps, stages = config
-    return kernel(x, weight, bias, bn, bk, swiglu=swiglu, num_warps=warps, num_stages=stages)
+    return kernel(x, weight, bias, bn, bk, num_warps=warps, num_stages=stages)
 
 
 @skinny_linear.register_fake
-def _(x, weight, bias, swiglu=False):
-    return x.new_empty(x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0])
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _torch_linear(x, weight, bias, swiglu: bool):
-    y = F.linear(x, weight, bias)
-    if swiglu:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
-    return y
-
-
-def _skinny_config(x, weight, bias, swiglu: bool) -> tuple | None:
+def _skinny_config(x, weight, bias) -> tuple | None:
     """The skinny kernel's tile for this shape, or None where torch's path is faster: measured once
     per GPU model and torch version, then kept in the machine cache (warm starts skip it, and every
     run of a machine makes the same choice)."""
     if not x.is_cuda:
         return (None, None, 4, 1)  # the Triton interpreter (tests): the kernel, its small default tile
     key = (f"{tuple(x.shape)}x{tuple(weight.shape)} {str(x.dtype).removeprefix('torch.')}"
-           f"{' bias' if bias is not None else ''}{' swiglu' if swiglu else ''}{' pdl' if pdl_for(x) else ''}")
+           f"{' bias' if bias is not None else ''}{' pdl' if pdl_for(x) else ''}")
     if not _CHOICE:
         _CHOICE.update(_load_choices())
     entry = _CHOICE.get(key)
     if not _valid_choice(entry):  # not measured yet, or written by another version of ptp
         if torch.cuda.is_current_stream_capturing():
             return None  # cannot measure inside a capture; warm-up runs come first, so this is rare
-        entry = _CHOICE[key] = tune_skinny(x, weight, bias, swiglu)
+        entry = _CHOICE[key] = tune_skinny(x, weight, bias)
         log.debug("%s: %s", key, entry)
         _save_choices()
     return tuple(entry["config"]) if entry["config"] else None
@@ -80,7 +72,7 @@ def _valid_choice(entry) -> bool:
                               and all(isinstance(v, int) and v > 0 for v in config))
 
 
-def tune_skinny(x, weight, bias, swiglu: bool) -> dict:
+def tune_skinny(x, weight, bias) -> dict:
     """Time every tile of the skinny kernel and torch's path for this shape as a decode step runs
     them: in a CUDA graph, each call reading another copy of the weights (more copies than fit in
     L2). Returns {"config": the fastest tile or None for torch, "skinny_us", "torch_us", "tiles"}."""
@@ -91,13 +83,13 @@ def tune_skinny(x, weight, bias, swiglu: bool) -> dict:
     tiles = {}
     for bn, bk, warps, stages in configs_for(triton_rows(x.shape[0])):
         def run(w, bn=bn, bk=bk, warps=warps, stages=stages):
-            return kernel(x, w, bias, bn, bk, swiglu=swiglu, num_warps=warps, num_stages=stages)
+            return kernel(x, w, bias, bn, bk, num_warps=warps, num_stages=stages)
         try:
             run(weight)  # compiles it, outside the graph
             tiles[(bn, bk, warps, stages)] = time_rotating(run, copies)
         except Exception as e:  # noqa: BLE001  a tile this GPU cannot run (shared memory) is skipped
             log.debug("skinny tile %s failed: %s", (bn, bk, warps, stages), e)
-    torch_us = time_rotating(lambda w: _torch_linear(x, w, bias, swiglu), copies)
+    torch_us = time_rotating(lambda w: F.linear(x, w, bias), copies)
     del copies
     best = min(tiles, key=tiles.get) if tiles else None
     skinny_us = tiles[best] if best else float("inf")
@@ -165,14 +157,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def swiglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(gate) * up for [gate | up] = x @ weight.T + bias (a merged gate_up projection): in the
-    skinny kernel's epilogue when that path is taken, so the activation costs no launch."""
-    if _skinny_ok(x, weight):
-        return skinny_linear(x, weight, bias, swiglu=True)
-    return _torch_linear(x, weight, bias, swiglu=True)
-
-
 @torch.library.custom_op("ptp::add_rms_norm", mutates_args=())
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual) * weight, x + residual) in one Triton kernel (kernels/rms_norm.py)."""
@@ -211,7 +195,3 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
-
-    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of this layer's output [gate | up] (a merged gate_up projection)."""
-        return swiglu_linear(x, self.weight, self.bias)
