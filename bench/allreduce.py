@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from common import print_table, write_json
+from common import eager_us, print_table, write_json
 
 METHODS = ("nccl", "one_shot", "two_shot")
 
@@ -56,18 +56,6 @@ def main() -> None:
         write_json(ns.json, rows)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def eager_us(fn, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / iters
 
 
 def check(x, dtype, n, rank, world, symm) -> list[str]:

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from common import bandwidth, print_table, write_json
+from common import bandwidth, eager_us, print_table, write_json
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
                     if "flex" in backends:
                         flex = FlexAttention(Cache(), None)
                         flex.begin_step()
-                        timings["flex"] = time_eager(lambda: flex.forward(meta, 0, q, k, k), 10)
+                        timings["flex"] = eager_us(lambda: flex.forward(meta, 0, q, k, k), 10, warmup=3)
                 for name, us in timings.items():
                     rows.append({"backend": name, "context": ctx, "batch": bs, "gqa": group, "us": us,
                                  "GB/s": kv_bytes / us / 1e3,
@@ -79,20 +79,6 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}; KV bytes read = 2 x batch x context x {ns.kv_heads} KV heads x "
           f"{ns.head_dim} x 2 B; % of {bw / 1e12 if bw else '?'} TB/s")
     write_json(ns.json, rows)
-
-
-def time_eager(fn, iters: int) -> float:
-    """Mean microseconds of fn() over `iters` eager calls (after three to warm up and compile)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / iters
 
 
 if __name__ == "__main__":

@@ -73,3 +73,19 @@ def write_json(path: str | None, rows: list[dict]) -> None:
         with open(path, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+
+
+def eager_us(fn, iters: int, warmup: int = 1) -> float:
+    """Mean microseconds of fn() over `iters` eager CUDA calls, launches included, after `warmup` calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / iters
