@@ -107,6 +107,11 @@ plain-mlp)  # one GPU (third session): SwiGLU as plain model code (inductor fuse
   step latency_tp1 120 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
   step check_tp1 330 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
   ;;
+prefill)  # one GPU (third session): time to first token (prefill) per attention backend, 2k-token prompts
+  for be in triton flex; do
+    step prefill_$be 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --attention-backend $be --batch-sizes 1,8 --input-len 2048 --output-len 8 --label prefill-$be --json "$OUT/latency.jsonl"
+  done
+  ;;
 pair-check)  # two GPUs: every fast path at tp=2 against eager tp=1, fp32 (each variant starts two ranks)
   step check_tp2 560 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"
   ;;
