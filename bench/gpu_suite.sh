@@ -3,7 +3,8 @@
 #   bash bench/gpu_suite.sh single   # one GPU: kernels, fast paths vs eager, latency, attention, throughput
 #   bash bench/gpu_suite.sh pair-a   # two GPUs: all-reduce, latency at tp=1 and tp=2
 #   bash bench/gpu_suite.sh pair-b   # two GPUs: greedy checks of every fast path, serving at tp=2
-#   (perf, tp1-a, tp1-b, final-a, final-b, pair-check, pair-perf: the second session's calls; see the cases)
+#   (perf, tp1-a, tp1-b, final-a, final-b, pair-check, pair-perf: the second session's calls;
+#    final-c, attn, plain-mlp, prefill: the third session's; see the cases)
 # Logs and JSON lines go to $OUT (or ./out); bench/report.py turns them into tables and a plot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,54 +55,18 @@ final-b)  # one GPU: fast paths against eager in fp32, batch 64, attention kerne
   step latency_b64 150 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
   step profile 80 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
   ;;
-pdl-a)  # one GPU (third session): kernels, batch-1 latency with and without PDL-chained kernels, eager
-  step kernels 200 python -m pytest tests/test_kernels.py -q -m gpu
-  step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  step latency_tp1_nopdl 120 env PTP_DISABLE_PDL=1 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1 --input-len 128 --output-len 256 --label no-pdl --json "$OUT/latency.jsonl"
-  step latency_tp1_eager 90 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 64 --torch-compile off --disable-cuda-graph --label eager --json "$OUT/latency.jsonl"
-  ;;
-pdl-b)  # one GPU (third session): fast paths against eager in fp32, the step's kernels, projections alone
-  step check_tp1 240 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
-  step profile 100 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
-  step gemm 100 python bench/gemm.py --rows 1 --json "$OUT/gemm.jsonl"
-  step gemm_nopdl 80 env PTP_DISABLE_PDL=1 python bench/gemm.py --rows 1 --json "$OUT/gemm_nopdl.jsonl"
-  ;;
-tune-a)  # one GPU (third session): kernels, each projection's tiles timed in place, batch-1 latency
-  step kernels 200 python -m pytest tests/test_kernels.py -q -m gpu
-  step gemm 150 python bench/gemm.py --rows 1 --json "$OUT/gemm.jsonl"
-  step latency_tp1 200 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  ;;
-tune-b)  # one GPU (third session): fast paths against eager in fp32 (every variant, flex included), the step's kernels
-  step check_tp1 420 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
-  step profile 100 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
-  ;;
 final-c)  # one GPU (third session): batch-1 latency with and without PDL and the eager baseline in one call, the step's kernels
   step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
   step latency_tp1_nopdl 120 env PTP_DISABLE_PDL=1 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1 --input-len 128 --output-len 256 --label no-pdl --json "$OUT/latency.jsonl"
   step latency_tp1_eager 90 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 64 --torch-compile off --disable-cuda-graph --label eager --json "$OUT/latency.jsonl"
   step profile 100 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
   ;;
-deep)  # one GPU (third session): deeper-pipelined skinny tiles, batch-1 latency, attention per backend (flex included)
-  step gemm 150 python bench/gemm.py --rows 1 --json "$OUT/gemm.jsonl"
-  step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  step attention 250 python bench/attention.py --json "$OUT/attention.jsonl"
-  ;;
 attn)  # one GPU (third session): decode kernel tests, attention per backend, batch 64 and batch 1 latency
   step kernels 200 python -m pytest tests/test_kernels.py -q -m gpu
   step attention 200 python bench/attention.py --json "$OUT/attention.jsonl"
   step latency_b64 150 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
   ;;
-final-d)  # one GPU (third session): after the decode kernel's fix, batch-1/8 latency and the fp32 token check
-  step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  step check_tp1 420 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
-  ;;
-swiglu)  # one GPU (third session): SwiGLU in the gate_up kernel's epilogue: kernels, projections, batch-1 latency
-  step kernels 200 python -m pytest tests/test_kernels.py -q -m gpu
-  step gemm 150 python bench/gemm.py --rows 1 --json "$OUT/gemm.jsonl"
-  step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  step profile 80 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
-  ;;
-plain-mlp)  # one GPU (third session): SwiGLU as plain model code (inductor fuses it): kernels, projections, batch-1 latency, fp32 check
+plain-mlp)  # one GPU (third session, its final state): kernels, projections, batch-1/8 latency, fp32 check
   step kernels 150 python -m pytest tests/test_kernels.py -q -m gpu
   step gemm 100 python bench/gemm.py --rows 1 --json "$OUT/gemm.jsonl"
   step latency_tp1 120 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"

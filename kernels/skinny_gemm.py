@@ -77,9 +77,10 @@ CONFIGS = [(2, 1024, 4, 1), (4, 512, 4, 1), (4, 1024, 4, 1), (8, 256, 4, 1), (8,
 DEFAULT = (8, 512, 4, 1)
 
 
-def configs_for(rows: int) -> list[tuple[int, int, int, int]]:
-    """The tiles worth timing at this row count: the register tile (rows x BLOCK_N x BLOCK_K floats)
-    within 64 per thread."""
+def configs_for(m: int) -> list[tuple[int, int, int, int]]:
+    """The tiles worth timing for m rows: the register tile (rows x BLOCK_N x BLOCK_K floats, rows
+    padded to a power of two as skinny_linear pads them) within 64 per thread."""
+    rows = triton.next_power_of_2(m)
     return [c for c in CONFIGS if rows * c[0] * c[1] <= 64 * 32 * c[2]]
 
 

@@ -31,6 +31,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     GPU, or torch (cuBLAS) where that was faster still (measured on the first call, before any capture)."""
     from ptp.kernels.skinny_gemm import skinny_linear as kernel
 
+    if not x.is_cuda:  # the Triton interpreter (tests): always the kernel, with its small default tile
+        return kernel(x, weight, bias)
     config = _skinny_config(x, weight, bias)
     if config is None:
         return F.linear(x, weight, bias)
@@ -47,8 +49,6 @@ def _skinny_config(x, weight, bias) -> tuple | None:
     """The skinny kernel's tile for this shape, or None where torch's path is faster: measured once
     per GPU model and torch version, then kept in the machine cache (warm starts skip it, and every
     run of a machine makes the same choice)."""
-    if not x.is_cuda:
-        return (None, None, 4, 1)  # the Triton interpreter (tests): the kernel, its small default tile
     key = (f"{tuple(x.shape)}x{tuple(weight.shape)} {str(x.dtype).removeprefix('torch.')}"
            f"{' bias' if bias is not None else ''}{' pdl' if pdl_for(x) else ''}")
     if not _CHOICE:
@@ -81,7 +81,7 @@ def tune_skinny(x, weight, bias) -> dict:
 
     copies = copies_beyond_l2(weight)
     tiles = {}
-    for bn, bk, warps, stages in configs_for(triton_rows(x.shape[0])):
+    for bn, bk, warps, stages in configs_for(x.shape[0]):
         def run(w, bn=bn, bk=bk, warps=warps, stages=stages):
             return kernel(x, w, bias, bn, bk, num_warps=warps, num_stages=stages)
         try:
@@ -96,10 +96,6 @@ def tune_skinny(x, weight, bias) -> dict:
     return {"config": list(best) if best and skinny_us < torch_us else None, "skinny_us": round(skinny_us, 2),
             "skinny_tile": list(best) if best else None, "torch_us": round(torch_us, 2),
             "tiles": {"x".join(map(str, t)): round(us, 2) for t, us in tiles.items()}}
-
-
-def triton_rows(m: int) -> int:
-    return 1 << (m - 1).bit_length()
 
 
 def copies_beyond_l2(weight: torch.Tensor) -> list[torch.Tensor]:
