@@ -22,10 +22,12 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--backends", default="triton,torch,flex")
+    parser.add_argument("--waves", default="2", help="triton: splits that fill the GPU this many times over "
+                        "(ptp uses 2); a list times each")
     parser.add_argument("--json", default=None)
     ns = parser.parse_args()
     backends = ns.backends.split(",")
-    from ptp.attention.triton_backend import paged_decode
+    from ptp.attention.triton_backend import choose_splits, paged_decode
     from ptp.attention.torch_sdpa import TorchAttention
     from ptp.attention.flex_backend import FlexAttention
     from ptp.attention.meta import DecodeMeta
@@ -60,8 +62,13 @@ def main() -> None:
                 q = torch.randn(bs, ns.kv_heads * group, ns.head_dim, device=device, dtype=torch.bfloat16)
                 timings = {}
                 if "triton" in backends:
-                    timings["triton"] = time_in_graph(lambda: paged_decode(
-                        q, new, new, scratch, k_cache, v_cache, tables, lens, ns.head_dim ** -0.5), 20)
+                    waves = [int(w) for w in ns.waves.split(",")]
+                    for w in waves:
+                        splits = choose_splits(bs, ns.kv_heads, ctx, device, waves=w)
+                        name = "triton" if len(waves) == 1 else f"triton waves={w} splits={splits}"
+                        timings[name] = time_in_graph(lambda: paged_decode(
+                            q, new, new, scratch, k_cache, v_cache, tables, lens, ns.head_dim ** -0.5,
+                            splits=splits), 20)
                 if kv_bytes * 2 < 8e9:  # the torch and flex backends gather a copy of the context first
                     if "torch" in backends:
                         torch_backend = TorchAttention(Cache(), None)

@@ -1,9 +1,10 @@
 """Paged decode attention in Triton: one query token per sequence, keys and values read from blocks.
 
 Grid: (sequence, KV head, split). Each program reads its KV head's blocks once and serves every
-query head of that group (GQA), over one slice ("split") of the context; a second kernel merges
-the splits' partial softmax results. Splitting the context keeps the GPU busy when the batch is
-small and contexts are long (split-K / flash-decoding).
+query head of that group (GQA), over its share of the context: a contiguous range of chunks, or,
+where the whole grid is resident at once, chunks dealt to the splits in turn (see PREFETCH). A
+second kernel merges the splits' partial softmax results. Splitting the context keeps the GPU busy
+when the batch is small and contexts are long (split-K / flash-decoding).
 
 The step's new key and value (one token per sequence) come in as tensors: the kernel attends to
 them from registers and the first split of each (sequence, KV head) writes them into their cache
@@ -17,43 +18,87 @@ import torch
 import triton
 import triton.language as tl
 
-from ptp.kernels import pdl_for
+from ptp.kernels import pdl_for, sm_count
+
+
+@triton.jit
+def _attend_chunk(q, k, v, cached, m, l, acc, scale, IEEE: tl.constexpr):
+    """Online softmax over one chunk of cached tokens (`cached` masks the rest)."""
+    # K and V go from their loads straight into the dots: anything between (a select of the new
+    # token, say) stops Triton from pipelining the loads, which cost a third of the bandwidth.
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(cached[None, :], s * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk of only the new token: nothing yet
+    p = tl.exp(s - m_use[:, None])
+    alpha = tl.exp(m - m_use)
+    l = l * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l, acc
 
 
 @triton.jit
 def _decode_partial(
     Q, KN, VN, SLOTS, K, V, BT, LENS, O, M, L, COS_SIN,
-    scale, splits,
+    scale, splits, max_blocks,
     s_qb, s_qh, s_nb, s_nh, s_kb, s_ks, s_kh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh, s_cs,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TOKENS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr, USE_PDL: tl.constexpr,
+    TOKENS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    if USE_PDL:  # everything read here may come from the kernel before (kernels/__init__.py)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(LENS + b)
-    chunks = tl.cdiv(seq_len, TOKENS)
-    per_split = tl.cdiv(chunks, splits)
-    first = split * per_split
-    last = tl.minimum(first + per_split, chunks)
-
-    g = tl.arange(0, GROUP_PAD)
-    heads = kvh * GROUP + g
+    t = tl.arange(0, TOKENS)
     d = tl.arange(0, D)
-    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+    # What does not come from the kernel before (the q/k/v projection) is read before the PDL wait,
+    # while that kernel still runs: the lengths and block tables are step inputs that a copy wrote
+    # before the step began, and the cached keys and values were written by earlier steps, never by
+    # a kernel of this step (this kernel writes only the new token's slot, which no program reads).
+    seq_len = tl.load(LENS + b)
     newest = seq_len - 1  # the new token's position: its k, v come from KN, VN
-    k_new = tl.load(KN + b * s_nb + kvh * s_nh + d)
-    v_new = tl.load(VN + b * s_nb + kvh * s_nh + d)
-    if ROPE:  # x * cos + rotate_half(x) * sin, in float32 as the model does it
+    chunks = tl.cdiv(seq_len, TOKENS)
+    if PREFETCH:
+        # For a grid that is resident at once (ptp's rule: batch 1, and long contexts at small
+        # batches): chunks are dealt to the splits in turn (split s takes chunks s, s + splits, ...),
+        # so the block table is read without waiting for the length, and the first chunk's keys and
+        # values are in flight before the wait (into registers: ~80 more per thread, which would
+        # halve the programs an SM holds in a bigger grid).
+        first_tok = split * TOKENS + t
+        first_block = tl.load(BT + b * s_btb + first_tok // BLOCK_SIZE, mask=first_tok // BLOCK_SIZE < max_blocks,
+                              other=0)
+        first_cached = first_tok < newest  # the new token is not read from the cache: it is added from registers
+        first_row = first_block.to(tl.int64) * s_kb + (first_tok % BLOCK_SIZE) * s_ks + kvh * s_kh
+        k_first = tl.load(K + first_row[:, None] + d[None, :], mask=first_cached[:, None], other=0.0)
+        v_first = tl.load(V + first_row[:, None] + d[None, :], mask=first_cached[:, None], other=0.0)
+        start, stop, step = split + splits, chunks, splits
+    else:  # a contiguous range of chunks per split (measured faster than dealing them in a big grid)
+        per_split = tl.cdiv(chunks, splits)
+        start = split * per_split
+        stop = tl.minimum(start + per_split, chunks)
+        step = 1
+    if ROPE:
         half: tl.constexpr = D // 2
         partner = (d + half) % D
         sign = tl.where(d < half, -1.0, 1.0)
         cs_at = tl.maximum(newest, 0) * s_cs + d % half
         cos = tl.load(COS_SIN + cs_at)
         sin = tl.load(COS_SIN + cs_at + half) * sign
+    if USE_PDL:  # q, k_new, v_new come from the kernel before (kernels/__init__.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+    g = tl.arange(0, GROUP_PAD)
+    heads = kvh * GROUP + g
+    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+    k_new = tl.load(KN + b * s_nb + kvh * s_nh + d)
+    v_new = tl.load(VN + b * s_nb + kvh * s_nh + d)
+    if ROPE:  # x * cos + rotate_half(x) * sin, in float32 as the model does it
         q_p = tl.load(Q + b * s_qb + heads[:, None] * s_qh + partner[None, :], mask=(g < GROUP)[:, None], other=0.0)
         q = (q.to(tl.float32) * cos[None, :] + q_p.to(tl.float32) * sin[None, :]).to(q.dtype)
         k_p = tl.load(KN + b * s_nb + kvh * s_nh + partner)
@@ -66,31 +111,16 @@ def _decode_partial(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    t = tl.arange(0, TOKENS)
-    for chunk in range(first, last):
+    if PREFETCH:
+        m, l, acc = _attend_chunk(q, k_first, v_first, first_cached, m, l, acc, scale, IEEE)
+    for chunk in range(start, stop, step):
         tok = chunk * TOKENS + t
-        cached = tok < newest  # the new token is not read from the cache: it is added below, from registers
+        cached = tok < newest
         phys = tl.load(BT + b * s_btb + tok // BLOCK_SIZE, mask=cached, other=0).to(tl.int64)
         row = phys * s_kb + (tok % BLOCK_SIZE) * s_ks + kvh * s_kh
-        # K and V go from their loads straight into the dots: anything between (a select of the new
-        # token, say) stops Triton from pipelining the loads, which cost a third of the bandwidth.
         k = tl.load(K + row[:, None] + d[None, :], mask=cached[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(cached[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk of only the new token: nothing yet
-        p = tl.exp(s - m_use[:, None])
-        alpha = tl.exp(m - m_use)
-        l = l * alpha + tl.sum(p, 1)
         v = tl.load(V + row[:, None] + d[None, :], mask=cached[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l, acc = _attend_chunk(q, k, v, cached, m, l, acc, scale, IEEE)
     if (split == 0) & (seq_len > 0):  # the new token, once per (sequence, KV head)
         s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
         m_new = tl.maximum(m, s_new)
@@ -128,10 +158,13 @@ def _decode_merge(O, M, L, OUT, splits, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_
 
 def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slots: torch.Tensor,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 scale: float, splits: int, tokens_per_step: int = 64, cos_sin: torch.Tensor | None = None) -> torch.Tensor:
+                 scale: float, splits: int, tokens_per_step: int | None = None, cos_sin: torch.Tensor | None = None,
+                 prefetch: bool | None = None) -> torch.Tensor:
     """q [B, H, D]; the new k_new, v_new [B, KV, D] go to cache slot `slots` [B] (and are attended to);
     caches [blocks, block_size, KV, D]; block_tables [B, max_blocks]; seq_lens [B], new token included.
     cos_sin [positions, D] float32 (cos | sin halves): q and k_new are rotated first (RoPE).
+    prefetch: deal chunks to the splits in turn and read each split's first chunk before the PDL
+    wait (None: where that pays, see below). tokens_per_step: the chunk (None: 32 or 64, see below).
 
     Returns [B, H, D]. A sequence of length 0 (a padded row) gives zeros.
     """
@@ -149,14 +182,25 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
     out = torch.empty(batch, heads, dim, dtype=q.dtype, device=q.device)
     rope = cos_sin is not None
     use_pdl = pdl_for(q)
+    if prefetch is None:
+        # The prefetched chunk costs registers, which halves the programs an SM holds: worth it only
+        # where the whole grid is resident at once anyway (batch 1 and long contexts; measured).
+        prefetch = use_pdl and batch * kv_heads * splits <= 2 * sm_count(q.device.index or 0)
+    if tokens_per_step is None:
+        # 32-token chunks spread a short context over more of the splits (batch 1, 384 of at most 4096
+        # tokens in 16 splits: 4.9 against 6.6 us on an H200), but walk a long one slower (32k tokens in
+        # 33 splits: 57 against 44 us; 4k in 16: 12.3 against 11.3): only where there are many splits
+        # and a split's share of the longest context the block tables allow is at most 256 tokens.
+        max_tokens = block_tables.shape[1] * block_size
+        tokens_per_step = 32 if prefetch and splits >= 8 and max_tokens <= 256 * splits else 64
     _decode_partial[(batch, kv_heads, splits)](
         q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, part, m, l, cos_sin if rope else q,
-        scale, splits,
+        scale, splits, block_tables.shape[1],
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
         cos_sin.stride(0) if rope else 0,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_SIZE=block_size,
-        TOKENS=tokens_per_step, IEEE=q.dtype == torch.float32, ROPE=rope, USE_PDL=use_pdl, launch_pdl=use_pdl,
+        TOKENS=tokens_per_step, IEEE=q.dtype == torch.float32, ROPE=rope, USE_PDL=use_pdl, PREFETCH=prefetch, launch_pdl=use_pdl,
     )
     _decode_merge[(batch, heads)](
         part, m, l, out, splits, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),

@@ -54,5 +54,5 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     block = triton.next_power_of_2(dim)
     _add_rms_norm[(m,)](x, r, weight, out, nr, dim, eps, x.stride(0), r.stride(0), out.stride(0), nr.stride(0),
                         HAS_RESIDUAL=residual is not None, BLOCK=block, USE_PDL=use_pdl,
-                        num_warps=max(1, min(16, block // 256)), launch_pdl=use_pdl)
+                        num_warps=max(1, min(8, block // 1024)), launch_pdl=use_pdl)
     return out, new_residual

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 HERE = os.path.dirname(__file__)
 
 
@@ -47,7 +47,7 @@ def reference(q, k_cache, v_cache, tables, lens, scale):
 
 
 def run_case(batch, kv_heads, group, dim, block_size, max_len, splits, rope=False, dtype=torch.float32, device="cpu",
-             seed=0):
+             seed=0, prefetch=None):
     """Max error of the kernel's output and of its cache writes against the torch reference
     (with rope: q and the new k are rotated by the kernel, as the model's Rotary would)."""
     from ptp.kernels.paged_attention import paged_decode
@@ -90,18 +90,23 @@ def run_case(batch, kv_heads, group, dim, block_size, max_len, splits, rope=Fals
     kc, vc = k_cache.to(device), v_cache.to(device)
     got = paged_decode(q.to(device), k_new.to(device), v_new.to(device), slots.to(device), kc, vc,
                        tables.to(device), lens.to(device, torch.int32), scale, splits,
-                       cos_sin=cos_sin.to(device) if rope else None)
+                       cos_sin=cos_sin.to(device) if rope else None, prefetch=prefetch)
     cache_err = max((kc.cpu() - ref_k).abs().max().item(), (vc.cpu() - ref_v).abs().max().item())
     return max((got.float().cpu() - want).abs().max().item(), cache_err)
 
 
-CASES = [  # batch, kv heads, GQA group, head dim, block size, max length, splits, rope
+CASES = [  # batch, kv heads, GQA group, head dim, block size, max length, splits, rope, (dtype, device, seed,) prefetch
     (3, 2, 1, 64, 16, 50, 1, False),
     (4, 1, 4, 64, 16, 100, 3, True),
     (2, 2, 8, 128, 16, 130, 4, False),
     (3, 1, 4, 128, 8, 37, 2, True),
     (3, 2, 2, 64, 32, 90, 2, False),  # row 1 has 65 tokens: its second 64-token chunk is only the new one
+    (2, 2, 4, 64, 16, 300, 2, True),  # 5 chunks dealt to 2 splits: split 0 takes chunks 0, 2 and 4
+    (2, 1, 8, 64, 16, 200, 1, False),  # one split walks all 4 chunks
 ]
+# the same with chunks dealt in turn and each split's first read ahead (before the PDL wait, on a GPU);
+# with 8 splits over at most 304 tokens the chunks are 32 tokens: 10 of them, split 0 takes 0 and 8
+CASES += [case + (torch.float32, "cpu", 0, True) for case in CASES + [(3, 2, 4, 64, 16, 300, 8, True)]]
 
 
 def test_paged_decode_kernel_matches_reference_in_interpreter():
@@ -115,9 +120,10 @@ def test_paged_decode_kernel_matches_reference_in_interpreter():
 def test_paged_decode_kernel_on_gpu(group, dim):
     for batch, max_len, splits, rope in [(1, 4096, 16, True), (8, 1000, 4, False), (64, 600, 1, True),
                                          (128, 2000, 8, True)]:
-        err = run_case(batch, 8 // group if group < 8 else 1, group, dim, 16, max_len, splits, rope,
-                       dtype=torch.bfloat16, device="cuda")
-        assert err < 2e-2, (batch, max_len, err)
+        for prefetch in (False, True):
+            err = run_case(batch, 8 // group if group < 8 else 1, group, dim, 16, max_len, splits, rope,
+                           dtype=torch.bfloat16, device="cuda", prefetch=prefetch)
+            assert err < 2e-2, (batch, max_len, prefetch, err)
 
 
 def backend_case(seed=0):
@@ -167,6 +173,7 @@ SKINNY_CASES = [  # rows, N, K, bias, block_n, block_k
     (2, 24, 128, False, 4, 32),
     (3, 19, 96, True, 8, 64),       # 3 rows, padded to 4
     (4, 64, 192, False, 32, 64),
+    (1, 9, 300, True, 1, 512),      # one tile wider than K
 ]
 
 
@@ -192,13 +199,18 @@ def test_skinny_gemm_matches_float64_in_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows", [1, 3])
 def test_skinny_gemm_on_gpu(rows):
-    """Real 8B shapes through the autotuned kernel (block sizes None); fp32 on two of them."""
+    """Real 8B shapes through the default tile; fp32 on two of them; then every tile on offer."""
+    from ptp.kernels.skinny_gemm import configs_for
+
     for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (1000, 1000)]:
         for dtype, tol in [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)]:
             if dtype == torch.float32 and n not in (1000, 4096):
                 continue
             err = skinny_case(rows, n, k, n == 1000, None, None, dtype=dtype, device="cuda")
             assert err < tol, (rows, n, k, dtype, err)
+    for block_n, block_k, _, _ in configs_for(rows):  # every tile the tuner may choose, K a multiple of none
+        err = skinny_case(rows, 1000, 14000, True, block_n, block_k, dtype=torch.bfloat16, device="cuda")
+        assert err < 1e-2, (rows, block_n, block_k, err)
 
 
 NORM_CASES = [  # rows, dim, residual, dtype
@@ -330,15 +342,82 @@ def test_skinny_choices_round_trip_through_the_machine_cache(tmp_path, monkeypat
     import ptp.parallel.comm as comm
 
     monkeypatch.setattr(comm, "machine_cache_file", lambda kind: tmp_path / f"{kind}.json")
+    offered = ops._offered(1)
     monkeypatch.setattr(ops, "_CHOICE", {"(1, 4096)x(4096, 4096) bfloat16 pdl": {
         "config": [8, 512, 4, 1], "skinny_us": 7.6, "skinny_tile": [8, 512, 4, 1], "torch_us": 9.5,
-        "tiles": {"8x512x4x1": 7.6}}})
+        "tiles": {"8x512x4x1": 7.6}, "offered": offered}})
     ops._save_choices()
     assert ops._load_choices() == ops._CHOICE
-    # entries another version of ptp wrote (other fields, a tile of another length) are measured again
-    assert ops._valid_choice(ops._CHOICE["(1, 4096)x(4096, 4096) bfloat16 pdl"])
-    assert ops._valid_choice({"config": None, "torch_us": 9.5})
-    for stale in [{"skinny": True}, {"config": [4, 1024, 4, 1, 0]}, {"config": "4x1024"}, None]:
-        assert not ops._valid_choice(stale)
+    # entries another version of ptp wrote (other fields, a tile of another length, a choice among
+    # other tiles) are measured again
+    assert ops._valid_choice(ops._CHOICE["(1, 4096)x(4096, 4096) bfloat16 pdl"], 1)
+    assert ops._valid_choice({"config": None, "torch_us": 9.5, "offered": offered}, 1)
+    for stale in [{"skinny": True}, {"config": [4, 1024, 4, 1, 0], "offered": offered},
+                  {"config": "4x1024", "offered": offered}, None, {"config": [8, 512, 4, 1]},
+                  {"config": [8, 512, 4, 1], "offered": offered[:-1]}]:
+        assert not ops._valid_choice(stale, 1)
     (tmp_path / "skinny-gemm.json").write_text("{not json")
     assert ops._load_choices() == {}  # a damaged cache is measured again, not an error
+
+
+def hopper_ptx(fn, pointers: dict, constexprs: dict, floats=(), num_warps=4, num_stages=3) -> str:
+    """Compile a Triton kernel for an H100/H200 (sm_90) on this machine, GPU or not: the PTX.
+
+    The interpreter runs kernels as Python, so it misses what only the compiler rejects (a loop-carried
+    variable that changes type, say) and what only the compiled code shows (where loads are issued)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in floats:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("s_"):  # strides: Triton specialises those divisible by 16, as real ones are
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
+
+
+def _before_wait(ptx: str) -> str:
+    return ptx.split("griddepcontrol.wait")[0]
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_decode_kernel_compiles_for_hopper_and_reads_ahead_only_with_prefetch(prefetch):
+    from ptp.kernels.paged_attention import _decode_merge, _decode_partial
+
+    for dtype, rope in [("bf16", True), ("bf16", False), ("fp32", True)]:
+        pointers = dict(Q=dtype, KN=dtype, VN=dtype, SLOTS="i64", K=dtype, V=dtype, BT="i32", LENS="i32",
+                        O="fp32", M="fp32", L="fp32", COS_SIN="fp32")
+        ptx = hopper_ptx(_decode_partial, pointers, dict(
+            GROUP=4, GROUP_PAD=16, D=128, BLOCK_SIZE=16, TOKENS=32 if prefetch else 64, IEEE=dtype == "fp32",
+            ROPE=rope, USE_PDL=True, PREFETCH=prefetch), floats=("scale",))
+        # the first chunk's keys and values (vector loads) are requested before the wait, or none is
+        wide_loads_before = _before_wait(ptx).count("ld.global.v4")
+        assert (wide_loads_before >= 2) if prefetch else (wide_loads_before == 0), (dtype, rope, wide_loads_before)
+    ptx = hopper_ptx(_decode_merge, dict(O="fp32", M="fp32", L="fp32", OUT="bf16"),
+                     dict(SPLITS_PAD=16, D=128, USE_PDL=True))
+    assert "ld.global" not in _before_wait(ptx)  # everything it reads comes from the kernel before
+
+
+def test_skinny_and_norm_kernels_compile_for_hopper():
+    from ptp.kernels.rms_norm import _add_rms_norm
+    from ptp.kernels.skinny_gemm import _skinny_mm, configs_for
+
+    for block_n, block_k, warps, stages in configs_for(1):
+        ptx = hopper_ptx(_skinny_mm, dict(X="bf16", W="bf16", B="bf16", Y="bf16"), dict(
+            ROWS=1, HAS_BIAS=False, EVEN_K=True, USE_PDL=True, BLOCK_N=block_n, BLOCK_K=block_k),
+            num_warps=warps, num_stages=stages)
+        before = _before_wait(ptx)
+        assert "ld.global" in before and "st.global" not in before  # weights ahead, no write before the wait
+    ptx = hopper_ptx(_add_rms_norm, dict(X="bf16", R="bf16", W="bf16", OUT="bf16", NEW_R="bf16"),
+                     dict(HAS_RESIDUAL=True, BLOCK=4096, USE_PDL=True), floats=("eps",))
+    assert "st.global" not in _before_wait(ptx)

@@ -54,7 +54,7 @@ def _skinny_config(x, weight, bias) -> tuple | None:
     if not _CHOICE:
         _CHOICE.update(_load_choices())
     entry = _CHOICE.get(key)
-    if not _valid_choice(entry):  # not measured yet, or written by another version of ptp
+    if not _valid_choice(entry, x.shape[0]):  # not measured yet, or by another version of ptp
         if torch.cuda.is_current_stream_capturing():
             return None  # cannot measure inside a capture; warm-up runs come first, so this is rare
         entry = _CHOICE[key] = tune_skinny(x, weight, bias)
@@ -63,9 +63,16 @@ def _skinny_config(x, weight, bias) -> tuple | None:
     return tuple(entry["config"]) if entry["config"] else None
 
 
-def _valid_choice(entry) -> bool:
-    """A cached choice this version can use: {"config": None or [BLOCK_N, BLOCK_K, warps, stages], ...}."""
-    if not isinstance(entry, dict) or "config" not in entry:
+def _offered(rows: int) -> list[str]:
+    from ptp.kernels.skinny_gemm import configs_for
+
+    return ["x".join(map(str, c)) for c in configs_for(rows)]
+
+
+def _valid_choice(entry, rows: int) -> bool:
+    """A cached choice this version can use: {"config": None or [BLOCK_N, BLOCK_K, warps, stages],
+    "offered": the tiles timed, ...}, made among the tiles this version offers."""
+    if not isinstance(entry, dict) or "config" not in entry or entry.get("offered") != _offered(rows):
         return False
     config = entry["config"]
     return config is None or (isinstance(config, list) and len(config) == 4
@@ -95,7 +102,7 @@ def tune_skinny(x, weight, bias) -> dict:
     skinny_us = tiles[best] if best else float("inf")
     return {"config": list(best) if best and skinny_us < torch_us else None, "skinny_us": round(skinny_us, 2),
             "skinny_tile": list(best) if best else None, "torch_us": round(torch_us, 2),
-            "tiles": {"x".join(map(str, t)): round(us, 2) for t, us in tiles.items()}}
+            "tiles": {"x".join(map(str, t)): round(us, 2) for t, us in tiles.items()}, "offered": _offered(x.shape[0])}
 
 
 def copies_beyond_l2(weight: torch.Tensor) -> list[torch.Tensor]:

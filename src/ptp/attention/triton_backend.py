@@ -1,37 +1,34 @@
 """Decode through ptp's Triton paged-decode kernel (kernels/paged_attention.py); prefill through SDPA."""
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 
 from ptp.attention.meta import DecodeMeta
 from ptp.attention.torch_sdpa import TorchAttention
+from ptp.kernels import sm_count
 
 log = logging.getLogger("ptp")
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def choose_splits(batch: int, kv_heads: int, max_tokens: int, device: torch.device) -> int:
-    """Enough (sequence, KV head, split) programs to fill the GPU twice over; at least 256 tokens each."""
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
-    wanted = -(-2 * sms // max(1, batch * kv_heads))
+def choose_splits(batch: int, kv_heads: int, max_tokens: int, device: torch.device, waves: int = 2) -> int:
+    """Enough (sequence, KV head, split) programs to fill the GPU `waves` times over; at least 256
+    tokens each (at the longest context the step's block tables allow)."""
+    sms = sm_count(device.index or 0) if device.type == "cuda" else 4
+    wanted = -(-waves * sms // max(1, batch * kv_heads))
     return max(1, min(wanted, max_tokens // 256, 64))
 
 
 def paged_decode(q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, scale: float,
-                 cos_sin=None) -> torch.Tensor:
+                 cos_sin=None, splits: int | None = None) -> torch.Tensor:
     """Rotate q and k (given cos_sin), write the step's k, v into the cache and attend: one kernel
     does it all (and a second merges the splits, chosen here)."""
     from ptp.kernels.paged_attention import paged_decode as kernel
 
     max_tokens = block_tables.shape[1] * k_cache.shape[1]
-    splits = choose_splits(q.shape[0], k_cache.shape[2], max_tokens, q.device)
+    if splits is None:
+        splits = choose_splits(q.shape[0], k_cache.shape[2], max_tokens, q.device)
     return kernel(q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, scale, splits, cos_sin=cos_sin)
 
 

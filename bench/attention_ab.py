@@ -1,0 +1,79 @@
+"""The Triton decode kernel against an earlier version of itself, and its schedules side by side.
+
+    git show <rev>:kernels/paged_attention.py > /tmp/previous.py
+    python bench/attention_ab.py --previous /tmp/previous.py
+
+For each shape (context, the longest context the block tables allow, batch, GQA ratio), the time of
+one call replayed 20 times in a CUDA graph, as bench/attention.py times it, for: the previous kernel
+(if given), this one as ptp runs it ("auto"), and each schedule forced: chunks dealt to the splits
+in turn with the first read ahead of the PDL wait ("ahead"), or contiguous ranges; 32- or 64-token
+chunks. Every variant's output is checked against the first one's. % of the device's copy bandwidth
+(bench/common.py) on the KV bytes read.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import torch
+
+from common import bandwidth  # (common also puts src on the path)
+
+from ptp.attention.triton_backend import choose_splits
+from ptp.kernels.paged_attention import paged_decode
+from ptp.parallel.comm import time_in_graph
+
+SHAPES = [(384, 4096, 1, 4), (384, 32768, 1, 4), (512, 512, 1, 8), (4096, 4096, 1, 8), (32768, 32768, 1, 1),
+          (32768, 32768, 1, 8), (512, 512, 16, 8), (4096, 4096, 16, 4), (4096, 4096, 16, 8), (32768, 32768, 16, 8),
+          (512, 512, 64, 8), (4096, 4096, 64, 8), (512, 512, 256, 8), (4096, 4096, 256, 8)]
+
+
+def load_kernel(path: str):
+    spec = importlib.util.spec_from_file_location("previous_paged_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.paged_decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--previous", default=None, help="a file holding an earlier kernels/paged_attention.py")
+    ns = parser.parse_args()
+    variants = [("auto", paged_decode, {}),
+                ("ahead t32", paged_decode, dict(prefetch=True, tokens_per_step=32)),
+                ("ahead t64", paged_decode, dict(prefetch=True, tokens_per_step=64)),
+                ("contig t64", paged_decode, dict(prefetch=False, tokens_per_step=64)),
+                ("contig t32", paged_decode, dict(prefetch=False, tokens_per_step=32))]
+    if ns.previous:
+        variants.insert(0, ("previous", load_kernel(ns.previous), {}))
+    dev = torch.device("cuda")
+    bw = bandwidth(torch.cuda.get_device_name()) or 4.3e12
+    block, kv_heads, dim = 16, 8, 128
+    print("context | max | batch | gqa | splits | " + " | ".join(v[0] for v in variants)
+          + f"  (us, % of {bw / 1e12} TB/s)")
+    for ctx, max_len, bs, gqa in SHAPES:
+        per_seq = max_len // block
+        blocks = bs * per_seq
+        cache = torch.randn(2, blocks + 1, block, kv_heads, dim, device=dev, dtype=torch.bfloat16)
+        new = torch.randn(bs, kv_heads, dim, device=dev, dtype=torch.bfloat16)
+        spare = torch.full((bs,), blocks * block, device=dev)  # the new k, v go to a spare block
+        tables = torch.randperm(blocks, device=dev).view(bs, per_seq).int()
+        lens = torch.full((bs,), ctx, device=dev, dtype=torch.int32)
+        q = torch.randn(bs, kv_heads * gqa, dim, device=dev, dtype=torch.bfloat16)
+        splits = choose_splits(bs, kv_heads, max_len, dev)
+        args = (q, new, new, spare, cache[0], cache[1], tables, lens, dim ** -0.5, splits)
+        first = None
+        row = []
+        for name, fn, kw in variants:
+            out = fn(*args, **kw).float()
+            first = out if first is None else first
+            assert (out - first).abs().max().item() < 2e-2, f"{name} disagrees with {variants[0][0]}"
+            row.append(time_in_graph(lambda: fn(*args, **kw), 20))
+        kv_bytes = 2 * bs * ctx * kv_heads * dim * 2
+        print(f"{ctx} | {max_len} | {bs} | {gqa} | {splits} | "
+              + " | ".join(f"{us:.1f} ({100 * kv_bytes / us / 1e-6 / bw:.0f}%)" for us in row))
+        del cache
+
+
+if __name__ == "__main__":
+    main()
