@@ -90,6 +90,8 @@ VARIANTS = {  # "env": environment of the variant's process
     "compile + graphs, triton": dict(attention_backend="triton"),
     "compile + graphs, torch attention": dict(attention_backend="torch"),
     "compile + graphs, triton, no overlap": dict(attention_backend="triton", disable_overlap_schedule=True),
+    # 16 tokens per step: prompt chunks share steps with decodes (MixedMeta: each row through its own path)
+    "compile + graphs, triton, mixed steps": dict(attention_backend="triton", chunked_prefill_size=16),
     "compile, flex attention (no graphs)": dict(attention_backend="flex"),
     "tp=2 eager, torch attention": dict(tp=2, torch_compile="off", disable_cuda_graph=True, attention_backend="torch"),
     "tp=2 compile + graphs, triton": dict(tp=2, attention_backend="triton"),
@@ -109,6 +111,7 @@ def main() -> None:
                         help="float32 (TF32 off) makes any difference a bug rather than a near-tie")
     parser.add_argument("--near-tie", type=float, default=0.05,
                         help="log-probability gap below which a first difference is put down to rounding")
+    parser.add_argument("--only", default=None, help="run only the variants whose name contains this (and the reference)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)   # child mode
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -126,7 +129,8 @@ def main() -> None:
     folder = write_checkpoint(root)
     results = {}
     for name, kwargs in VARIANTS.items():
-        if kwargs.get("tp", 1) not in tps and name != next(iter(VARIANTS)):  # the reference always runs
+        is_reference = name == next(iter(VARIANTS))  # always runs
+        if not is_reference and (kwargs.get("tp", 1) not in tps or (ns.only and ns.only not in name)):
             continue
         out = root / "out.json"
         proc = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "--variant", name, "--folder",

@@ -69,3 +69,37 @@ def test_flex_backend_equals_torch_backend(ckpt_root, arch, overrides):
         outs[backend] = [o.token_ids for o in llm.generate(
             prompts, ptp.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))]
     assert outs["flex"] == outs["torch"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_mixed_step_equals_the_padded_prefill_step(backend):
+    """A step of decodes and prompt chunks: its decode rows go through the decode path (MixedMeta);
+    outputs and cache writes equal those of the whole step through the padded prefill path."""
+    from ptp.attention import MixedMeta, PrefillMeta, make_backend, step_meta
+    from ptp.attention.meta import Bound
+    from ptp.kv_cache import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    block, kv, heads, dim = 4, 2, 4, 16
+    starts, lens = [5, 0, 9, 3, 2], [1, 6, 1, 4, 1]  # rows 0, 2, 4 decode; rows 1, 3 bring prompt chunks
+    perm = torch.randperm(30, generator=g).tolist()
+    tables = [perm[6 * i: 6 * i + -(-(s + n) // block)] for i, (s, n) in enumerate(zip(starts, lens))]
+    slots = torch.tensor([t[p // block] * block + p % block for t, s, n in zip(tables, starts, lens)
+                          for p in range(s, s + n)])
+    tokens = sum(lens)
+    q = torch.randn(tokens, heads, dim, generator=g)
+    k, v = torch.randn(2, tokens, kv, dim, generator=g).unbind(0)
+    caches = [KVCache(1, 31, block, kv, dim, torch.float32, "cpu") for _ in range(2)]
+    caches[0].data.copy_(torch.randn(caches[0].data.shape, generator=g))
+    caches[1].data.copy_(caches[0].data)
+    no_rope = lambda positions, q, k: (q, k)  # noqa: E731
+    padded = PrefillMeta.build(starts, lens, tables, slots, block, None, "cpu")
+    want = Bound(make_backend(backend, caches[0], None, torch.device("cpu")), padded)(0, q, k, v, no_rope, None)
+    mixed = step_meta(starts, lens, tables, slots, block, None, "cpu")
+    assert isinstance(mixed, MixedMeta) and mixed.decode_tokens.tolist() == [0, 7, 12]
+    got = Bound(make_backend(backend, caches[1], None, torch.device("cpu")), mixed)(0, q, k, v, no_rope, None)
+    assert (got - want).abs().max().item() < 1e-5
+    assert torch.equal(caches[0].data, caches[1].data)
+    # a step of one kind only keeps its own metadata
+    assert type(step_meta([3, 4], [1, 1], tables[:2], slots[:2], block, None, "cpu")).__name__ == "DecodeMeta"
+    assert isinstance(step_meta([0], [6], tables[1:2], slots[1:7], block, None, "cpu"), PrefillMeta)

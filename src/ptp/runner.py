@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ptp.attention import Bound, DecodeMeta, PrefillMeta, make_backend
+from ptp.attention import Bound, DecodeMeta, make_backend, step_meta
 from ptp.config import ModelConfig
 from ptp.errors import ConfigError
 from ptp.hub import ModelFiles
@@ -186,23 +186,14 @@ class ModelRunner:
                 logit_rows.append(row - 1)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
         input_ids, pos_t, slot_t = as_tensor(ids), as_tensor(positions), as_tensor(slots)
-        if batch.is_decode:
-            meta = DecodeMeta(slot_t, _tables(batch.block_tables, device), as_tensor([s + 1 for s in batch.starts]).int())
-        else:
-            meta = PrefillMeta.build(batch.starts, [len(t) for t in batch.token_ids], batch.block_tables, slot_t,
-                                     block_size, self.config.sliding_window, device)
+        meta = step_meta(batch.starts, [len(t) for t in batch.token_ids], batch.block_tables, slot_t, block_size,
+                         self.config.sliding_window, device)
         if not logit_rows:
             if min(ids) < 0:
                 raise AssertionError("a step that samples nothing cannot use the previous step's tokens")
             self.model(input_ids, pos_t, Bound(self.attention, meta))
             return None
         return self.forward_logits(input_ids, pos_t, meta, as_tensor(logit_rows))
-
-
-def _tables(tables: list[list[int]], device) -> torch.Tensor:
-    """Block tables as one int32 tensor, rows padded with zeros (one tensor built, not one per row)."""
-    width = max(len(t) for t in tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(device, non_blocking=True)
 
 
 def graph_buckets(max_bs: int) -> list[int]:

@@ -1,7 +1,8 @@
 """Attention over the paged KV cache, behind one interface.
 
 The runner describes each step with metadata — `DecodeMeta` when every sequence brings one new
-token (the hot, graph-captured path), `PrefillMeta` otherwise — and binds it to the backend;
+token (the hot, graph-captured path), `PrefillMeta` when every one brings several, `MixedMeta`
+(the two, each row through its own path) for a mix — and binds it to the backend;
 the model calls the bound backend once per layer with that layer's q, k, v for every new token
 ([tokens, heads, head_dim]). The backend writes k and v into the cache (one indexed copy per
 layer for the whole step) and returns the attention output shaped like q.
@@ -12,7 +13,7 @@ import logging
 
 import torch
 
-from ptp.attention.meta import Bound, DecodeMeta, PrefillMeta
+from ptp.attention.meta import Bound, DecodeMeta, MixedMeta, PrefillMeta, step_meta
 from ptp.attention.torch_sdpa import TorchAttention
 from ptp.errors import ConfigError
 
@@ -60,4 +61,4 @@ def make_backend(name: str, kv_cache, sliding_window: int | None, device: torch.
     return TorchAttention(kv_cache, sliding_window)
 
 
-__all__ = ["Bound", "DecodeMeta", "PrefillMeta", "make_backend", "available_backends"]
+__all__ = ["Bound", "DecodeMeta", "MixedMeta", "PrefillMeta", "make_backend", "available_backends", "step_meta"]

@@ -42,7 +42,7 @@ class FlexAttention(TorchAttention):
         else:  # eager on CPU: exact, and the tests' reference; its "not compiled" warning says nothing new
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             self._attend = flex_attention
-        self._block_mask = None
+        self._block_masks: dict[int, object] = {}  # the step's masks, by the id of the tensor they come from
 
     def forward(self, meta, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin=None) -> torch.Tensor:
         assert cos_sin is None, "the flex backend takes q and k already rotated"
@@ -64,14 +64,18 @@ class FlexAttention(TorchAttention):
 
     def begin_step(self) -> None:
         """Called by Bound once per step (eagerly: this backend's decode is not compiled)."""
-        self._block_mask = None
+        self._block_masks = {}
 
     def _mask(self, meta, q_len: int, kv_len: int):
-        """The step's BlockMask, built at its first layer and reused by the others."""
+        """The BlockMask of this step's metadata (a mixed step has two), built at the first layer and
+        reused by the others."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        if self._block_mask is None:
-            dense = self._decode_mask(meta, kv_len) if isinstance(meta, DecodeMeta) else meta.mask  # [B, 1, Q, L]
-            self._block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: dense[b, 0, q_idx, kv_idx],
-                                                 dense.shape[0], None, q_len, kv_len, device=dense.device)
-        return self._block_mask
+        decode = isinstance(meta, DecodeMeta)
+        # the op that reaches a decode step builds its DecodeMeta anew per layer, from the step's tensors
+        key = id(meta.seq_lens if decode else meta.mask)
+        if key not in self._block_masks:
+            dense = self._decode_mask(meta, kv_len) if decode else meta.mask  # [B, 1, Q, L]
+            self._block_masks[key] = create_block_mask(lambda b, h, q_idx, kv_idx: dense[b, 0, q_idx, kv_idx],
+                                                       dense.shape[0], None, q_len, kv_len, device=dense.device)
+        return self._block_masks[key]

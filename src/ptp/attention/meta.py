@@ -50,6 +50,48 @@ class PrefillMeta:
                    torch.tensor(out_index, dtype=torch.long).to(device), mask.unsqueeze(1).to(device))
 
 
+@dataclasses.dataclass
+class MixedMeta:
+    """A step with both kinds of rows: rows that bring one token (decodes) go through the backend's
+    decode path, prompt chunks through its prefill path, so that no decode row is padded to the
+    longest chunk (with 255 decodes beside one 512-token chunk, the padded step attends for 255 x 512
+    query rows where 255 are needed)."""
+    decode_tokens: torch.Tensor  # [D] indices into the step's T tokens
+    decode: DecodeMeta
+    chunk_tokens: torch.Tensor   # [T - D]
+    chunks: PrefillMeta
+
+
+def tables_tensor(tables: list[list[int]], device) -> torch.Tensor:
+    """Block tables as one int32 tensor, rows padded with zeros (one tensor built, not one per row)."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(device, non_blocking=True)
+
+
+def step_meta(starts: list[int], query_lens: list[int], block_tables: list[list[int]], slot_mapping: torch.Tensor,
+              block_size: int, sliding_window: int | None, device) -> DecodeMeta | PrefillMeta | MixedMeta:
+    """The attention metadata of an eager step (tokens of row i: query_lens[i], from position starts[i])."""
+    single = [i for i, n in enumerate(query_lens) if n == 1]
+
+    def decode_meta(rows, slots):
+        lens = torch.tensor([starts[i] + 1 for i in rows], dtype=torch.int32).to(device, non_blocking=True)
+        return DecodeMeta(slots, tables_tensor([block_tables[i] for i in rows], device), lens)
+
+    if len(single) == len(query_lens):
+        return decode_meta(single, slot_mapping)
+    if not single:
+        return PrefillMeta.build(starts, query_lens, block_tables, slot_mapping, block_size, sliding_window, device)
+    offsets = list(itertools.accumulate(query_lens, initial=0))
+    chunked = [i for i, n in enumerate(query_lens) if n > 1]
+    decode_tokens = torch.tensor([offsets[i] for i in single]).to(device, non_blocking=True)
+    chunk_tokens = torch.tensor([t for i in chunked for t in range(offsets[i], offsets[i + 1])]).to(device,
+                                                                                                   non_blocking=True)
+    chunks = PrefillMeta.build([starts[i] for i in chunked], [query_lens[i] for i in chunked],
+                               [block_tables[i] for i in chunked], slot_mapping[chunk_tokens], block_size,
+                               sliding_window, device)
+    return MixedMeta(decode_tokens, decode_meta(single, slot_mapping[decode_tokens]), chunk_tokens, chunks)
+
+
 _BACKENDS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
 _keys = itertools.count()
 
@@ -99,4 +141,9 @@ class Bound:
             q, k = rotary(positions, q, k)
             return decode_attention(q, k, v, m.slot_mapping, m.block_tables, m.seq_lens, layer, self.backend.key)
         q, k = rotary(positions, q, k)
+        if isinstance(m, MixedMeta):
+            out = torch.empty_like(q)
+            for rows, part in ((m.decode_tokens, m.decode), (m.chunk_tokens, m.chunks)):
+                out[rows] = self.backend.forward(part, layer, q[rows], k[rows], v[rows])
+            return out
         return self.backend.forward(m, layer, q, k, v)
