@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU table in one go, for the device machines (torch 2.11, no install of ptp needed).
-#   bash bench/gpu_suite.sh single   # one GPU: kernels, fast paths vs eager, latency, attention, throughput
+#   bash bench/gpu_suite.sh single   # one GPU: kernels, fast paths vs eager, latency, attention
 #   bash bench/gpu_suite.sh pair-a   # two GPUs: all-reduce, latency at tp=1 and tp=2
 #   bash bench/gpu_suite.sh pair-b   # two GPUs: greedy checks of every fast path, serving at tp=2
 #   (perf, tp1-a, tp1-b, final-a, final-b, pair-check, pair-perf: the second session's calls;
@@ -76,6 +76,69 @@ prefill)  # one GPU (third session): time to first token (prefill) per attention
   for be in triton flex; do
     step prefill_$be 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --attention-backend $be --batch-sizes 1,8 --input-len 2048 --output-len 8 --label prefill-$be --json "$OUT/latency.jsonl"
   done
+  ;;
+attn-pdl)  # one GPU (fourth session): the decode kernel reading its first K/V chunk before its PDL wait, A/B in one call
+  step kernels 100 python -m pytest tests/test_kernels.py -q -m gpu -k "paged or pdl"
+  step attention 150 python bench/attention.py --backends triton --batches 1,16,64 --waves 2,4 --json "$OUT/attention.jsonl"
+  step latency_tp1 120 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  if [ -f .ab/paged_attention_prev.py ]; then  # the previous kernel (git show HEAD~:kernels/paged_attention.py), same call
+    cp kernels/paged_attention.py /tmp/paged_attention_new.py; cp .ab/paged_attention_prev.py kernels/paged_attention.py
+    step latency_tp1_prev_kernel 120 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1 --input-len 128 --output-len 256 --label prev-attention --json "$OUT/latency.jsonl"
+    cp /tmp/paged_attention_new.py kernels/paged_attention.py
+    step latency_tp1_again 120 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  fi
+  step profile 100 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
+  ;;
+tp1-d)  # one GPU (fourth session): kernels, projections (wide tiles on offer), attention, batch 1/8 twice, eager, batch 64, the step's kernels
+  step kernels 120 python -m pytest tests/test_kernels.py -q -m gpu
+  step gemm 100 python bench/gemm.py --rows 1 --json "$OUT/gemm.jsonl"
+  step attention 90 python bench/attention.py --backends triton --batches 1,16,64 --json "$OUT/attention.jsonl"
+  step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step latency_tp1_again 90 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step latency_tp1_eager 90 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 64 --torch-compile off --disable-cuda-graph --label eager --json "$OUT/latency.jsonl"
+  step latency_b64 120 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
+  step profile 80 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
+  ;;
+tp1-e)  # one GPU (fourth session): kernels, decode-kernel schedules A/B, batch 1/8 twice, eager, the step's kernels
+  step kernels 120 python -m pytest tests/test_kernels.py -q -m gpu
+  # .ab/ is not in git: git show b5efcd3:kernels/paged_attention.py > .ab/paged_attention_prev.py (the previous kernel)
+  step attention_ab 150 python bench/attention_ab.py $([ -f .ab/paged_attention_prev.py ] && echo --previous .ab/paged_attention_prev.py)
+  step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step latency_tp1_again 90 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step latency_tp1_eager 90 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 64 --torch-compile off --disable-cuda-graph --label eager --json "$OUT/latency.jsonl"
+  step profile 80 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
+  ;;
+tp1-f)  # one GPU (fourth session): kernels, batch 1 with A/B of two choices in one call (.ab/, not in git), eager, batch 64, attention
+  step kernels 120 python -m pytest tests/test_kernels.py -q -m gpu
+  L1="python bench/latency.py $M8 --cuda-graph-max-bs 8 --input-len 128 --output-len 256 --json $OUT/latency.jsonl"
+  step latency_tp1 150 $L1 --batch-sizes 1,8 --label compiled
+  for v in rms_norm_w16:kernels/rms_norm.py paged_attention_t64:kernels/paged_attention.py; do
+    [ -f .ab/${v%%:*}.py ] || continue
+    cp ${v#*:} /tmp/kept.py; cp .ab/${v%%:*}.py ${v#*:}
+    step latency_tp1_${v%%:*} 90 $L1 --batch-sizes 1 --label ${v%%:*}
+    cp /tmp/kept.py ${v#*:}
+  done
+  step latency_tp1_again 90 $L1 --batch-sizes 1 --label compiled
+  step latency_tp1_eager 90 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 64 --torch-compile off --disable-cuda-graph --label eager --json "$OUT/latency.jsonl"
+  step latency_b64 120 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
+  step attention 120 python bench/attention.py --backends triton --json "$OUT/attention.jsonl"
+  ;;
+check-d)  # one GPU (fourth session): fast paths against eager in fp32, the step's kernels
+  step check_tp1 400 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
+  step profile 80 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
+  ;;
+sweep-d)  # one GPU (fourth session): decode tokens/s over batch sizes (the plot), offline throughput
+  step latency_sweep 240 python bench/latency.py $M8 --cuda-graph-max-bs 128 --batch-sizes 1,2,4,8,16,32,64,128 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
+  step throughput 200 python bench/throughput.py $M8 --cuda-graph-max-bs 256 --num-prompts 512 --input-len 512 --output-len 256 --json "$OUT/throughput.jsonl"
+  ;;
+mixed-d)  # one GPU (fourth session): mixed steps through each row's own path: tokens (fp32), offline throughput, serving
+  step check_mixed 200 python bench/check_gpu.py --tp-list 1 --dtype float32 --only "mixed" --json "$OUT/check.jsonl"
+  step throughput 200 python bench/throughput.py $M8 --cuda-graph-max-bs 256 --num-prompts 512 --input-len 512 --output-len 256 --json "$OUT/throughput.jsonl"
+  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  step serving_tp1 200 bash -c 'python -m ptp.serve $0 --port 30000 > "$1/server.log" 2>&1 & pid=$!;
+    for i in $(seq 1 150); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done;
+    python bench/serving.py --request-rates 4,16,inf --num-prompts 128 --input-len 512 --output-len 128 --json "$1/serving.jsonl" --label tp1;
+    kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$1/server.log"' "${M8/llama-3.1-8b/bench/configs/llama-3.1-8b}" "$OUT"
   ;;
 pair-check)  # two GPUs: every fast path at tp=2 against eager tp=1, fp32 (each variant starts two ranks)
   step check_tp2 560 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"

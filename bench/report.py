@@ -1,6 +1,9 @@
 """Tables and a plot from the JSON lines that the bench scripts write (run here, after a GPU run).
 
     python bench/report.py docs/results/latency.jsonl --plot docs/decode_tokens_per_s.png
+    python bench/report.py "new.jsonl=this session" "old.jsonl=second session" --plot out.png
+
+A file may carry a name after "=": the plot's lines then say which file they come from.
 """
 from __future__ import annotations
 
@@ -16,7 +19,10 @@ def main() -> None:
     parser.add_argument("files", nargs="+")
     parser.add_argument("--plot", default=None, help="PNG: decode tokens/s against batch size, a line per tp")
     ns = parser.parse_args()
-    rows = [json.loads(line) for f in ns.files for line in open(f) if line.strip()]
+    rows = []
+    for spec in ns.files:
+        path, _, source = spec.partition("=")
+        rows += [{**json.loads(line), "source": source} for line in open(path) if line.strip()]
     rows = [r for r in rows if "tokens_per_s" in r]
     print_table(rows, ["label", "tp", "batch", "input_len", "ms_per_step", "graph_ms", "tokens_per_s",
                        "pct_of_limit", "ttft_ms", "launch_to_first_token_s"])
@@ -28,7 +34,8 @@ def main() -> None:
         lines = defaultdict(list)
         for r in rows:
             if r["label"] in ("compiled", "tuned", "compiled-ctx512"):
-                lines[f"ptp tp={r['tp']}"].append((r["batch"], r["tokens_per_s"]))
+                source = f" ({r['source']})" if r["source"] else ""
+                lines[f"ptp tp={r['tp']}{source}"].append((r["batch"], r["tokens_per_s"]))
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, points in sorted(lines.items()):
             points.sort()
