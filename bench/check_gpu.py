@@ -90,8 +90,9 @@ VARIANTS = {  # "env": environment of the variant's process
     "compile + graphs, triton": dict(attention_backend="triton"),
     "compile + graphs, torch attention": dict(attention_backend="torch"),
     "compile + graphs, triton, no overlap": dict(attention_backend="triton", disable_overlap_schedule=True),
-    # 16 tokens per step: prompt chunks share steps with decodes (MixedMeta: each row through its own path)
-    "compile + graphs, triton, mixed steps": dict(attention_backend="triton", chunked_prefill_size=16),
+    # 16 tokens per step, and prompt chunks share steps with decodes (MixedMeta: each row through its own path)
+    "compile + graphs, triton, mixed steps": dict(attention_backend="triton", chunked_prefill_size=16,
+                                                  enable_mixed_chunk=True),
     "compile, flex attention (no graphs)": dict(attention_backend="flex"),
     "tp=2 eager, torch attention": dict(tp=2, torch_compile="off", disable_cuda_graph=True, attention_backend="torch"),
     "tp=2 compile + graphs, triton": dict(tp=2, attention_backend="triton"),

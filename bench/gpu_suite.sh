@@ -140,6 +140,17 @@ mixed-d)  # one GPU (fourth session): mixed steps through each row's own path: t
     python bench/serving.py --request-rates 4,16,inf --num-prompts 128 --input-len 512 --output-len 128 --json "$1/serving.jsonl" --label tp1;
     kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$1/server.log"' "${M8/llama-3.1-8b/bench/configs/llama-3.1-8b}" "$OUT"
   ;;
+steps-d)  # one GPU (fourth session): prefill and decode in separate steps (default) against --enable-mixed-chunk
+  step check_mixed 200 python bench/check_gpu.py --tp-list 1 --dtype float32 --only "mixed" --json "$OUT/check.jsonl"
+  T="python bench/throughput.py $M8 --cuda-graph-max-bs 256 --num-prompts 512 --input-len 512 --output-len 256 --json $OUT/throughput.jsonl"
+  step throughput 150 $T --label separate-steps
+  step throughput_mixed 150 $T --enable-mixed-chunk --label mixed-chunk
+  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  step serving_tp1 200 bash -c 'python -m ptp.serve $0 --port 30000 > "$1/server.log" 2>&1 & pid=$!;
+    for i in $(seq 1 150); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done;
+    python bench/serving.py --request-rates 4,16,inf --num-prompts 128 --input-len 512 --output-len 128 --json "$1/serving.jsonl" --label tp1;
+    kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$1/server.log"' "${M8/llama-3.1-8b/bench/configs/llama-3.1-8b}" "$OUT"
+  ;;
 pair-check)  # two GPUs: every fast path at tp=2 against eager tp=1, fp32 (each variant starts two ranks)
   step check_tp2 560 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"
   ;;

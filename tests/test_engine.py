@@ -42,6 +42,28 @@ def test_batch_equals_each_prompt_alone(folder, alone, kwargs):
     assert llm.engine.runner.num_blocks not in allocator.free  # the scratch block is never handed out
 
 
+@pytest.mark.parametrize("mix", [False, True], ids=["prefill-or-decode", "mixed-chunk"])
+def test_steps_mix_prompt_chunks_and_decodes_only_when_asked(folder, alone, mix):
+    """By default a step is a prefill step or a decode step (decode steps can replay graphs);
+    --enable-mixed-chunk lets chunks share steps with decodes. The tokens are the same."""
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", chunked_prefill_size=7, enable_mixed_chunk=mix)
+    scheduler = llm.engine.scheduler
+    schedule, kinds = scheduler.schedule, []
+
+    def spy():
+        step = schedule()
+        if step is not None:
+            seqs, batch = step
+            kinds.append({"chunk" if len(t) > 1 else "decode" for s, t in zip(seqs, batch.token_ids)
+                          if len(t) > 1 or s.num_computed > len(s.prompt_ids)})
+        return step
+    scheduler.schedule = spy
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == alone
+    mixed_steps = sum(k == {"chunk", "decode"} for k in kinds)
+    assert (mixed_steps > 0) if mix else (mixed_steps == 0), kinds
+    assert any(k == {"decode"} for k in kinds) and any(k == {"chunk"} for k in kinds)
+
+
 def test_sampling_seed_topk_and_stop(folder, alone):
     llm = ptp.LLM(str(folder), dtype="float32", device="cpu")
     seeded = ptp.SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01, seed=7, max_tokens=20, ignore_eos=True)

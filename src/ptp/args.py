@@ -36,6 +36,8 @@ class EngineArgs:
     chunked_prefill_size: int = flag(8192, "most tokens one step runs (prefill is split into chunks of this "
                                      "size); -1 runs each prompt whole")
     max_running_requests: int = flag(256, "most sequences in one step")
+    enable_mixed_chunk: bool = flag(False, "let prompt chunks share steps with running decodes (by default a step "
+                                    "is either prefill or decode, so that decode steps replay CUDA graphs)")
     attention_backend: str = flag("auto", "attention over the paged KV cache: auto (triton on CUDA, torch "
                                   "on CPU), triton, flex (FlexAttention; its decode runs eagerly), torch")
     disable_cuda_graph: bool = flag(False, "run decode without CUDA graphs (same tokens, slower)")

@@ -138,7 +138,7 @@ class Engine:
         self.eos_ids = _eos_ids(self.tokenizer, self.config, self.files)
         # runner.num_blocks, not the cache's: the cache has one more, the scratch block of padded rows
         self.scheduler = Scheduler(BlockAllocator(self.runner.num_blocks, self.runner.kv_cache.block_size),
-                                   args.chunked_prefill_size, args.max_running_requests)
+                                   args.chunked_prefill_size, args.max_running_requests, mix=args.enable_mixed_chunk)
         self.sampler = Sampler(self.d.device, args.seed)
         self.overlap = not args.disable_overlap_schedule
         self.inflight: _Launched | None = None

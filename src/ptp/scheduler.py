@@ -4,6 +4,11 @@ Each step: running sequences first (a decode token each, or their next prefill c
 arrival order; when a sequence's next tokens need a block and none is free, the most recently
 arrived running sequence is preempted (its blocks freed, its tokens recomputed later). Then
 waiting sequences are admitted while the token budget, the sequence limit and the blocks allow.
+
+By default (as SGLang) a step is either a prefill step — prompt chunks of running sequences and
+newly admitted ones, whenever there are any — or a decode step of every running sequence, so that
+decode steps replay their CUDA graphs; a step that mixes both runs eagerly. With mix
+(`--enable-mixed-chunk`) prompt chunks share steps with the running decodes.
 """
 from __future__ import annotations
 
@@ -59,10 +64,11 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_tokens_per_step: int, max_running: int):
+    def __init__(self, allocator: BlockAllocator, max_tokens_per_step: int, max_running: int, mix: bool = False):
         self.allocator = allocator
         self.max_tokens_per_step = max_tokens_per_step  # <= 0: no limit
         self.max_running = max_running
+        self.mix = mix
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -74,10 +80,20 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> tuple[list[Sequence], StepBatch] | None:
+        if not self.mix:
+            prefill = [s for s in self.running if len(s) - s.num_computed > 1]
+            if prefill or (self.waiting and len(self.running) < self.max_running):
+                step = self._schedule(prefill)
+                if step is not None:
+                    return step
+            # nothing to prefill, or no room for it: the running sequences' next tokens
+        return self._schedule(list(self.running), admit=self.mix)
+
+    def _schedule(self, queue: list[Sequence], admit: bool = True) -> tuple[list[Sequence], StepBatch] | None:
+        """A step of `queue`'s next tokens (in order), then (with admit) of waiting sequences."""
         budget = self.max_tokens_per_step if self.max_tokens_per_step > 0 else 1 << 62
         chosen: list[tuple[Sequence, int]] = []
         preempted = False
-        queue = list(self.running)
         while queue and budget > 0:
             seq = queue.pop(0)
             if seq.status is not Status.RUNNING:
@@ -95,7 +111,7 @@ class Scheduler:
                 self.allocator.grow(seq.block_table, seq.num_computed + n)
                 chosen.append((seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_running:
+        while admit and self.waiting and budget > 0 and not preempted and len(self.running) < self.max_running:
             seq = self.waiting[0]
             n = min(len(seq) - seq.num_computed, budget)
             if not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
