@@ -38,7 +38,10 @@ def load_kernel(path: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--previous", default=None, help="a file holding an earlier kernels/paged_attention.py")
+    parser.add_argument("--shapes", default=None, help="context:max:batch:gqa,... (default: a set of 14)")
+    parser.add_argument("--splits", default=None, help="time each of these split counts (default: ptp's choice)")
     ns = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split(":")) for s in ns.shapes.split(",")] if ns.shapes else SHAPES
     variants = [("auto", paged_decode, {}),
                 ("ahead t32", paged_decode, dict(prefetch=True, tokens_per_step=32)),
                 ("ahead t64", paged_decode, dict(prefetch=True, tokens_per_step=64)),
@@ -51,7 +54,8 @@ def main() -> None:
     block, kv_heads, dim = 16, 8, 128
     print("context | max | batch | gqa | splits | " + " | ".join(v[0] for v in variants)
           + f"  (us, % of {bw / 1e12} TB/s)")
-    for ctx, max_len, bs, gqa in SHAPES:
+    for (ctx, max_len, bs, gqa), splits in [(shape, n) for shape in shapes
+                                            for n in (ns.splits.split(",") if ns.splits else [None])]:
         per_seq = max_len // block
         blocks = bs * per_seq
         cache = torch.randn(2, blocks + 1, block, kv_heads, dim, device=dev, dtype=torch.bfloat16)
@@ -60,7 +64,7 @@ def main() -> None:
         tables = torch.randperm(blocks, device=dev).view(bs, per_seq).int()
         lens = torch.full((bs,), ctx, device=dev, dtype=torch.int32)
         q = torch.randn(bs, kv_heads * gqa, dim, device=dev, dtype=torch.bfloat16)
-        splits = choose_splits(bs, kv_heads, max_len, dev)
+        splits = int(splits) if splits else choose_splits(bs, kv_heads, max_len, dev)
         args = (q, new, new, spare, cache[0], cache[1], tables, lens, dim ** -0.5, splits)
         first = None
         row = []
