@@ -19,6 +19,7 @@ from ptp.attention import Bound, DecodeMeta, make_backend, step_meta
 from ptp.config import ModelConfig
 from ptp.errors import ConfigError
 from ptp.hub import ModelFiles
+from ptp.kernels import pdl_enabled
 from ptp.kv_cache import KVCache
 from ptp.loader import load_model
 from ptp.parallel.comm import broadcast_from_first, gather_vocab
@@ -222,6 +223,10 @@ class DecodeGraphs:
         self.host_tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, pin_memory=pin)
         self.copied = torch.cuda.Event() if pin else None
         self.step = self._step
+        if compile_ and device.type == "cuda":
+            # decided once, before tracing: the step reads this decision from a dict, which dynamo
+            # guards on; filled during the first trace, it forced a second compile of the step
+            pdl_enabled(device.index or 0)
         if compile_:
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
             # tuned: coordinate-descent tuning of the generated kernels, as gpt-fast does (measured

@@ -1,0 +1,64 @@
+"""Time to first token of one prompt: eager prefill against prefill compiled with dynamic shapes.
+
+    python bench/prefill.py --model llama-3.1-8b --load-format dummy --input-lens 128,512,2048
+
+ptp runs prefill steps eagerly; issue 4 asks for whichever of eager and a compiled prefill measures
+faster. This times `LLM.generate` of one token (the prefill step and its sampling) per prompt
+length: eagerly, then with the runner's forward compiled (torch.compile, dynamic=True) — after its
+first call, whose time (the compile, or a recompile) is reported too. Greedy tokens are compared.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from common import build_llm, engine_parser, print_table, random_prompts, write_json
+
+
+def main() -> None:
+    from ptp.log import setup_logging
+
+    setup_logging()
+    parser = engine_parser(__doc__)
+    parser.add_argument("--input-lens", default="128,512,2048")
+    parser.add_argument("--repeat", type=int, default=5)
+    ns = parser.parse_args()
+    import ptp
+
+    llm, _ = build_llm(ns)
+    runner = llm.engine.runner
+    vocab = llm.engine.config.vocab_size
+    one = ptp.SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    lengths = [int(n) for n in ns.input_lens.split(",")]
+    prompts = {n: random_prompts(1, n, vocab, seed=n)[0] for n in lengths}
+
+    def ttft_ms(prompt) -> tuple[float, list[int]]:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = llm.generate([prompt], one, use_tqdm=False)[0].token_ids
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3, out
+
+    rows, eager_tokens = [], {}
+    for n in lengths:
+        ttft_ms(prompts[n])  # warm up
+        times = [ttft_ms(prompts[n]) for _ in range(ns.repeat)]
+        eager_tokens[n] = times[0][1]
+        rows.append({"prefill": "eager", "input_len": n, "ttft_ms": statistics.median(t for t, _ in times)})
+    runner.forward_logits = torch.compile(runner.forward_logits, dynamic=True)
+    for n in lengths:
+        first, tokens = ttft_ms(prompts[n])
+        times = [ttft_ms(prompts[n]) for _ in range(ns.repeat)]
+        rows.append({"prefill": "compiled (dynamic)", "input_len": n, "ttft_ms": statistics.median(t for t, _ in times),
+                     "first_call_ms": first, "same_token": tokens == eager_tokens[n]})
+    print_table(rows, ["prefill", "input_len", "ttft_ms", "first_call_ms", "same_token"])
+    write_json(ns.json, rows)
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
