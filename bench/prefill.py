@@ -6,6 +6,9 @@ ptp runs prefill steps eagerly; issue 4 asks for whichever of eager and a compil
 faster. This times `LLM.generate` of one token (the prefill step and its sampling) per prompt
 length: eagerly, then with the runner's forward compiled (torch.compile, dynamic=True) — after its
 first call, whose time (the compile, or a recompile) is reported too. Greedy tokens are compared.
+
+On an H100 (fourth session) the compiled forward ran out of memory at its first prefill: traced, the
+prefill path's indexed write into the KV cache makes inductor copy the whole cache (docs/benchmarks.md).
 """
 from __future__ import annotations
 
