@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from common import bandwidth, eager_us, print_table, write_json
+from common import bandwidth, decode_case, eager_us, print_table, write_json
 
 
 def main() -> None:
@@ -39,15 +39,10 @@ def main() -> None:
     block = 16
     for ctx in [int(c) for c in ns.contexts.split(",")]:
         for bs in [int(b) for b in ns.batches.split(",")]:
-            blocks = bs * ctx // block
             kv_bytes = 2 * bs * ctx * ns.kv_heads * ns.head_dim * 2
             if kv_bytes > 40e9:
                 continue
-            cache = torch.randn(2, blocks + 1, block, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16)
-            new = torch.randn(bs, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16)
-            scratch = torch.full((bs,), blocks * block, device=device)  # the new k, v go to a spare block
-            tables = torch.randperm(blocks, device=device).view(bs, ctx // block).int()
-            lens = torch.full((bs,), ctx, device=device, dtype=torch.int32)
+            cache, new, scratch, tables, lens = decode_case(bs, ctx, ctx, ns.kv_heads, ns.head_dim, block)
 
             class Cache:  # what a backend reads of ptp's KV cache
                 block_size = block
@@ -56,7 +51,7 @@ def main() -> None:
                 def layer(self, i):
                     return self.data[0], self.data[1]
             k_cache, v_cache = cache[0], cache[1]
-            meta = DecodeMeta(torch.full((bs,), blocks * block, device=device), tables, lens)
+            meta = DecodeMeta(scratch, tables, lens)
             k = torch.zeros(bs, ns.kv_heads, ns.head_dim, device=device, dtype=torch.bfloat16)
             for group in [int(g) for g in ns.groups.split(",")]:
                 q = torch.randn(bs, ns.kv_heads * group, ns.head_dim, device=device, dtype=torch.bfloat16)

@@ -17,7 +17,7 @@ import importlib.util
 
 import torch
 
-from common import bandwidth  # (common also puts src on the path)
+from common import bandwidth, decode_case  # (common also puts src on the path)
 
 from ptp.attention.triton_backend import choose_splits
 from ptp.kernels.paged_attention import paged_decode
@@ -51,18 +51,12 @@ def main() -> None:
         variants.insert(0, ("previous", load_kernel(ns.previous), {}))
     dev = torch.device("cuda")
     bw = bandwidth(torch.cuda.get_device_name()) or 4.3e12
-    block, kv_heads, dim = 16, 8, 128
+    kv_heads, dim = 8, 128
     print("context | max | batch | gqa | splits | " + " | ".join(v[0] for v in variants)
           + f"  (us, % of {bw / 1e12} TB/s)")
     for (ctx, max_len, bs, gqa), splits in [(shape, n) for shape in shapes
                                             for n in (ns.splits.split(",") if ns.splits else [None])]:
-        per_seq = max_len // block
-        blocks = bs * per_seq
-        cache = torch.randn(2, blocks + 1, block, kv_heads, dim, device=dev, dtype=torch.bfloat16)
-        new = torch.randn(bs, kv_heads, dim, device=dev, dtype=torch.bfloat16)
-        spare = torch.full((bs,), blocks * block, device=dev)  # the new k, v go to a spare block
-        tables = torch.randperm(blocks, device=dev).view(bs, per_seq).int()
-        lens = torch.full((bs,), ctx, device=dev, dtype=torch.int32)
+        cache, new, spare, tables, lens = decode_case(bs, ctx, max_len, kv_heads, dim)
         q = torch.randn(bs, kv_heads * gqa, dim, device=dev, dtype=torch.bfloat16)
         splits = int(splits) if splits else choose_splits(bs, kv_heads, max_len, dev)
         args = (q, new, new, spare, cache[0], cache[1], tables, lens, dim ** -0.5, splits)

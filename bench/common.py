@@ -89,3 +89,20 @@ def eager_us(fn, iters: int, warmup: int = 1) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1000 / iters
+
+
+def decode_case(batch: int, context: int, max_len: int, kv_heads: int, head_dim: int, block: int = 16):
+    """A decode step's attention inputs on the GPU, bf16: the KV cache [2, blocks + 1, block, kv_heads,
+    head_dim] (the last block spare: the step's new k, v go there), new k = v [batch, kv_heads, head_dim],
+    the spare slots [batch], random block tables for max_len tokens per sequence, lengths = context.
+    Returns (cache, new, spare, tables, lens)."""
+    import torch
+
+    per_seq = max_len // block
+    blocks = batch * per_seq
+    cache = torch.randn(2, blocks + 1, block, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    new = torch.randn(batch, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    spare = torch.full((batch,), blocks * block, device="cuda")
+    tables = torch.randperm(blocks, device="cuda").view(batch, per_seq).int()
+    lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    return cache, new, spare, tables, lens

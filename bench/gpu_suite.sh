@@ -4,7 +4,8 @@
 #   bash bench/gpu_suite.sh pair-a   # two GPUs: all-reduce, latency at tp=1 and tp=2
 #   bash bench/gpu_suite.sh pair-b   # two GPUs: greedy checks of every fast path, serving at tp=2
 #   (perf, tp1-a, tp1-b, final-a, final-b, pair-check, pair-perf: the second session's calls;
-#    final-c, attn, plain-mlp, prefill: the third session's; see the cases)
+#    final-c, attn, plain-mlp, prefill: the third session's; tp1-f, check-d, sweep-d, steps-d: the
+#    fourth's; see the cases)
 # Logs and JSON lines go to $OUT (or ./out); bench/report.py turns them into tables and a plot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,15 @@ export PTP_DEBUG_EXIT=${PTP_DEBUG_EXIT:-40}  # a process alive 40 s after its en
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ptp-inductor} PTP_CACHE_DIR=${PTP_CACHE_DIR:-/tmp/ptp-cache}
 M8="--model llama-3.1-8b --load-format dummy --max-model-len 4096 --cuda-graph-max-bs 64"
 step() { local name=$1 limit=$2; shift 2; [[ " ${SKIP:-} " == *" $name "* ]] && return; echo "=== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"; echo "=== $name rc=$?"; }
+litestar() {  # the server's web framework, from the wheels carried in .whl/ (../shared/GPU.md)
+  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+}
+serving() {  # NAME LIMIT "ptp.serve flags" "bench/serving.py flags": serve the 8B config, load it, stop it
+  step "$1" "$2" bash -c 'python -m ptp.serve $0 $1 --port 30000 > "$3/server.log" 2>&1 & pid=$!;
+    for i in $(seq 1 200); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done;
+    python bench/serving.py $2 --json "$3/serving.jsonl";
+    kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$3/server.log"' "${M8/llama-3.1-8b/bench/configs/llama-3.1-8b}" "$3" "$4" "$OUT"
+}
 case "${1:-single}" in
 single)
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
@@ -77,37 +87,6 @@ prefill)  # one GPU (third session): time to first token (prefill) per attention
     step prefill_$be 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --attention-backend $be --batch-sizes 1,8 --input-len 2048 --output-len 8 --label prefill-$be --json "$OUT/latency.jsonl"
   done
   ;;
-attn-pdl)  # one GPU (fourth session): the decode kernel reading its first K/V chunk before its PDL wait, A/B in one call
-  step kernels 100 python -m pytest tests/test_kernels.py -q -m gpu -k "paged or pdl"
-  step attention 150 python bench/attention.py --backends triton --batches 1,16,64 --waves 2,4 --json "$OUT/attention.jsonl"
-  step latency_tp1 120 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  if [ -f .ab/paged_attention_prev.py ]; then  # the previous kernel (git show HEAD~:kernels/paged_attention.py), same call
-    cp kernels/paged_attention.py /tmp/paged_attention_new.py; cp .ab/paged_attention_prev.py kernels/paged_attention.py
-    step latency_tp1_prev_kernel 120 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1 --input-len 128 --output-len 256 --label prev-attention --json "$OUT/latency.jsonl"
-    cp /tmp/paged_attention_new.py kernels/paged_attention.py
-    step latency_tp1_again 120 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  fi
-  step profile 100 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
-  ;;
-tp1-d)  # one GPU (fourth session): kernels, projections (wide tiles on offer), attention, batch 1/8 twice, eager, batch 64, the step's kernels
-  step kernels 120 python -m pytest tests/test_kernels.py -q -m gpu
-  step gemm 100 python bench/gemm.py --rows 1 --json "$OUT/gemm.jsonl"
-  step attention 90 python bench/attention.py --backends triton --batches 1,16,64 --json "$OUT/attention.jsonl"
-  step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  step latency_tp1_again 90 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  step latency_tp1_eager 90 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 64 --torch-compile off --disable-cuda-graph --label eager --json "$OUT/latency.jsonl"
-  step latency_b64 120 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
-  step profile 80 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
-  ;;
-tp1-e)  # one GPU (fourth session): kernels, decode-kernel schedules A/B, batch 1/8 twice, eager, the step's kernels
-  step kernels 120 python -m pytest tests/test_kernels.py -q -m gpu
-  # .ab/ is not in git: git show b5efcd3:kernels/paged_attention.py > .ab/paged_attention_prev.py (the previous kernel)
-  step attention_ab 150 python bench/attention_ab.py $([ -f .ab/paged_attention_prev.py ] && echo --previous .ab/paged_attention_prev.py)
-  step latency_tp1 150 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  step latency_tp1_again 90 python bench/latency.py $M8 --cuda-graph-max-bs 8 --batch-sizes 1 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
-  step latency_tp1_eager 90 python bench/latency.py $M8 --batch-sizes 1 --input-len 128 --output-len 64 --torch-compile off --disable-cuda-graph --label eager --json "$OUT/latency.jsonl"
-  step profile 80 python bench/profile_decode.py $M8 --cuda-graph-max-bs 1 --batch-sizes 1
-  ;;
 tp1-f)  # one GPU (fourth session): kernels, batch 1 with A/B of two choices in one call (.ab/, not in git), eager, batch 64, attention
   step kernels 120 python -m pytest tests/test_kernels.py -q -m gpu
   L1="python bench/latency.py $M8 --cuda-graph-max-bs 8 --input-len 128 --output-len 256 --json $OUT/latency.jsonl"
@@ -131,37 +110,22 @@ sweep-d)  # one GPU (fourth session): decode tokens/s over batch sizes (the plot
   step latency_sweep 240 python bench/latency.py $M8 --cuda-graph-max-bs 128 --batch-sizes 1,2,4,8,16,32,64,128 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
   step throughput 200 python bench/throughput.py $M8 --cuda-graph-max-bs 256 --num-prompts 512 --input-len 512 --output-len 256 --json "$OUT/throughput.jsonl"
   ;;
-mixed-d)  # one GPU (fourth session): mixed steps through each row's own path: tokens (fp32), offline throughput, serving
-  step check_mixed 200 python bench/check_gpu.py --tp-list 1 --dtype float32 --only "mixed" --json "$OUT/check.jsonl"
-  step throughput 200 python bench/throughput.py $M8 --cuda-graph-max-bs 256 --num-prompts 512 --input-len 512 --output-len 256 --json "$OUT/throughput.jsonl"
-  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-  step serving_tp1 200 bash -c 'python -m ptp.serve $0 --port 30000 > "$1/server.log" 2>&1 & pid=$!;
-    for i in $(seq 1 150); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done;
-    python bench/serving.py --request-rates 4,16,inf --num-prompts 128 --input-len 512 --output-len 128 --json "$1/serving.jsonl" --label tp1;
-    kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$1/server.log"' "${M8/llama-3.1-8b/bench/configs/llama-3.1-8b}" "$OUT"
-  ;;
 steps-d)  # one GPU (fourth session): prefill and decode in separate steps (default) against --enable-mixed-chunk
   step check_mixed 200 python bench/check_gpu.py --tp-list 1 --dtype float32 --only "mixed" --json "$OUT/check.jsonl"
   T="python bench/throughput.py $M8 --cuda-graph-max-bs 256 --num-prompts 512 --input-len 512 --output-len 256 --json $OUT/throughput.jsonl"
   step throughput 150 $T --label separate-steps
   step throughput_mixed 150 $T --enable-mixed-chunk --label mixed-chunk
-  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-  step serving_tp1 200 bash -c 'python -m ptp.serve $0 --port 30000 > "$1/server.log" 2>&1 & pid=$!;
-    for i in $(seq 1 150); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done;
-    python bench/serving.py --request-rates 4,16,inf --num-prompts 128 --input-len 512 --output-len 128 --json "$1/serving.jsonl" --label tp1;
-    kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$1/server.log"' "${M8/llama-3.1-8b/bench/configs/llama-3.1-8b}" "$OUT"
+  litestar
+  serving serving_tp1 200 "" "--request-rates 4,16,inf --num-prompts 128 --input-len 512 --output-len 128 --label tp1"
   ;;
 pair-check)  # two GPUs: every fast path at tp=2 against eager tp=1, fp32 (each variant starts two ranks)
   step check_tp2 560 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"
   ;;
 pair-perf)  # two GPUs: tp=2 latency with each rank's kernels (PTP_KERNEL_PROFILE), NCCL only, serving at tp=2
-  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  litestar
   step latency_tp2 180 env PTP_PROFILE=1 PTP_KERNEL_PROFILE=50 python bench/latency.py $M8 --cuda-graph-max-bs 8 --tp 2 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
   step latency_tp2_nccl 90 python bench/latency.py $M8 --cuda-graph-max-bs 8 --tp 2 --batch-sizes 1 --input-len 128 --output-len 256 --disable-custom-all-reduce --label nccl-only --json "$OUT/latency.jsonl"
-  step serving_tp2 200 bash -c 'python -m ptp.serve $0 --torch-compile off --tp 2 --port 30000 > "$1/server.log" 2>&1 & pid=$!;
-    for i in $(seq 1 100); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done;
-    python bench/serving.py --request-rates 4,16,inf --num-prompts 96 --input-len 512 --output-len 128 --json "$1/serving.jsonl" --label tp2;
-    kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$1/server.log"' "${M8/llama-3.1-8b/bench/configs/llama-3.1-8b}" "$OUT"
+  serving serving_tp2 200 "--torch-compile off --tp 2" "--request-rates 4,16,inf --num-prompts 96 --input-len 512 --output-len 128 --label tp2"
   ;;
 pair-a)  # two GPUs, part one: all-reduce, latency at tp=1 and tp=2
   step allreduce 150 torchrun --nproc-per-node 2 bench/allreduce.py --check --json "$OUT/allreduce.jsonl"
@@ -170,12 +134,9 @@ pair-a)  # two GPUs, part one: all-reduce, latency at tp=1 and tp=2
   step latency_tp2_nccl 150 python bench/latency.py $M8 --tp 2 --batch-sizes 1 --input-len 128 --output-len 256 --disable-custom-all-reduce --label nccl-only --json "$OUT/latency.jsonl"
   ;;
 pair-b)  # two GPUs, part two: greedy checks of every fast path, serving at tp=2
-  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  litestar
   step check_tp2 270 python bench/check_gpu.py --tp-list 1,2 --dtype float32 --json "$OUT/check.jsonl"
-  step serving_tp2 170 bash -c 'python -m ptp.serve $0 --torch-compile off --tp 2 --port 30000 > "$1/server.log" 2>&1 & pid=$!;
-    for i in $(seq 1 200); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done;
-    python bench/serving.py --request-rates 2,8,32,inf --num-prompts 128 --input-len 512 --output-len 128 --json "$1/serving.jsonl" --label tp2;
-    kill -TERM $pid; wait $pid; echo "server exit status $?"; tail -3 "$1/server.log"' "${M8/llama-3.1-8b/bench/configs/llama-3.1-8b}" "$OUT"
+  serving serving_tp2 170 "--torch-compile off --tp 2" "--request-rates 2,8,32,inf --num-prompts 128 --input-len 512 --output-len 128 --label tp2"
   step latency_tp2_profile 100 env PTP_PROFILE=1 python -X faulthandler bench/latency.py $M8 --tp 2 --torch-compile off --batch-sizes 1 --input-len 128 --output-len 128 --repeat 1 --label graphs-no-compile --json "$OUT/latency.jsonl"
   ;;
 esac

@@ -342,7 +342,7 @@ def test_skinny_choices_round_trip_through_the_machine_cache(tmp_path, monkeypat
     import ptp.parallel.comm as comm
 
     monkeypatch.setattr(comm, "machine_cache_file", lambda kind: tmp_path / f"{kind}.json")
-    offered = ops._offered(1)
+    offered = list(ops._offered(1))  # as a cache entry holds it (JSON)
     monkeypatch.setattr(ops, "_CHOICE", {"(1, 4096)x(4096, 4096) bfloat16 pdl": {
         "config": [8, 512, 4, 1], "skinny_us": 7.6, "skinny_tile": [8, 512, 4, 1], "torch_us": 9.5,
         "tiles": {"8x512x4x1": 7.6}, "offered": offered}})

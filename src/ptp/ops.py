@@ -2,6 +2,7 @@
 traces them as opaque calls and CUDA graphs capture them."""
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -63,16 +64,18 @@ def _skinny_config(x, weight, bias) -> tuple | None:
     return tuple(entry["config"]) if entry["config"] else None
 
 
-def _offered(rows: int) -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _offered(rows: int) -> tuple[str, ...]:
+    """The tiles timed for `rows` rows, as a cached choice records them (looked up on every call)."""
     from ptp.kernels.skinny_gemm import configs_for
 
-    return ["x".join(map(str, c)) for c in configs_for(rows)]
+    return tuple("x".join(map(str, c)) for c in configs_for(rows))
 
 
 def _valid_choice(entry, rows: int) -> bool:
     """A cached choice this version can use: {"config": None or [BLOCK_N, BLOCK_K, warps, stages],
     "offered": the tiles timed, ...}, made among the tiles this version offers."""
-    if not isinstance(entry, dict) or "config" not in entry or entry.get("offered") != _offered(rows):
+    if not isinstance(entry, dict) or "config" not in entry or tuple(entry.get("offered") or ()) != _offered(rows):
         return False
     config = entry["config"]
     return config is None or (isinstance(config, list) and len(config) == 4
@@ -102,7 +105,7 @@ def tune_skinny(x, weight, bias) -> dict:
     skinny_us = tiles[best] if best else float("inf")
     return {"config": list(best) if best and skinny_us < torch_us else None, "skinny_us": round(skinny_us, 2),
             "skinny_tile": list(best) if best else None, "torch_us": round(torch_us, 2),
-            "tiles": {"x".join(map(str, t)): round(us, 2) for t, us in tiles.items()}, "offered": _offered(x.shape[0])}
+            "tiles": {"x".join(map(str, t)): round(us, 2) for t, us in tiles.items()}, "offered": list(_offered(x.shape[0]))}
 
 
 def copies_beyond_l2(weight: torch.Tensor) -> list[torch.Tensor]:
