@@ -5,7 +5,7 @@
 #   bash bench/gpu_suite.sh pair-b   # two GPUs: greedy checks of every fast path, serving at tp=2
 #   (perf, tp1-a, tp1-b, final-a, final-b, pair-check, pair-perf: the second session's calls;
 #    final-c, attn, plain-mlp, prefill: the third session's; tp1-f, check-d, sweep-d, steps-d: the
-#    fourth's; see the cases)
+#    fourth's; kern-e, check-e, perf-e: the fifth's; see the cases)
 # Logs and JSON lines go to $OUT (or ./out); bench/report.py turns them into tables and a plot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -117,6 +117,29 @@ steps-d)  # one GPU (fourth session): prefill and decode in separate steps (defa
   step throughput_mixed 150 $T --enable-mixed-chunk --label mixed-chunk
   litestar
   serving serving_tp1 200 "" "--request-rates 4,16,inf --num-prompts 128 --input-len 512 --output-len 128 --label tp1"
+  ;;
+kern-e)  # one GPU (fifth session): kernel tests, the decode kernel's merge in one launch against the previous kernel, batch 1, prefill eager vs compiled
+  step kernels 150 python -m pytest tests/test_kernels.py -q -m gpu
+  step attention_ab 150 python bench/attention_ab.py --previous .ab/paged_attention_prev.py
+  L1="python bench/latency.py $M8 --cuda-graph-max-bs 8 --input-len 128 --output-len 256 --json $OUT/latency.jsonl"
+  step latency_tp1 150 $L1 --batch-sizes 1,8 --label compiled
+  cp kernels/paged_attention.py /tmp/kept.py; cp .ab/paged_attention_prev.py kernels/paged_attention.py
+  step latency_tp1_prev 80 $L1 --batch-sizes 1 --label previous-kernel
+  cp /tmp/kept.py kernels/paged_attention.py
+  step latency_tp1_again 70 $L1 --batch-sizes 1 --label compiled
+  step prefill 150 python bench/prefill.py $M8 --cuda-graph-max-bs 1 --input-lens 16,128,512,2048 --json "$OUT/prefill.jsonl"
+  ;;
+check-e)  # one GPU (fifth session): every fast path (compiled prefill included) against eager, fp32
+  step check_tp1 560 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
+  ;;
+perf-e)  # one GPU (fifth session): compiled prefill in offline throughput and serving, batch 64, the attention table
+  litestar
+  T="python bench/throughput.py $M8 --cuda-graph-max-bs 256 --num-prompts 512 --input-len 512 --output-len 256 --json $OUT/throughput.jsonl"
+  step throughput 130 $T --label eager-prefill
+  step throughput_cp 160 $T --torch-compile-prefill --label compiled-prefill
+  serving serving_cp 150 "--torch-compile-prefill" "--request-rates 16 --num-prompts 128 --input-len 512 --output-len 128 --label compiled-prefill"
+  step latency_b64 100 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
+  step attention 60 python bench/attention.py --backends triton --json "$OUT/attention.jsonl"
   ;;
 pair-check)  # two GPUs: every fast path at tp=2 against eager tp=1, fp32 (each variant starts two ranks)
   step check_tp2 560 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"

@@ -189,6 +189,25 @@ def test_compiled_decode_equals_eager(folder, alone):
     assert [llm.generate(p, GREEDY)[0].token_ids for p in PROMPTS[:2]] == alone[:2]  # batch 1: its own graph
 
 
+@pytest.mark.parametrize("mix", [False, True], ids=["prefill-or-decode", "mixed-chunk"])
+def test_compiled_prefill_equals_eager(folder, alone, mix):
+    """--torch-compile-prefill: prefill (and mixed) steps through one compiled decoder layer, reused by
+    every layer, gives the eager tokens, and compiles once per kind of step, not per layer or length."""
+    import torch
+
+    from ptp.runner import _run_layer
+
+    torch._dynamo.reset()
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", torch_compile="on", cuda_graph_max_bs=8,
+                  torch_compile_prefill=True, chunked_prefill_size=7, enable_mixed_chunk=mix)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == alone
+    assert [llm.generate(p, GREEDY)[0].token_ids for p in PROMPTS[1:3]] == alone[1:3]
+    # prompt chunks of 2..7 tokens, 1..4 sequences, tables of 1..n blocks: one graph; and with
+    # mixing, one for mixed steps (decode steps replay the compiled decode step, not this)
+    graphs = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(_run_layer.__code__))
+    assert graphs == (2 if mix else 1), graphs
+
+
 def test_flags_doc_is_current():
     from pathlib import Path
 

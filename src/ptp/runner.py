@@ -2,7 +2,9 @@
 
 Steps where every sequence brings one token (decode) go through `DecodeGraphs`: the forward is
 compiled once (torch.compile, dynamic batch size) and captured in a CUDA graph per batch-size
-bucket, the batch padded to the next bucket. Every other step (prefill, mixed) runs eagerly.
+bucket, the batch padded to the next bucket. Every other step (prefill, mixed) runs eagerly, or,
+with --torch-compile-prefill, through one decoder layer compiled with dynamic shapes that every
+layer of the model reuses (a whole-model compile per shape kind would cost minutes of start-up).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ptp.attention import Bound, DecodeMeta, make_backend, step_meta
+from ptp.attention.meta import mark_unbacked
 from ptp.config import ModelConfig
 from ptp.errors import ConfigError
 from ptp.hub import ModelFiles
@@ -72,7 +75,8 @@ class ModelRunner:
                  mem_fraction_static: float, attention_backend: str, seed: int,
                  compile_decode: bool = False, compile_tuned: bool = False, cuda_graphs: bool = False,
                  cuda_graph_max_bs: int = 160, max_seqs: int = 256,
-                 custom_all_reduce: bool = True, p2p_check: bool = False, max_step_tokens: int = 8192):
+                 custom_all_reduce: bool = True, p2p_check: bool = False, max_step_tokens: int = 8192,
+                 compile_prefill: bool = False):
         self.config, self.d, self.device = config, d, d.device
         self.max_model_len = max_model_len
         start = time.perf_counter()
@@ -110,6 +114,9 @@ class ModelRunner:
         if os.environ.get("PTP_KERNEL_PROFILE") and d.device.type == "cuda":
             from ptp.profiling import StepProfiler
             self.profiler = StepProfiler(int(os.environ["PTP_KERNEL_PROFILE"]), d.rank)
+        self.run_layer = None
+        if compile_prefill:
+            self.compile_prefill()
         self.decode = None
         if (cuda_graphs or compile_decode) and not getattr(self.attention, "compiled_decode", True):
             log.info("the %s attention backend runs decode eagerly (no compiled step, no CUDA graphs)",
@@ -117,6 +124,13 @@ class ModelRunner:
             cuda_graphs = compile_decode = False
         if compile_decode or cuda_graphs:
             self.decode = DecodeGraphs(self, compile_decode, cuda_graphs, cuda_graph_max_bs, compile_tuned)
+
+    def compile_prefill(self) -> None:
+        """Run the steps that do not replay a decode graph (prefill, mixed) through one decoder layer
+        compiled with dynamic shapes: dynamo reuses its code for every layer module (their parameters
+        are inputs; the layer index is an argument), so each kind of step compiles once, not per layer."""
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+        self.run_layer = torch.compile(_run_layer, dynamic=True)
 
     def _blocks_that_fit(self, per_block: int, max_model_len: int, block_size: int, fraction: float) -> int:
         if self.device.type == "cuda":
@@ -156,12 +170,12 @@ class ModelRunner:
     def scratch_slot(self) -> int:
         return self.num_blocks * self.kv_cache.block_size
 
-    def forward_logits(self, input_ids, positions, meta, logit_rows=None) -> torch.Tensor:
+    def forward_logits(self, input_ids, positions, meta, logit_rows=None, run_layer=None) -> torch.Tensor:
         """float32 logits of the chosen rows; their greedy tokens go to last_tokens. Input ids below 0
         are taken from last_tokens (see there)."""
         last = self.last_tokens
         input_ids = torch.where(input_ids < 0, last[(-1 - input_ids).clamp(min=0)], input_ids)
-        hidden = self.model(input_ids, positions, Bound(self.attention, meta))
+        hidden = self.model(input_ids, positions, Bound(self.attention, meta), run_layer)
         if logit_rows is not None:
             hidden = hidden[logit_rows]
         logits = gather_vocab(self.model.logits(hidden), self.config.vocab_size).float()
@@ -189,12 +203,25 @@ class ModelRunner:
         input_ids, pos_t, slot_t = as_tensor(ids), as_tensor(positions), as_tensor(slots)
         meta = step_meta(batch.starts, [len(t) for t in batch.token_ids], batch.block_tables, slot_t, block_size,
                          self.config.sliding_window, device)
-        if not logit_rows:
-            if min(ids) < 0:
-                raise AssertionError("a step that samples nothing cannot use the previous step's tokens")
-            self.model(input_ids, pos_t, Bound(self.attention, meta))
+        if not logit_rows and min(ids) < 0:
+            raise AssertionError("a step that samples nothing cannot use the previous step's tokens")
+        rows = as_tensor(logit_rows) if logit_rows else None
+        if self.run_layer is None:
+            return self._forward(input_ids, pos_t, meta, rows)
+        mark_unbacked(meta)
+        # no "duck sizing" of equal sizes: a 4096-token chunk must not tie the token count to the hidden size
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return self._forward(input_ids, pos_t, meta, rows, self.run_layer)
+
+    def _forward(self, input_ids, positions, meta, logit_rows, run_layer=None) -> torch.Tensor | None:
+        if logit_rows is None:  # a prompt chunk that completes no sequence: nothing to sample
+            self.model(input_ids, positions, Bound(self.attention, meta), run_layer)
             return None
-        return self.forward_logits(input_ids, pos_t, meta, as_tensor(logit_rows))
+        return self.forward_logits(input_ids, positions, meta, logit_rows, run_layer)
+
+
+def _run_layer(layer, x, residual, positions, rotary, attn, index):
+    return layer(x, residual, positions, rotary, attn, index)
 
 
 def graph_buckets(max_bs: int) -> list[int]:

@@ -92,6 +92,21 @@ def step_meta(starts: list[int], query_lens: list[int], block_tables: list[list[
     return MixedMeta(decode_tokens, decode_meta(single, slot_mapping[decode_tokens]), chunk_tokens, chunks)
 
 
+def mark_unbacked(meta) -> None:
+    """Tell torch.compile that the sizes of these tensors say nothing about the step: they only reach
+    the opaque attention ops, so no compiled code specialises (or recompiles) on a batch of 1, a
+    one-block table, or two sizes that happen to be equal."""
+    from torch._dynamo.decorators import mark_unbacked as mark
+
+    for field in dataclasses.fields(meta):
+        value = getattr(meta, field.name)
+        if isinstance(value, torch.Tensor):
+            for dim in range(value.dim()):
+                mark(value, dim)
+        else:
+            mark_unbacked(value)
+
+
 _BACKENDS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
 _keys = itertools.count()
 
@@ -122,6 +137,25 @@ def _(q, k, v, slot_mapping, block_tables, seq_lens, layer, backend, cos_sin=Non
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
+@torch.library.custom_op("ptp::prefill_attention", mutates_args=())
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                      block_tables: torch.Tensor, q_index: torch.Tensor, out_index: torch.Tensor, mask: torch.Tensor,
+                      layer: int, backend: int) -> torch.Tensor:
+    """Write the step's k, v (rotated) into the paged cache and attend, for prompt chunks
+    (`PrefillMeta`'s fields): opaque to torch.compile for the same reason as decode_attention."""
+    meta = PrefillMeta(slot_mapping, block_tables, q_index, out_index, mask)
+    return _BACKENDS[backend].forward(meta, layer, q, k, v)
+
+
+@prefill_attention.register_fake
+def _(q, k, v, slot_mapping, block_tables, q_index, out_index, mask, layer, backend):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _prefill(q, k, v, m: PrefillMeta, layer: int, backend: int) -> torch.Tensor:
+    return prefill_attention(q, k, v, m.slot_mapping, m.block_tables, m.q_index, m.out_index, m.mask, layer, backend)
+
+
 class Bound:
     """A backend bound to one step's metadata: what the model calls as attn(layer, q, k, v, rotary, positions)
     with q and k not yet rotated; RoPE is applied here, or inside the backend's decode kernel."""
@@ -141,9 +175,12 @@ class Bound:
             q, k = rotary(positions, q, k)
             return decode_attention(q, k, v, m.slot_mapping, m.block_tables, m.seq_lens, layer, self.backend.key)
         q, k = rotary(positions, q, k)
+        key = self.backend.key
         if isinstance(m, MixedMeta):
             out = torch.empty_like(q)
-            for rows, part in ((m.decode_tokens, m.decode), (m.chunk_tokens, m.chunks)):
-                out[rows] = self.backend.forward(part, layer, q[rows], k[rows], v[rows])
+            d, c = m.decode_tokens, m.chunk_tokens
+            out[d] = decode_attention(q[d], k[d], v[d], m.decode.slot_mapping, m.decode.block_tables,
+                                      m.decode.seq_lens, layer, key)
+            out[c] = _prefill(q[c], k[c], v[c], m.chunks, layer, key)
             return out
-        return self.backend.forward(m, layer, q, k, v)
+        return _prefill(q, k, v, m, layer, key)

@@ -104,7 +104,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, positions, rotary, attn):
+    def forward(self, x, positions, rotary, attn, layer_idx=None):
         tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         # this rank's share keeps the model's q : k : v proportions
@@ -116,7 +116,8 @@ class Attention(nn.Module):
         v = v.reshape(tokens, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = attn(self.layer_idx, q, k, v, rotary, positions)  # RoPE there: some kernels fuse it
+        layer_idx = self.layer_idx if layer_idx is None else layer_idx
+        out = attn(layer_idx, q, k, v, rotary, positions)  # RoPE there: some kernels fuse it
         return all_reduce(self.o_proj(out.reshape(tokens, -1)))
 
 
@@ -141,12 +142,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, residual, positions, rotary, attn):
+    def forward(self, x, residual, positions, rotary, attn, layer_idx=None):
+        """layer_idx: which KV cache to use, given as an argument by the compiled prefill (one compiled
+        function for every layer, to which an int attribute would be a constant)."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, rotary, attn)
+        x = self.self_attn(x, positions, rotary, attn, layer_idx)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -159,10 +162,17 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config, max_positions)
 
-    def forward(self, input_ids, positions, attn):
+    def forward(self, input_ids, positions, attn, run_layer=None):
+        """run_layer(layer, x, residual, positions, rotary, attn, index), given, runs each layer (the
+        runner's compiled prefill passes one compiled function that every layer goes through)."""
         x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.rotary, attn)
+        if run_layer is not None:
+            residual = torch.zeros_like(x)  # x + 0 is x: the first layer compiles as the others do
+        for i, layer in enumerate(self.layers):
+            if run_layer is None:
+                x, residual = layer(x, residual, positions, self.rotary, attn)
+            else:
+                x, residual = run_layer(layer, x, residual, positions, self.rotary, attn, i)
         return self.norm(x, residual)[0]
 
 
@@ -185,8 +195,8 @@ class LlamaForCausalLM(nn.Module):
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, positions, attn):
-        return self.model(input_ids, positions, attn)
+    def forward(self, input_ids, positions, attn, run_layer=None):
+        return self.model(input_ids, positions, attn, run_layer)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the vocabulary under tensor parallelism; all of it on one device."""
