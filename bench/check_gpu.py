@@ -93,16 +93,14 @@ VARIANTS = {  # "env": environment of the variant's process
     # 16 tokens per step, and prompt chunks share steps with decodes (MixedMeta: each row through its own path)
     "compile + graphs, triton, mixed steps": dict(attention_backend="triton", chunked_prefill_size=16,
                                                   enable_mixed_chunk=True),
-    # prefill (and mixed) steps through the one compiled decoder layer (--torch-compile-prefill)
-    "compile + graphs + compiled prefill, triton": dict(attention_backend="triton", torch_compile_prefill=True),
-    "compile + graphs + compiled prefill, triton, mixed steps": dict(
-        attention_backend="triton", torch_compile_prefill=True, chunked_prefill_size=16, enable_mixed_chunk=True),
+    # the variants above compile prefill (and mixed) steps too (--torch-compile-prefill auto); this one does not
+    "compile + graphs, triton, eager prefill": dict(attention_backend="triton", torch_compile_prefill="off"),
     "compile, flex attention (no graphs)": dict(attention_backend="flex"),
     "tp=2 eager, torch attention": dict(tp=2, torch_compile="off", disable_cuda_graph=True, attention_backend="torch"),
     "tp=2 compile + graphs, triton": dict(tp=2, attention_backend="triton"),
     "tp=2 compile + graphs, NCCL only": dict(tp=2, attention_backend="triton", disable_custom_all_reduce=True),
     "tp=2 compile, flex attention": dict(tp=2, attention_backend="flex"),
-    "tp=2 compile + graphs + compiled prefill, triton": dict(tp=2, attention_backend="triton", torch_compile_prefill=True),
+    "tp=2 compile + graphs, triton, eager prefill": dict(tp=2, attention_backend="triton", torch_compile_prefill="off"),
 }
 
 

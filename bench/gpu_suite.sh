@@ -135,9 +135,9 @@ check-e)  # one GPU (fifth session): every fast path (compiled prefill included)
 perf-e)  # one GPU (fifth session): compiled prefill in offline throughput and serving, batch 64, the attention table
   litestar
   T="python bench/throughput.py $M8 --cuda-graph-max-bs 256 --num-prompts 512 --input-len 512 --output-len 256 --json $OUT/throughput.jsonl"
-  step throughput 130 $T --label eager-prefill
-  step throughput_cp 160 $T --torch-compile-prefill --label compiled-prefill
-  serving serving_cp 150 "--torch-compile-prefill" "--request-rates 16 --num-prompts 128 --input-len 512 --output-len 128 --label compiled-prefill"
+  step throughput 130 $T --torch-compile-prefill off --label eager-prefill
+  step throughput_cp 160 $T --label compiled-prefill
+  serving serving_cp 150 "" "--request-rates 16 --num-prompts 128 --input-len 512 --output-len 128 --label compiled-prefill"
   step latency_b64 100 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
   step attention 60 python bench/attention.py --backends triton --json "$OUT/attention.jsonl"
   ;;

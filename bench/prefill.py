@@ -4,7 +4,7 @@
 
 Issue 4 asks for whichever of eager and a compiled prefill measures faster. This times
 `LLM.generate` of one token (the prefill step and its sampling) per prompt length: eagerly, then
-through the runner's compiled prefill (`--torch-compile-prefill`: one decoder layer compiled with
+through the runner's compiled prefill (`--torch-compile-prefill on`: one decoder layer compiled with
 dynamic shapes, reused by every layer) — after its first call, whose time (the compile, or a
 recompile) is reported too. Greedy tokens are compared.
 
@@ -34,6 +34,7 @@ def main() -> None:
 
     llm, _ = build_llm(ns)
     runner = llm.engine.runner
+    runner.run_layer = None  # eager first, whatever --torch-compile-prefill says
     vocab = llm.engine.config.vocab_size
     one = ptp.SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     lengths = [int(n) for n in ns.input_lens.split(",")]

@@ -2,12 +2,10 @@
 
 Grid: (sequence, KV head, split). Each program reads its KV head's blocks once and serves every
 query head of that group (GQA), over its share of the context: a contiguous range of chunks, or,
-where the whole grid is resident at once, chunks dealt to the splits in turn (see PREFETCH).
-Splitting the context keeps the GPU busy when the batch is small and contexts are long (split-K /
-flash-decoding). The splits' partial softmax results are merged in the same launch: each split
-stores its partial result and counts itself done on a per-(sequence, KV head) counter; the last one
-to finish merges them all (and sets the counter back to zero for the next launch). With one split
-the program writes the output directly.
+where the whole grid is resident at once, chunks dealt to the splits in turn (see PREFETCH). A
+second kernel merges the splits' partial softmax results; with one split (big batches) the program
+writes the output itself and no merge is launched. Splitting the context keeps the GPU busy when
+the batch is small and contexts are long (split-K / flash-decoding).
 
 The step's new key and value (one token per sequence) come in as tensors: the kernel attends to
 them from registers and the first split of each (sequence, KV head) writes them into their cache
@@ -47,46 +45,13 @@ def _attend_chunk(q, k, v, cached, m, l, acc, scale, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _merge_splits(O, M, L, OUT, b, kvh, splits, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_outh,
-                  GROUP: tl.constexpr, G2: tl.constexpr, SPLITS_PAD: tl.constexpr, SC: tl.constexpr,
-                  D: tl.constexpr):
-    """The output of the GROUP query heads of KV head `kvh`: the splits' partial results weighted by
-    their softmax maxima. Partials are read through L2 (.cg): other programs wrote them."""
-    g = tl.arange(0, G2)
-    heads = kvh * GROUP + g
-    real = g < GROUP
-    s = tl.arange(0, SPLITS_PAD)
-    ok = real[:, None] & (s < splits)[None, :]
-    at = b * s_mb + heads[:, None] * s_mh + s[None, :]
-    m = tl.load(M + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
-    l = tl.load(L + at, mask=ok, other=0.0, cache_modifier=".cg")
-    top = tl.max(m, 1)
-    top = tl.where(top == float("-inf"), 0.0, top)  # a padded row: every split empty
-    total = tl.sum(l * tl.where(m == float("-inf"), 0.0, tl.exp(m - top[:, None])), 1)
-    d = tl.arange(0, D)
-    acc = tl.zeros([G2, D], tl.float32)
-    for first in range(0, splits, SC):  # SC splits at a time: [G2, SC, D] in registers
-        sc = first + tl.arange(0, SC)
-        okc = real[:, None] & (sc < splits)[None, :]
-        mc = tl.load(M + b * s_mb + heads[:, None] * s_mh + sc[None, :], mask=okc, other=float("-inf"),
-                     cache_modifier=".cg")
-        w = tl.where(mc == float("-inf"), 0.0, tl.exp(mc - top[:, None]))
-        o = tl.load(O + b * s_ob + heads[:, None, None] * s_oh + sc[None, :, None] * s_os + d[None, None, :],
-                    mask=okc[:, :, None], other=0.0, cache_modifier=".cg")
-        acc += tl.sum(o * w[:, :, None], 1)
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(OUT + b * s_outb + heads[:, None] * s_outh + d[None, :], out.to(OUT.dtype.element_ty),
-             mask=real[:, None])
-
-
-@triton.jit
 def _decode_partial(
-    Q, KN, VN, SLOTS, K, V, BT, LENS, O, M, L, COS_SIN, OUT, DONE,
+    Q, KN, VN, SLOTS, K, V, BT, LENS, O, M, L, COS_SIN, OUT,
     scale, splits, max_blocks,
     s_qb, s_qh, s_nb, s_nh, s_kb, s_ks, s_kh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh, s_cs, s_outb, s_outh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TOKENS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-    ONE_SPLIT: tl.constexpr, G2: tl.constexpr, SPLITS_PAD: tl.constexpr, SC: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -175,27 +140,27 @@ def _decode_partial(
         tl.store(O + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :], acc, mask=keep[:, None])
         tl.store(M + b * s_mb + heads * s_mh + split, m, mask=keep)
         tl.store(L + b * s_mb + heads * s_mh + split, l, mask=keep)
-        # Every warp's stores are issued (barrier) before one thread counts this split done with a
-        # release; the split that makes the count complete acquires, so it sees every split's partial.
-        tl.debug_barrier()
-        counter = DONE + b * tl.num_programs(1) + kvh
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == splits - 1:
-            tl.store(counter, 0)  # zero again for the next launch (which starts after this one ends)
-            _merge_splits(O, M, L, OUT, b, kvh, splits, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_outh,
-                          GROUP, G2, SPLITS_PAD, SC, D)
 
 
-_COUNTERS: dict = {}  # device -> int32 zeros: one counter per (sequence, KV head), kept zero between launches
-_OLD_COUNTERS: list = []  # outgrown counter buffers stay alive: CUDA graphs captured with them still use them
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _OLD_COUNTERS.append(buf)
-        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
-    return buf
+@triton.jit
+def _decode_merge(O, M, L, OUT, splits, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_outh,
+                  SPLITS_PAD: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D)
+    ok = s < splits
+    m = tl.load(M + b * s_mb + h * s_mh + s, mask=ok, other=float("-inf"))
+    l = tl.load(L + b * s_mb + h * s_mh + s, mask=ok, other=0.0)
+    top = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+    total = tl.sum(l * w, 0)
+    o = tl.load(O + b * s_ob + h * s_oh + s[:, None] * s_os + d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(OUT + b * s_outb + h * s_outh + d, out.to(OUT.dtype.element_ty))
 
 
 def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slots: torch.Tensor,
@@ -223,9 +188,8 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
         part = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
         m = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
-        done = _counters(q.device, batch * kv_heads)
     else:  # unused: the one split writes `out`
-        part = m = l = done = out
+        part = m = l = out
     rope = cos_sin is not None
     use_pdl = pdl_for(q)
     if prefetch is None:
@@ -239,18 +203,20 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
         # and a split's share of the longest context the block tables allow is at most 256 tokens.
         max_tokens = block_tables.shape[1] * block_size
         tokens_per_step = 32 if prefetch and splits >= 8 and max_tokens <= 256 * splits else 64
-    g2 = triton.next_power_of_2(group)
-    splits_pad = triton.next_power_of_2(splits)
     _decode_partial[(batch, kv_heads, splits)](
-        q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, part, m, l, cos_sin if rope else q, out, done,
+        q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, part, m, l, cos_sin if rope else q, out,
         scale, splits, block_tables.shape[1],
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(-2), m.stride(0), m.stride(1),
         cos_sin.stride(0) if rope else 0, out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_SIZE=block_size,
         TOKENS=tokens_per_step, IEEE=q.dtype == torch.float32, ROPE=rope, USE_PDL=use_pdl, PREFETCH=prefetch,
-        ONE_SPLIT=splits == 1, G2=g2, SPLITS_PAD=splits_pad,
-        SC=min(splits_pad, max(1, 8192 // (g2 * dim))),  # the merge's [G2, SC, D] tile: <= 64 registers a thread
-        launch_pdl=use_pdl,
+        ONE_SPLIT=splits == 1, launch_pdl=use_pdl,
     )
+    if splits > 1:
+        _decode_merge[(batch, heads)](
+            part, m, l, out, splits, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
+            out.stride(0), out.stride(1), SPLITS_PAD=triton.next_power_of_2(splits), D=dim,
+            USE_PDL=use_pdl, launch_pdl=use_pdl,
+        )
     return out

@@ -199,7 +199,7 @@ def test_compiled_prefill_equals_eager(folder, alone, mix):
 
     torch._dynamo.reset()
     llm = ptp.LLM(str(folder), dtype="float32", device="cpu", torch_compile="on", cuda_graph_max_bs=8,
-                  torch_compile_prefill=True, chunked_prefill_size=7, enable_mixed_chunk=mix)
+                  torch_compile_prefill="on", chunked_prefill_size=7, enable_mixed_chunk=mix)
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == alone
     assert [llm.generate(p, GREEDY)[0].token_ids for p in PROMPTS[1:3]] == alone[1:3]
     # prompt chunks of 2..7 tokens, 1..4 sequences, tables of 1..n blocks: one graph; and with

@@ -54,7 +54,7 @@ def test_compiled_prefill_at_tp2(reference):
     """Prefill through the one compiled decoder layer (DTensor-sharded weights, all-reduce op) at tp=2."""
     folder, tokens, logits = reference["qwen2"]
     prompt = tokenizer().encode(PROMPT)
-    with ptp.LLM(str(folder), dtype="float32", device="cpu", tp=2, torch_compile_prefill=True) as llm:
+    with ptp.LLM(str(folder), dtype="float32", device="cpu", tp=2, torch_compile_prefill="on") as llm:
         errors = [rel_err(g, r) for g, r in zip(ptp_logits(llm, prompt, tokens), logits)]
         assert max(errors) <= 1e-4, errors
         assert llm.generate([prompt], GREEDY32)[0].token_ids == tokens

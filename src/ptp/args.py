@@ -45,8 +45,9 @@ class EngineArgs:
     torch_compile: str = flag("auto", "compile the decode step with torch.compile: auto (on with CUDA), on, off, "
                               "or tuned (also coordinate-descent tuning of the kernels: slower first start)",
                               choices=("auto", "on", "off", "tuned"))
-    torch_compile_prefill: bool = flag(False, "also compile prefill and mixed steps (one decoder layer, dynamic "
-                                       "shapes, reused by every layer): less host time per step")
+    torch_compile_prefill: str = flag("auto", "compile prefill and mixed steps too (one decoder layer, dynamic "
+                                      "shapes, reused by every layer): auto (where the decode step is compiled), on, off",
+                                      choices=("auto", "on", "off"))
     disable_overlap_schedule: bool = flag(False, "wait for each step's tokens before preparing the next (by default "
                                           "a step whose tokens are drawn on the GPU is queued one ahead of them)")
     disable_custom_all_reduce: bool = flag(False, "all-reduce through NCCL only")

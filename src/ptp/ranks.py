@@ -42,18 +42,19 @@ def build_runner(args, rank: int, init_method: str | None, before_join=None):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     files, config, max_len = resolve_model(args, d.device)
+    compile_decode = args.torch_compile in ("on", "tuned") or (args.torch_compile == "auto" and d.device.type == "cuda")
     runner = ModelRunner(
         config, files, dtype=resolve_dtype(args.dtype, config, files, d.device), d=d,
         load_format=args.load_format, max_model_len=max_len, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, mem_fraction_static=args.mem_fraction_static,
         attention_backend=args.attention_backend, seed=args.seed,
-        compile_decode=args.torch_compile in ("on", "tuned") or (args.torch_compile == "auto" and d.device.type == "cuda"),
+        compile_decode=compile_decode,
         compile_tuned=args.torch_compile == "tuned",
         cuda_graphs=d.device.type == "cuda" and not args.disable_cuda_graph,
         cuda_graph_max_bs=min(args.cuda_graph_max_bs, args.max_running_requests), max_seqs=args.max_running_requests,
         custom_all_reduce=not args.disable_custom_all_reduce, p2p_check=args.enable_p2p_check,
         max_step_tokens=args.chunked_prefill_size if args.chunked_prefill_size > 0 else 1 << 30,
-        compile_prefill=args.torch_compile_prefill,
+        compile_prefill=args.torch_compile_prefill == "on" or (args.torch_compile_prefill == "auto" and compile_decode),
     )
     return d, runner, config, files
 

@@ -23,7 +23,7 @@ def choose_splits(batch: int, kv_heads: int, max_tokens: int, device: torch.devi
 def paged_decode(q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, scale: float,
                  cos_sin=None, splits: int | None = None) -> torch.Tensor:
     """Rotate q and k (given cos_sin), write the step's k, v into the cache and attend: one kernel
-    does it all, the split count chosen here (the last split to finish merges them, in the same launch)."""
+    does it all (and, given more than one split, a second merges them; the count is chosen here)."""
     from ptp.kernels.paged_attention import paged_decode as kernel
 
     max_tokens = block_tables.shape[1] * k_cache.shape[1]
