@@ -132,14 +132,14 @@ kern-e)  # one GPU (fifth session): kernel tests, the decode kernel's merge in o
 check-e)  # one GPU (fifth session): every fast path (compiled prefill included) against eager, fp32
   step check_tp1 560 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
   ;;
-perf-e)  # one GPU (fifth session): compiled prefill in offline throughput and serving, batch 64, the attention table
+perf-e)  # one GPU (fifth session): compiled prefill in offline throughput and serving, batch 64, flex (eager steps) against eager
   litestar
   T="python bench/throughput.py $M8 --cuda-graph-max-bs 256 --num-prompts 512 --input-len 512 --output-len 256 --json $OUT/throughput.jsonl"
-  step throughput 130 $T --torch-compile-prefill off --label eager-prefill
-  step throughput_cp 160 $T --label compiled-prefill
-  serving serving_cp 150 "" "--request-rates 16 --num-prompts 128 --input-len 512 --output-len 128 --label compiled-prefill"
+  step throughput 120 $T --torch-compile-prefill off --label eager-prefill
+  step throughput_cp 150 $T --label compiled-prefill
+  serving serving_cp 140 "" "--request-rates 16 --num-prompts 128 --input-len 512 --output-len 128 --label compiled-prefill"
   step latency_b64 100 python bench/latency.py $M8 --batch-sizes 64 --input-len 384 --output-len 256 --label compiled-ctx512 --json "$OUT/latency.jsonl"
-  step attention 60 python bench/attention.py --backends triton --json "$OUT/attention.jsonl"
+  step check_flex 80 python bench/check_gpu.py --tp-list 1 --dtype float32 --only flex --json "$OUT/check.jsonl"
   ;;
 pair-check)  # two GPUs: every fast path at tp=2 against eager tp=1, fp32 (each variant starts two ranks)
   step check_tp2 560 python bench/check_gpu.py --tp-list 2 --dtype float32 --json "$OUT/check.jsonl"

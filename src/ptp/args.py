@@ -39,7 +39,7 @@ class EngineArgs:
     enable_mixed_chunk: bool = flag(False, "let prompt chunks share steps with running decodes (by default a step "
                                     "is either prefill or decode, so that decode steps replay CUDA graphs)")
     attention_backend: str = flag("auto", "attention over the paged KV cache: auto (triton on CUDA, torch "
-                                  "on CPU), triton, flex (FlexAttention; its decode runs eagerly), torch")
+                                  "on CPU), triton, flex (FlexAttention; its steps run eagerly), torch")
     disable_cuda_graph: bool = flag(False, "run decode without CUDA graphs (same tokens, slower)")
     cuda_graph_max_bs: int = flag(160, "largest decode batch captured in a CUDA graph; larger batches run eagerly")
     torch_compile: str = flag("auto", "compile the decode step with torch.compile: auto (on with CUDA), on, off, "

@@ -115,13 +115,13 @@ class ModelRunner:
             from ptp.profiling import StepProfiler
             self.profiler = StepProfiler(int(os.environ["PTP_KERNEL_PROFILE"]), d.rank)
         self.run_layer = None
+        if (cuda_graphs or compile_decode or compile_prefill) and not getattr(self.attention, "compiled_steps", True):
+            log.info("the %s attention backend runs every step eagerly (no compiled steps, no CUDA graphs)",
+                     self.attention.name)
+            cuda_graphs = compile_decode = compile_prefill = False
         if compile_prefill:
             self.compile_prefill()
         self.decode = None
-        if (cuda_graphs or compile_decode) and not getattr(self.attention, "compiled_decode", True):
-            log.info("the %s attention backend runs decode eagerly (no compiled step, no CUDA graphs)",
-                     self.attention.name)
-            cuda_graphs = compile_decode = False
         if compile_decode or cuda_graphs:
             self.decode = DecodeGraphs(self, compile_decode, cuda_graphs, cuda_graph_max_bs, compile_tuned)
 

@@ -28,9 +28,10 @@ def flex_available() -> bool:
 class FlexAttention(TorchAttention):
     name = "flex"
     fuses_rope = False
-    # The BlockMask is built once per step, when Bound announces the step: decode runs eagerly (no
-    # compile of the step, no CUDA graphs); flex_attention itself is compiled on CUDA.
-    compiled_decode = False
+    # The BlockMask is built once per step, when Bound announces the step: every step runs eagerly
+    # (no compiled decode step, no CUDA graphs, no compiled prefill layer: create_block_mask cannot
+    # run inside an op called from compiled code); flex_attention itself is compiled on CUDA.
+    compiled_steps = False
 
     def __init__(self, kv_cache, sliding_window: int | None):
         super().__init__(kv_cache, sliding_window)
