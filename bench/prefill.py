@@ -29,6 +29,8 @@ def main() -> None:
     parser = engine_parser(__doc__)
     parser.add_argument("--input-lens", default="128,512,2048")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the host and the GPU spend one compiled prefill of the shortest length")
     ns = parser.parse_args()
     import ptp
 
@@ -62,6 +64,12 @@ def main() -> None:
         rows.append({"prefill": "compiled (dynamic)", "input_len": n, "ttft_ms": statistics.median(t for t, _ in times),
                      "first_call_ms": first, "same_token": tokens == eager_tokens[n]})
     print_table(rows, ["prefill", "input_len", "ttft_ms", "first_call_ms", "same_token"])
+    if ns.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            ttft_ms(prompts[lengths[0]])
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     write_json(ns.json, rows)
     llm.shutdown()
 
