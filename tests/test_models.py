@@ -103,3 +103,33 @@ def test_mixed_step_equals_the_padded_prefill_step(backend):
     # a step of one kind only keeps its own metadata
     assert type(step_meta([3, 4], [1, 1], tables[:2], slots[:2], block, None, "cpu")).__name__ == "DecodeMeta"
     assert isinstance(step_meta([0], [6], tables[1:2], slots[1:7], block, None, "cpu"), PrefillMeta)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_a_whole_prompt_attends_causally_without_the_cache(window):
+    """One prompt from position 0 (no sliding window) is plain causal attention over its own k, v;
+    the result equals the general path (gather from the cache, boolean mask); a chunk after position
+    0, two prompts, or a window take the general path."""
+    from ptp.attention import PrefillMeta, make_backend
+    from ptp.attention.meta import Bound
+    from ptp.kv_cache import KVCache
+
+    g = torch.Generator().manual_seed(1)
+    block, kv, heads, dim, n = 4, 2, 4, 16, 11
+    table = [5, 2, 7]
+    slots = torch.tensor([table[p // block] * block + p % block for p in range(n)])
+    q = torch.randn(n, heads, dim, generator=g)
+    k, v = torch.randn(2, n, kv, dim, generator=g).unbind(0)
+    meta = PrefillMeta.build([0], [n], [table], slots, block, window, "cpu")
+    assert meta.causal == (window is None)
+    assert not PrefillMeta.build([4], [n - 4], [table], slots[4:], block, None, "cpu").causal
+    assert not PrefillMeta.build([0, 0], [n, 3], [table, [9]], torch.cat([slots, slots[:3]]), block, None, "cpu").causal
+    no_rope = lambda positions, q, k: (q, k)  # noqa: E731
+    outs, caches = [], []
+    for causal in (meta.causal, False):
+        cache = KVCache(1, 9, block, kv, dim, torch.float32, "cpu")
+        meta.causal = causal
+        outs.append(Bound(make_backend("torch", cache, window, torch.device("cpu")), meta)(0, q, k, v, no_rope, None))
+        caches.append(cache.data)
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+    assert torch.equal(caches[0], caches[1])

@@ -24,6 +24,10 @@ class PrefillMeta:
     q_index: torch.Tensor       # [B, max_q] index into the T tokens (T = a zero pad row)
     out_index: torch.Tensor     # [T] index into the flattened [B * max_q] output
     mask: torch.Tensor          # [B, 1, max_q, max_blocks * block_size] True where a query may attend
+    # One whole prompt from position 0, no sliding window: attention is plain causal attention over the
+    # step's own k, v (no gather from the cache, no mask). Not a tensor: it reaches the prefill op
+    # through the backend (Bound sets it per step), so compiled code does not specialise on it.
+    causal: bool = False
 
     @classmethod
     def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]],
@@ -46,8 +50,9 @@ class PrefillMeta:
             mask &= k_pos > q_pos - sliding_window
         q_valid = torch.arange(max_q).view(1, -1, 1) < torch.tensor(query_lens).view(-1, 1, 1)
         mask = torch.where(q_valid, mask, k_pos == 0)  # padded query rows attend to one key: no NaN
+        causal = batch == 1 and starts[0] == 0 and sliding_window is None
         return cls(slot_mapping, tables.to(device), q_index.to(device),
-                   torch.tensor(out_index, dtype=torch.long).to(device), mask.unsqueeze(1).to(device))
+                   torch.tensor(out_index, dtype=torch.long).to(device), mask.unsqueeze(1).to(device), causal)
 
 
 @dataclasses.dataclass
@@ -103,7 +108,7 @@ def mark_unbacked(meta) -> None:
         if isinstance(value, torch.Tensor):
             for dim in range(value.dim()):
                 mark(value, dim)
-        else:
+        elif dataclasses.is_dataclass(value):
             mark_unbacked(value)
 
 
@@ -143,8 +148,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_ma
                       layer: int, backend: int) -> torch.Tensor:
     """Write the step's k, v (rotated) into the paged cache and attend, for prompt chunks
     (`PrefillMeta`'s fields): opaque to torch.compile for the same reason as decode_attention."""
-    meta = PrefillMeta(slot_mapping, block_tables, q_index, out_index, mask)
-    return _BACKENDS[backend].forward(meta, layer, q, k, v)
+    owner = _BACKENDS[backend]
+    meta = PrefillMeta(slot_mapping, block_tables, q_index, out_index, mask, getattr(owner, "causal_prefill", False))
+    return owner.forward(meta, layer, q, k, v)
 
 
 @prefill_attention.register_fake
@@ -162,6 +168,8 @@ class Bound:
 
     def __init__(self, backend, meta):
         self.backend, self.meta = backend, meta
+        prefill = meta.chunks if isinstance(meta, MixedMeta) else meta
+        backend.causal_prefill = isinstance(prefill, PrefillMeta) and prefill.causal  # read by prefill_attention
         begin = getattr(backend, "begin_step", None)  # per-step state of a backend (flex: its BlockMask)
         if begin is not None:
             begin()

@@ -3,7 +3,8 @@
 Each sequence's blocks are gathered into a padded [batch, max_blocks * block_size] view of keys
 and values; a boolean mask carries causality, sequence length and the sliding window. Exact and
 simple — the reference for the faster backends — but it reads whole blocks up to the longest
-sequence, so it is not meant for long contexts on the GPU.
+sequence, so it is not meant for long contexts on the GPU. One whole prompt from position 0 (the
+common prefill step) skips all that: causal SDPA over its own k and v.
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ class TorchAttention:
     def forward(self, meta, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin=None) -> torch.Tensor:
         assert cos_sin is None, "the torch backend takes q and k already rotated"
         k_cache, v_cache = self.write_kv(layer, meta.slot_mapping, k, v)
+        if getattr(meta, "causal", False):  # one whole prompt: its own k, v are all it attends to
+            out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                                 v.transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True)
+            return out[0].transpose(0, 1)
         tables = meta.block_tables.long()
         batch, heads_kv, dim = tables.shape[0], k.shape[1], k.shape[2]
         keys = k_cache[tables].view(batch, -1, heads_kv, dim)
