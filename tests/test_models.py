@@ -133,3 +133,26 @@ def test_a_whole_prompt_attends_causally_without_the_cache(window):
         caches.append(cache.data)
     assert (outs[0] - outs[1]).abs().max().item() < 1e-5
     assert torch.equal(caches[0], caches[1])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill_op_matches_its_fake(causal):
+    """torch.library.opcheck: the prefill op's real output has the sizes and strides its fake promises
+    (inductor asserts them on the GPU). On CPU, SDPA's output follows its query's layout, so a
+    transposed causal output that failed on an H200 passes here: the GPU check is bench/check_gpu.py."""
+    from ptp.attention import PrefillMeta, make_backend
+    from ptp.attention.meta import prefill_attention
+    from ptp.kv_cache import KVCache
+
+    g = torch.Generator().manual_seed(2)
+    block, kv, heads, dim, n = 4, 2, 4, 16, 6
+    table = [3, 1]
+    slots = torch.tensor([table[p // block] * block + p % block for p in range(n)])
+    meta = PrefillMeta.build([0], [n], [table], slots, block, None, "cpu")
+    backend = make_backend("torch", KVCache(1, 5, block, kv, dim, torch.float32, "cpu"), None, torch.device("cpu"))
+    backend.causal_prefill = causal
+    q = torch.randn(n, heads, dim, generator=g)
+    k, v = torch.randn(2, n, kv, dim, generator=g).unbind(0)
+    args = (q, k, v, meta.slot_mapping, meta.block_tables, meta.q_index, meta.out_index, meta.mask, 0, backend.key)
+    assert prefill_attention(*args).is_contiguous()
+    torch.library.opcheck(prefill_attention, args, test_utils=("test_schema", "test_faketensor"))

@@ -37,7 +37,7 @@ class TorchAttention:
         if getattr(meta, "causal", False):  # one whole prompt: its own k, v are all it attends to
             out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                                                  v.transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True)
-            return out[0].transpose(0, 1)
+            return out[0].transpose(0, 1).contiguous()  # [T, H, D] in the layout the op promises
         tables = meta.block_tables.long()
         batch, heads_kv, dim = tables.shape[0], k.shape[1], k.shape[2]
         keys = k_cache[tables].view(batch, -1, heads_kv, dim)
