@@ -2,9 +2,10 @@
 
 Steps where every sequence brings one token (decode) go through `DecodeGraphs`: the forward is
 compiled once (torch.compile, dynamic batch size) and captured in a CUDA graph per batch-size
-bucket, the batch padded to the next bucket. Every other step (prefill, mixed) runs eagerly, or,
-with --torch-compile-prefill, through one decoder layer compiled with dynamic shapes that every
-layer of the model reuses (a whole-model compile per shape kind would cost minutes of start-up).
+bucket, the batch padded to the next bucket. Every other step (prefill, mixed) runs through one
+decoder layer compiled with dynamic shapes that every layer of the model reuses (a whole-model
+compile per kind of step would cost minutes of start-up), or eagerly (--torch-compile-prefill off,
+or where the decode step is not compiled either).
 """
 from __future__ import annotations
 
