@@ -41,20 +41,15 @@ def test_tp_equals_tp1(reference, arch, tp):
             _check_parameter_bytes(llm, tp)
 
 
-def test_flex_backend_at_tp2(reference):
-    folder, tokens, logits = reference["llama"]
+@pytest.mark.parametrize("arch, kwargs", [
+    ("llama", {"attention_backend": "flex"}),
+    # prefill through the one compiled decoder layer (DTensor-sharded weights, the all-reduce op)
+    ("qwen2", {"torch_compile_prefill": "on"}),
+], ids=["flex-backend", "compiled-prefill"])
+def test_other_paths_at_tp2(reference, arch, kwargs):
+    folder, tokens, logits = reference[arch]
     prompt = tokenizer().encode(PROMPT)
-    with ptp.LLM(str(folder), dtype="float32", device="cpu", tp=2, attention_backend="flex") as llm:
-        errors = [rel_err(g, r) for g, r in zip(ptp_logits(llm, prompt, tokens), logits)]
-        assert max(errors) <= 1e-4, errors
-        assert llm.generate([prompt], GREEDY32)[0].token_ids == tokens
-
-
-def test_compiled_prefill_at_tp2(reference):
-    """Prefill through the one compiled decoder layer (DTensor-sharded weights, all-reduce op) at tp=2."""
-    folder, tokens, logits = reference["qwen2"]
-    prompt = tokenizer().encode(PROMPT)
-    with ptp.LLM(str(folder), dtype="float32", device="cpu", tp=2, torch_compile_prefill="on") as llm:
+    with ptp.LLM(str(folder), dtype="float32", device="cpu", tp=2, **kwargs) as llm:
         errors = [rel_err(g, r) for g, r in zip(ptp_logits(llm, prompt, tokens), logits)]
         assert max(errors) <= 1e-4, errors
         assert llm.generate([prompt], GREEDY32)[0].token_ids == tokens
