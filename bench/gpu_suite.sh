@@ -5,7 +5,7 @@
 #   bash bench/gpu_suite.sh pair-b   # two GPUs: greedy checks of every fast path, serving at tp=2
 #   (perf, tp1-a, tp1-b, final-a, final-b, pair-check, pair-perf: the second session's calls;
 #    final-c, attn, plain-mlp, prefill: the third session's; tp1-f, check-d, sweep-d, steps-d: the
-#    fourth's; kern-e, check-e, perf-e, final-e, check-e2: the fifth's; see the cases)
+#    fourth's; kern-e, check-e, perf-e, final-e, check-e2, graphs-e: the fifth's; see the cases)
 # Logs and JSON lines go to $OUT (or ./out); bench/report.py turns them into tables and a plot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -144,6 +144,13 @@ perf-e)  # one GPU (fifth session): compiled prefill in offline throughput and s
 check-e2)  # one GPU (fifth session): after the causal shortcut for whole prompts: fp32 check of every fast path, TTFT and its profile
   step check_tp1 400 python bench/check_gpu.py --tp-list 1 --dtype float32 --json "$OUT/check.jsonl"
   step prefill 120 python bench/prefill.py $M8 --cuda-graph-max-bs 1 --input-lens 16,128,512,2048 --repeat 3 --profile --json "$OUT/prefill.jsonl"
+  ;;
+graphs-e)  # one GPU (fifth session): one whole prompt through a CUDA graph per length bucket: fp32 check of the graphed variants, TTFT, batch 1, serving
+  litestar
+  step check_graphs 260 python bench/check_gpu.py --tp-list 1 --dtype float32 --only "compile + graphs" --json "$OUT/check.jsonl"
+  step prefill 110 python bench/prefill.py $M8 --cuda-graph-max-bs 1 --input-lens 16,128,512,2048 --repeat 3 --json "$OUT/prefill.jsonl"
+  step latency_tp1 90 python bench/latency.py $M8 --cuda-graph-max-bs 8 --input-len 128 --output-len 256 --batch-sizes 1 --label prefill-graphs --json "$OUT/latency.jsonl"
+  serving serving 100 "" "--request-rates 16 --num-prompts 128 --input-len 512 --output-len 128 --label prefill-graphs"
   ;;
 final-e)  # one GPU (fifth session, final code): start-up from an empty compile cache (prefill layer compiled too), batch 1, the attention table, serving with eager and compiled prefill
   rm -rf "$TORCHINDUCTOR_CACHE_DIR" "$PTP_CACHE_DIR"

@@ -5,8 +5,9 @@
 Issue 4 asks for whichever of eager and a compiled prefill measures faster. This times
 `LLM.generate` of one token (the prefill step and its sampling) per prompt length: eagerly, then
 through the runner's compiled prefill (`--torch-compile-prefill on`: one decoder layer compiled with
-dynamic shapes, reused by every layer) — after its first call, whose time (the compile, or a
-recompile) is reported too. Greedy tokens are compared.
+dynamic shapes, reused by every layer), then (where CUDA graphs are on) one whole prompt replayed
+from the CUDA graph of its length bucket (`PrefillGraphs`) — after a first call, whose time (a
+compile, or a recompile) is reported too. Greedy tokens are compared.
 
 (The fourth session compiled the whole forward instead: on an H100 it ran out of memory at its first
 prefill, the traced indexed write into the KV cache making inductor copy the whole cache. Prefill
@@ -36,7 +37,8 @@ def main() -> None:
 
     llm, _ = build_llm(ns)
     runner = llm.engine.runner
-    runner.run_layer = None  # eager first, whatever --torch-compile-prefill says
+    graphs = runner.prefill  # one whole prompt through a CUDA graph per length bucket (None: not built)
+    runner.prefill = runner.run_layer = None  # eager first, whatever the flags say
     vocab = llm.engine.config.vocab_size
     one = ptp.SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     lengths = [int(n) for n in ns.input_lens.split(",")]
@@ -58,12 +60,16 @@ def main() -> None:
         eager_tokens[n] = times[0][1]
         rows.append({"prefill": "eager", "input_len": n, "ttft_ms": statistics.median(t for t, _ in times)})
     runner.compile_prefill()
-    for n in lengths:
-        first, tokens = ttft_ms(prompts[n])
-        times = [ttft_ms(prompts[n]) for _ in range(ns.repeat)]
-        rows.append({"prefill": "compiled (dynamic)", "input_len": n, "ttft_ms": statistics.median(t for t, _ in times),
-                     "first_call_ms": first, "same_token": tokens == eager_tokens[n]})
-    print_table(rows, ["prefill", "input_len", "ttft_ms", "first_call_ms", "same_token"])
+    modes = [("compiled (dynamic)", None)] + ([("compiled + CUDA graph", graphs)] if graphs is not None else [])
+    for mode, prefill in modes:
+        runner.prefill = prefill
+        for n in lengths:
+            first, tokens = ttft_ms(prompts[n])
+            times = [ttft_ms(prompts[n]) for _ in range(ns.repeat)]
+            rows.append({"prefill": mode, "input_len": n, "ttft_ms": statistics.median(t for t, _ in times),
+                         "first_call_ms": first, "same_token": tokens == eager_tokens[n],
+                         "graph": prefill is not None and prefill.takes_length(n)})
+    print_table(rows, ["prefill", "input_len", "ttft_ms", "first_call_ms", "same_token", "graph"])
     if ns.profile:
         from torch.profiler import ProfilerActivity, profile
 

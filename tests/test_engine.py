@@ -181,12 +181,19 @@ def test_unknown_llm_argument_and_bad_flags(folder):
 
 
 def test_compiled_decode_equals_eager(folder, alone):
-    """The compiled decode step (inductor on CPU, dynamic batch size) gives the eager tokens."""
+    """The compiled decode step (inductor on CPU, dynamic batch size) gives the eager tokens; so does
+    the prefill of one whole prompt padded to its graph's length (PrefillGraphs, run without graphs)."""
     llm = ptp.LLM(str(folder), dtype="float32", device="cpu", torch_compile="on", cuda_graph_max_bs=8)
-    assert llm.engine.runner.decode is not None
+    runner = llm.engine.runner
+    assert runner.decode is not None and runner.prefill is not None
+    padded = []
+    run = runner.prefill.run
+    runner.prefill.run = lambda batch: padded.append(len(batch.token_ids[0])) or run(batch)
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == alone
     assert [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY)] == alone[:3]  # another batch size
+    assert not padded  # batches of prompts take the general path
     assert [llm.generate(p, GREEDY)[0].token_ids for p in PROMPTS[:2]] == alone[:2]  # batch 1: its own graph
+    assert len(padded) == 2 and all(n not in runner.prefill.buckets for n in padded), padded  # padded, really
 
 
 @pytest.mark.parametrize("mix", [False, True], ids=["prefill-or-decode", "mixed-chunk"])

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ptp.attention import Bound, DecodeMeta, make_backend, step_meta
-from ptp.attention.meta import mark_unbacked
+from ptp.attention.meta import PrefillMeta, mark_unbacked
 from ptp.config import ModelConfig
 from ptp.errors import ConfigError
 from ptp.hub import ModelFiles
@@ -125,6 +125,9 @@ class ModelRunner:
         self.decode = None
         if compile_decode or cuda_graphs:
             self.decode = DecodeGraphs(self, compile_decode, cuda_graphs, cuda_graph_max_bs, compile_tuned)
+        self.prefill = None
+        if (cuda_graphs or compile_decode) and config.sliding_window is None:
+            self.prefill = PrefillGraphs(self, cuda_graphs, min(max_step_tokens, max_model_len))
 
     def compile_prefill(self) -> None:
         """Run the steps that do not replay a decode graph (prefill, mixed) through one decoder layer
@@ -190,6 +193,8 @@ class ModelRunner:
             self.profiler.tick()
         if self.decode is not None and batch.is_decode and len(batch.token_ids) <= self.decode.max_bs:
             return self.decode.run(batch)
+        if self.prefill is not None and self.prefill.takes(batch):
+            return self.prefill.run(batch)
         device, block_size = self.device, self.kv_cache.block_size
         ids, positions, slots, logit_rows, row = [], [], [], [], 0
         for toks, start, table, sample in zip(batch.token_ids, batch.starts, batch.block_tables, batch.sample):
@@ -324,3 +329,103 @@ class DecodeGraphs:
             graph.replay()
             return out[:n]
         return self.step(*self._inputs(bs))[:n]
+
+
+def prefill_buckets(largest: int) -> list[int]:
+    """Prompt lengths to capture: 16, 32, 48, 64, then a step of a quarter of the last power of two."""
+    sizes, n = [], 16
+    while n <= largest:
+        sizes.append(n)
+        n += max(16, 1 << (n.bit_length() - 3))
+    return sizes
+
+
+class PrefillGraphs:
+    """The prefill step of one whole prompt (from position 0, up to 512 tokens), replayed from a CUDA
+    graph per length bucket: such a step is bound by the host launching each layer's kernels (a
+    16-token prompt: ~30 ms of host time against ~5 ms of GPU time on an H200), and a graph launches
+    them all at once. The prompt is padded at its end; causal attention keeps the padded rows out of
+    the real ones, and their keys and values go to the scratch slot. On CPU (no graphs) the padded step
+    runs as it is, which the tests use to check the padding."""
+
+    def __init__(self, runner: ModelRunner, graphs: bool, largest: int):
+        self.runner, self.graphs_on = runner, graphs and runner.device.type == "cuda"
+        device = runner.device
+        self.buckets = prefill_buckets(min(512, largest))
+        n = self.buckets[-1] if self.buckets else 0
+        self.ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.pos = torch.arange(n, dtype=torch.long, device=device)
+        self.slots = torch.full((n,), runner.scratch_slot, dtype=torch.long, device=device)
+        self.row = torch.zeros(1, dtype=torch.long, device=device)  # the last real token: the row to sample
+        self.host = torch.zeros(2, n + 1, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.graphs_on and self.buckets:
+            self._capture()
+
+    def takes_length(self, n: int) -> bool:
+        return bool(self.buckets) and 1 < n <= self.buckets[-1]
+
+    def takes(self, batch: StepBatch) -> bool:
+        toks = batch.token_ids
+        return (len(toks) == 1 and batch.starts[0] == 0 and batch.sample[0] and self.takes_length(len(toks[0]))
+                and min(toks[0]) >= 0)
+
+    def _meta(self, n: int) -> PrefillMeta:
+        """A whole prompt of n tokens: the causal path reads only the slots (the rest: placeholders)."""
+        device = self.runner.device
+        one = torch.zeros(1, 1, dtype=torch.long, device=device)
+        meta = PrefillMeta(self.slots[:n], one.int(), one, one[0], torch.ones(1, 1, 1, 1, dtype=torch.bool,
+                                                                                 device=device), causal=True)
+        if self.runner.run_layer is not None:
+            mark_unbacked(meta)
+        return meta
+
+    def _step(self, n: int) -> torch.Tensor:
+        runner = self.runner
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return runner.forward_logits(self.ids[:n], self.pos[:n], self._meta(n), self.row, runner.run_layer)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        start = time.perf_counter()
+        for i, n in enumerate(reversed(self.buckets)):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step(n)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._step(n)
+            self.graphs[n] = (graph, out)
+        torch.cuda.synchronize()
+        self.slots.fill_(self.runner.scratch_slot)  # the warm-up runs wrote only there
+        log.info("captured prefill graphs for prompts of up to %d tokens (%d lengths, %.1f s)", self.buckets[-1],
+                 len(self.buckets), time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        toks, table = batch.token_ids[0], batch.block_tables[0]
+        n, block_size = len(toks), self.runner.kv_cache.block_size
+        bucket = next(b for b in self.buckets if b >= n)
+        if self.copied is not None:
+            self.copied.synchronize()  # the pinned buffer's previous copy has run (ranks > 0 never wait)
+        host = self.host
+        host[0, :n] = torch.tensor(toks)
+        host[0, n:bucket] = 0
+        host[1, :n] = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(n)])
+        host[1, n:bucket] = self.runner.scratch_slot
+        host[0, -1] = n - 1
+        self.ids[:bucket].copy_(host[0, :bucket], non_blocking=True)
+        self.slots[:bucket].copy_(host[1, :bucket], non_blocking=True)
+        self.row.copy_(host[0, -1:], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        if self.graphs_on:
+            graph, out = self.graphs[bucket]
+            graph.replay()
+            return out
+        return self._step(bucket)
