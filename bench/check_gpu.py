@@ -115,7 +115,7 @@ def main() -> None:
                         help="float32 (TF32 off) makes any difference a bug rather than a near-tie")
     parser.add_argument("--near-tie", type=float, default=0.05,
                         help="log-probability gap below which a first difference is put down to rounding")
-    parser.add_argument("--only", default=None, help="run only the variants whose name contains this (and the reference)")
+    parser.add_argument("--only", default=None, help="run only the variants whose name contains this, or one of these (comma-separated), and the reference")
     parser.add_argument("--json", default=None)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)   # child mode
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -134,7 +134,7 @@ def main() -> None:
     results = {}
     for name, kwargs in VARIANTS.items():
         is_reference = name == next(iter(VARIANTS))  # always runs
-        if not is_reference and (kwargs.get("tp", 1) not in tps or (ns.only and ns.only not in name)):
+        if not is_reference and (kwargs.get("tp", 1) not in tps or (ns.only and not any(part in name for part in ns.only.split(",")))):
             continue
         out = root / "out.json"
         proc = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "--variant", name, "--folder",

@@ -147,7 +147,7 @@ check-e2)  # one GPU (fifth session): after the causal shortcut for whole prompt
   ;;
 graphs-e)  # one GPU (fifth session): one whole prompt through a CUDA graph per length bucket: fp32 check of the graphed variants, TTFT, batch 1, serving
   litestar
-  step check_graphs 260 python bench/check_gpu.py --tp-list 1 --dtype float32 --only "compile + graphs" --json "$OUT/check.jsonl"
+  step check_graphs 260 python bench/check_gpu.py --tp-list 1 --dtype float32 --only "compile + graphs,graphs (no compile)" --json "$OUT/check.jsonl"
   step prefill 110 python bench/prefill.py $M8 --cuda-graph-max-bs 1 --input-lens 16,128,512,2048 --repeat 3 --json "$OUT/prefill.jsonl"
   step latency_tp1 90 python bench/latency.py $M8 --cuda-graph-max-bs 8 --input-len 128 --output-len 256 --batch-sizes 1 --label prefill-graphs --json "$OUT/latency.jsonl"
   serving serving 100 "" "--request-rates 16 --num-prompts 128 --input-len 512 --output-len 128 --label prefill-graphs"
