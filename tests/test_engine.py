@@ -181,6 +181,9 @@ def test_unknown_llm_argument_and_bad_flags(folder):
 
 
 def test_compiled_decode_equals_eager(folder, alone):
+    import torch
+
+    torch._dynamo.reset()
     """The compiled decode step (inductor on CPU, dynamic batch size) gives the eager tokens; so does
     the prefill of one whole prompt padded to its graph's length (PrefillGraphs, run without graphs)."""
     llm = ptp.LLM(str(folder), dtype="float32", device="cpu", torch_compile="on", cuda_graph_max_bs=8)
@@ -194,6 +197,13 @@ def test_compiled_decode_equals_eager(folder, alone):
     assert not padded  # batches of prompts take the general path
     assert [llm.generate(p, GREEDY)[0].token_ids for p in PROMPTS[:2]] == alone[:2]  # batch 1: its own graph
     assert len(padded) == 2 and all(n not in runner.prefill.buckets for n in padded), padded  # padded, really
+    # batches of prompts and the padded whole prompts share one compiled layer (the padded path's
+    # placeholder metadata once had an int32 table and aliased tensors: a recompile at the first batch
+    # of prompts, which on the GPU stalled a server for a second)
+    import torch
+
+    from ptp.runner import _run_layer
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(_run_layer.__code__)) == 1
 
 
 @pytest.mark.parametrize("mix", [False, True], ids=["prefill-or-decode", "mixed-chunk"])

@@ -353,10 +353,11 @@ class PrefillGraphs:
         device = runner.device
         self.buckets = prefill_buckets(min(512, largest))
         n = self.buckets[-1] if self.buckets else 0
-        self.ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.pos = torch.arange(n, dtype=torch.long, device=device)
-        self.slots = torch.full((n,), runner.scratch_slot, dtype=torch.long, device=device)
-        self.row = torch.zeros(1, dtype=torch.long, device=device)  # the last real token: the row to sample
+        with torch.inference_mode():  # as the general path's step inputs are: the same compiled layer serves both
+            self.ids = torch.zeros(n, dtype=torch.long, device=device)
+            self.pos = torch.arange(n, dtype=torch.long, device=device)
+            self.slots = torch.full((n,), runner.scratch_slot, dtype=torch.long, device=device)
+            self.row = torch.zeros(1, dtype=torch.long, device=device)  # the last real token: the row to sample
         self.host = torch.zeros(2, n + 1, dtype=torch.long, pin_memory=device.type == "cuda")
         self.copied = torch.cuda.Event() if device.type == "cuda" else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -374,9 +375,9 @@ class PrefillGraphs:
     def _meta(self, n: int) -> PrefillMeta:
         """A whole prompt of n tokens: the causal path reads only the slots (the rest: placeholders)."""
         device = self.runner.device
-        one = torch.zeros(1, 1, dtype=torch.long, device=device)
-        meta = PrefillMeta(self.slots[:n], one.int(), one, one[0], torch.ones(1, 1, 1, 1, dtype=torch.bool,
-                                                                                 device=device), causal=True)
+        # separate tensors of the dtypes PrefillMeta.build gives: an alias or another dtype is a recompile
+        zeros = [torch.zeros(shape, dtype=torch.long, device=device) for shape in ((1, 1), (1, 1), (1,))]
+        meta = PrefillMeta(self.slots[:n], *zeros, torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device), causal=True)
         if self.runner.run_layer is not None:
             mark_unbacked(meta)
         return meta
