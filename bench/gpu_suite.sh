@@ -5,7 +5,7 @@
 #   bash bench/gpu_suite.sh pair-b   # two GPUs: greedy checks of every fast path, serving at tp=2
 #   (perf, tp1-a, tp1-b, final-a, final-b, pair-check, pair-perf: the second session's calls;
 #    final-c, attn, plain-mlp, prefill: the third session's; tp1-f, check-d, sweep-d, steps-d: the
-#    fourth's; kern-e, check-e, perf-e, final-e, check-e2, graphs-e, graphs-e2: the fifth's; see the cases)
+#    fourth's; kern-e, check-e, perf-e, final-e, check-e2, graphs-e, graphs-e2, pad-e: the fifth's; see the cases)
 # Logs and JSON lines go to $OUT (or ./out); bench/report.py turns them into tables and a plot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -157,6 +157,12 @@ graphs-e2)  # one GPU (fifth session): after the recompile fix of the prefill gr
   serving serving 110 "" "--request-rates 16 --num-prompts 128 --input-len 512 --output-len 128 --label prefill-graphs"
   step latency_tp1 90 python bench/latency.py $M8 --cuda-graph-max-bs 8 --input-len 128 --output-len 256 --batch-sizes 1,8 --label prefill-graphs --json "$OUT/latency.jsonl"
   step check_graphs 150 python bench/check_gpu.py --tp-list 1 --dtype float32 --only "compile + graphs, triton,graphs (no compile)" --json "$OUT/check.jsonl"
+  ;;
+pad-e)  # one GPU (fifth session): prefill shapes rounded up (cuDNN plans reused): serving TTFT p99, throughput, fp32 check of mixed steps
+  litestar
+  serving serving 110 "" "--request-rates 16 --num-prompts 128 --input-len 512 --output-len 128 --label padded-shapes"
+  step throughput 150 python bench/throughput.py $M8 --cuda-graph-max-bs 256 --num-prompts 512 --input-len 512 --output-len 256 --label padded-shapes --json "$OUT/throughput.jsonl"
+  step check_mixed 100 python bench/check_gpu.py --tp-list 1 --dtype float32 --only "mixed" --json "$OUT/check.jsonl"
   ;;
 final-e)  # one GPU (fifth session, final code): start-up from an empty compile cache (prefill layer compiled too), batch 1, the attention table, serving with eager and compiled prefill
   rm -rf "$TORCHINDUCTOR_CACHE_DIR" "$PTP_CACHE_DIR"

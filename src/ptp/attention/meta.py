@@ -16,6 +16,9 @@ class DecodeMeta:
     seq_lens: torch.Tensor      # [B] int32, including the new token; 0 for a padded row
 
 
+PAD_QUERIES, PAD_KEYS = 64, 128
+
+
 @dataclasses.dataclass
 class PrefillMeta:
     """Any mix of prompt chunks and single tokens, padded to [B, max_query] queries."""
@@ -32,8 +35,13 @@ class PrefillMeta:
     @classmethod
     def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]],
               slot_mapping: torch.Tensor, block_size: int, sliding_window: int | None, device) -> "PrefillMeta":
-        batch, max_q = len(starts), max(query_lens)
+        # Sizes rounded up (queries to 64, keys to 128): SDPA's cuDNN kernel builds a plan for every new
+        # shape (~45 ms each on an H200, over 1 s for the first), which stalled a server's steps whose
+        # shapes rarely repeat; padded rows and keys are masked off.
+        batch, max_q = len(starts), -(-max(query_lens) // PAD_QUERIES) * PAD_QUERIES
+        key_blocks = max(1, PAD_KEYS // block_size)
         max_blocks = max(-(-(s + q) // block_size) for s, q in zip(starts, query_lens))
+        max_blocks = -(-max_blocks // key_blocks) * key_blocks
         tables = torch.zeros(batch, max_blocks, dtype=torch.long)
         q_index = torch.full((batch, max_q), sum(query_lens), dtype=torch.long)
         out_index, offset = [], 0
