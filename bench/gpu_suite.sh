@@ -5,7 +5,7 @@
 #   bash bench/gpu_suite.sh pair-b   # two GPUs: greedy checks of every fast path, serving at tp=2
 #   (perf, tp1-a, tp1-b, final-a, final-b, pair-check, pair-perf: the second session's calls;
 #    final-c, attn, plain-mlp, prefill: the third session's; tp1-f, check-d, sweep-d, steps-d: the
-#    fourth's; kern-e, check-e, perf-e, final-e, check-e2, graphs-e, graphs-e2, pad-e: the fifth's; see the cases)
+#    fourth's; kern-e, check-e, perf-e, final-e, check-e2, graphs-e, graphs-e2, pad-e, warm-e: the fifth's; see the cases)
 # Logs and JSON lines go to $OUT (or ./out); bench/report.py turns them into tables and a plot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -163,6 +163,10 @@ pad-e)  # one GPU (fifth session): prefill shapes rounded up (cuDNN plans reused
   serving serving 110 "" "--request-rates 16 --num-prompts 128 --input-len 512 --output-len 128 --label padded-shapes"
   step throughput 150 python bench/throughput.py $M8 --cuda-graph-max-bs 256 --num-prompts 512 --input-len 512 --output-len 256 --label padded-shapes --json "$OUT/throughput.jsonl"
   step check_mixed 100 python bench/check_gpu.py --tp-list 1 --dtype float32 --only "mixed" --json "$OUT/check.jsonl"
+  ;;
+warm-e)  # one GPU (fifth session): the server's warm-up also runs a batched prefill: serving TTFT p99
+  litestar
+  serving serving 110 "" "--request-rates 16 --num-prompts 128 --input-len 512 --output-len 128 --label batched-warm-up"
   ;;
 final-e)  # one GPU (fifth session, final code): start-up from an empty compile cache (prefill layer compiled too), batch 1, the attention table, serving with eager and compiled prefill
   rm -rf "$TORCHINDUCTOR_CACHE_DIR" "$PTP_CACHE_DIR"

@@ -303,13 +303,18 @@ def default_model_name(model: str | None) -> str:
 
 
 def warm_up(engine) -> None:
-    """One short generation through every rank, so /health says ok only when a request can run."""
+    """Short generations through every rank, so /health says ok only when a request can run: one
+    prompt alone, then two at once (a batched prefill step's attention takes another kernel, whose
+    first call initialises cuDNN: over a second on an H200, else paid by the first burst of users)."""
     from ptp.sampling import SamplingParams
 
-    rid = engine.add_request([0, 1, 2], SamplingParams(max_tokens=2, ignore_eos=True, temperature=0))
-    while engine.requests.get(rid) and any(s.finish_reason is None for s in engine.requests[rid]):
-        engine.step()
-    engine.result(rid)
+    params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0)
+    for prompts in ([[0, 1, 2]], [[0, 1, 2], [3, 4, 5, 6]]):
+        rids = [engine.add_request(p, params) for p in prompts]
+        while any(engine.requests.get(r) and any(s.finish_reason is None for s in engine.requests[r]) for r in rids):
+            engine.step()
+        for r in rids:
+            engine.result(r)
 
 
 def main(argv=None) -> int:
