@@ -392,19 +392,18 @@ class PrefillGraphs:
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         start = time.perf_counter()
-        for i, n in enumerate(reversed(self.buckets)):
+        for n in reversed(self.buckets):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):
+                for _ in range(2):  # compile (the first length only) and warm up
                     self._step(n)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = self._step(n)
             self.graphs[n] = (graph, out)
-        torch.cuda.synchronize()
-        self.slots.fill_(self.runner.scratch_slot)  # the warm-up runs wrote only there
+        torch.cuda.synchronize()  # the warm-up and capture wrote keys and values only to the scratch slot
         log.info("captured prefill graphs for prompts of up to %d tokens (%d lengths, %.1f s)", self.buckets[-1],
                  len(self.buckets), time.perf_counter() - start)
 
