@@ -212,16 +212,22 @@ class ModelRunner:
                          self.config.sliding_window, device)
         if not logit_rows and min(ids) < 0:
             raise AssertionError("a step that samples nothing cannot use the previous step's tokens")
-        rows = as_tensor(logit_rows) if logit_rows else None
-        if self.run_layer is None:
-            return self._forward(input_ids, pos_t, meta, rows)
+        return self.forward_step(input_ids, pos_t, meta, as_tensor(logit_rows) if logit_rows else None)
+
+    def forward_step(self, input_ids, positions, meta, logit_rows) -> torch.Tensor | None:
+        """A step that does not replay a decode graph: through the compiled layer (run_layer) if there
+        is one, else eagerly. Without logit rows (a prompt chunk that completes no sequence) nothing is
+        sampled and None is returned."""
+        run_layer = self.run_layer
+        if run_layer is None:
+            return self._forward(input_ids, positions, meta, logit_rows)
         mark_unbacked(meta)
         # no "duck sizing" of equal sizes: a 4096-token chunk must not tie the token count to the hidden size
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return self._forward(input_ids, pos_t, meta, rows, self.run_layer)
+            return self._forward(input_ids, positions, meta, logit_rows, run_layer)
 
     def _forward(self, input_ids, positions, meta, logit_rows, run_layer=None) -> torch.Tensor | None:
-        if logit_rows is None:  # a prompt chunk that completes no sequence: nothing to sample
+        if logit_rows is None:
             self.model(input_ids, positions, Bound(self.attention, meta), run_layer)
             return None
         return self.forward_logits(input_ids, positions, meta, logit_rows, run_layer)
@@ -229,6 +235,21 @@ class ModelRunner:
 
 def _run_layer(layer, x, residual, positions, rotary, attn, index):
     return layer(x, residual, positions, rotary, attn, index)
+
+
+def capture_graph(step, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """step() run twice on a side stream (compiling it, if it is compiled, and warming it up), then
+    captured into a CUDA graph in `pool`; returns the graph and the output tensor it refills."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out
 
 
 def graph_buckets(max_bs: int) -> list[int]:
@@ -287,16 +308,7 @@ class DecodeGraphs:
         start = time.perf_counter()
         for i, bs in enumerate(reversed(self.buckets)):
             args = self._inputs(bs)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile (first bucket of each shape kind) and warm up
-                    self.step(*args)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self.step(*args)
-            self.graphs[bs] = (graph, out)
+            self.graphs[bs] = capture_graph(lambda: self.step(*args), pool)
             log.info("captured decode graph for batch %d (%d/%d, %.1f s)", bs, i + 1, len(self.buckets),
                      time.perf_counter() - start)
         torch.cuda.synchronize()
@@ -374,35 +386,26 @@ class PrefillGraphs:
                 and min(toks[0]) >= 0)
 
     def _meta(self, n: int) -> PrefillMeta:
-        """A whole prompt of n tokens: the causal path reads only the slots (the rest: placeholders)."""
-        device = self.runner.device
-        # separate tensors of the dtypes PrefillMeta.build gives: an alias or another dtype is a recompile
-        zeros = [torch.zeros(shape, dtype=torch.long, device=device) for shape in ((1, 1), (1, 1), (1,))]
-        meta = PrefillMeta(self.slots[:n], *zeros, torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device), causal=True)
-        if self.runner.run_layer is not None:
-            mark_unbacked(meta)
+        """The metadata of a whole prompt of n tokens, built as any step's is (the same compiled layer
+        serves both). Its block table points at the scratch block: captured, the metadata is fixed,
+        and the causal path reads only the slots, which each run refills. (Built outside a capture:
+        it copies from the host.)"""
+        block_size = self.runner.kv_cache.block_size
+        scratch = [self.runner.scratch_slot // block_size] * -(-n // block_size)
+        meta = PrefillMeta.build([0], [n], [scratch], self.slots[:n], block_size, None, self.runner.device)
+        assert meta.causal
         return meta
 
-    def _step(self, n: int) -> torch.Tensor:
-        runner = self.runner
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return runner.forward_logits(self.ids[:n], self.pos[:n], self._meta(n), self.row, runner.run_layer)
+    def _step(self, n: int, meta: PrefillMeta) -> torch.Tensor:
+        return self.runner.forward_step(self.ids[:n], self.pos[:n], meta, self.row)
 
     @torch.inference_mode()
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         start = time.perf_counter()
         for n in reversed(self.buckets):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile (the first length only) and warm up
-                    self._step(n)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._step(n)
-            self.graphs[n] = (graph, out)
+            meta = self._meta(n)
+            self.graphs[n] = capture_graph(lambda: self._step(n, meta), pool)
         torch.cuda.synchronize()  # the warm-up and capture wrote keys and values only to the scratch slot
         log.info("captured prefill graphs for prompts of up to %d tokens (%d lengths, %.1f s)", self.buckets[-1],
                  len(self.buckets), time.perf_counter() - start)
@@ -429,4 +432,4 @@ class PrefillGraphs:
             graph, out = self.graphs[bucket]
             graph.replay()
             return out
-        return self._step(bucket)
+        return self._step(bucket, self._meta(bucket))
