@@ -1,6 +1,6 @@
 """Greedy tokens of every fast path against plain eager ptp, on a checkpoint this script writes.
 
-For each variant (compiled + CUDA graphs, attention backends, tp=2, NCCL-only all-reduce) and
+For each variant (compiled + CUDA graphs, attention backends, tp=2, 4 and 8, NCCL-only all-reduce) and
 each batch size (every graph bucket up to 32, padded ones included): how many prompts give
 exactly the eager tp=1 tokens. bf16, so a near-tie may flip a token; the table says how often.
 
@@ -101,6 +101,9 @@ VARIANTS = {  # "env": environment of the variant's process
     "tp=2 compile + graphs, NCCL only": dict(tp=2, attention_backend="triton", disable_custom_all_reduce=True),
     "tp=2 compile, flex attention": dict(tp=2, attention_backend="flex"),
     "tp=2 compile + graphs, triton, eager prefill": dict(tp=2, attention_backend="triton", torch_compile_prefill="off"),
+    # 4 KV heads: at tp=8 each is held by two ranks
+    "tp=4 compile + graphs, triton": dict(tp=4, attention_backend="triton"),
+    "tp=8 compile + graphs, triton": dict(tp=8, attention_backend="triton"),
 }
 
 

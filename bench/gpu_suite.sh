@@ -5,7 +5,8 @@
 #   bash bench/gpu_suite.sh pair-b   # two GPUs: greedy checks of every fast path, serving at tp=2
 #   (perf, tp1-a, tp1-b, final-a, final-b, pair-check, pair-perf: the second session's calls;
 #    final-c, attn, plain-mlp, prefill: the third session's; tp1-f, check-d, sweep-d, steps-d: the
-#    fourth's; kern-e, check-e, perf-e, final-e, check-e2, graphs-e, graphs-e2, pad-e, warm-e: the fifth's; see the cases)
+#    fourth's; kern-e, check-e, perf-e, final-e, check-e2, graphs-e, graphs-e2, pad-e, warm-e: the fifth's;
+#    many-check, many-perf: written in the sixth for 4 or 8 GPUs, not yet run; see the cases)
 # Logs and JSON lines go to $OUT (or ./out); bench/report.py turns them into tables and a plot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -187,6 +188,16 @@ pair-perf)  # two GPUs: tp=2 latency with each rank's kernels (PTP_KERNEL_PROFIL
   step latency_tp2 180 env PTP_PROFILE=1 PTP_KERNEL_PROFILE=50 python bench/latency.py $M8 --cuda-graph-max-bs 8 --tp 2 --batch-sizes 1,8 --input-len 128 --output-len 256 --label compiled --json "$OUT/latency.jsonl"
   step latency_tp2_nccl 90 python bench/latency.py $M8 --cuda-graph-max-bs 8 --tp 2 --batch-sizes 1 --input-len 128 --output-len 256 --disable-custom-all-reduce --label nccl-only --json "$OUT/latency.jsonl"
   serving serving_tp2 200 "--torch-compile off --tp 2" "--request-rates 4,16,inf --num-prompts 96 --input-len 512 --output-len 128 --label tp2"
+  ;;
+many-check)  # four or eight GPUs (the tp=4/8 issue): bf16 greedy tokens at every tp the GPUs allow against tp=1; all-reduce at N ranks
+  N=$(nvidia-smi -L | wc -l); TPS=$(for t in 4 8; do [ "$t" -le "$N" ] && printf ",%s" $t; done)
+  step check_many 400 python bench/check_gpu.py --tp-list 1$TPS --dtype bfloat16 --only "tp=4,tp=8" --json "$OUT/check.jsonl"
+  step allreduce_$N 200 torchrun --nproc-per-node $N bench/allreduce.py --check --json "$OUT/allreduce.jsonl"
+  ;;
+many-perf)  # four or eight GPUs: batch 1 and 64 of the 8B shape at tp=1, 2, 4 (8), the 70B shape at tp=4 (8)
+  N=$(nvidia-smi -L | wc -l)
+  for t in 1 2 4 8; do [ "$t" -le "$N" ] && step latency_8b_tp$t 150 python bench/latency.py $M8 --tp $t --batch-sizes 1,64 --input-len 128 --output-len 256 --label 8b-tp$t --json "$OUT/latency.jsonl"; done
+  for t in 4 8; do [ "$t" -le "$N" ] && step latency_70b_tp$t 280 python bench/latency.py ${M8/8b/70b} --tp $t --batch-sizes 1,64 --input-len 128 --output-len 256 --label 70b-tp$t --json "$OUT/latency.jsonl"; done
   ;;
 pair-a)  # two GPUs, part one: all-reduce, latency at tp=1 and tp=2
   step allreduce 150 torchrun --nproc-per-node 2 bench/allreduce.py --check --json "$OUT/allreduce.jsonl"
