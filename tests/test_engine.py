@@ -181,11 +181,13 @@ def test_unknown_llm_argument_and_bad_flags(folder):
 
 
 def test_compiled_decode_equals_eager(folder, alone):
-    import torch
-
-    torch._dynamo.reset()
     """The compiled decode step (inductor on CPU, dynamic batch size) gives the eager tokens; so does
     the prefill of one whole prompt padded to its graph's length (PrefillGraphs, run without graphs)."""
+    import torch
+
+    from ptp.runner import _run_layer
+
+    torch._dynamo.reset()
     llm = ptp.LLM(str(folder), dtype="float32", device="cpu", torch_compile="on", cuda_graph_max_bs=8)
     runner = llm.engine.runner
     assert runner.decode is not None and runner.prefill is not None
@@ -200,9 +202,6 @@ def test_compiled_decode_equals_eager(folder, alone):
     # batches of prompts and the padded whole prompts share one compiled layer (the padded path's
     # placeholder metadata once had an int32 table and aliased tensors: a recompile at the first batch
     # of prompts, which on the GPU stalled a server for a second)
-    import torch
-
-    from ptp.runner import _run_layer
     assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(_run_layer.__code__)) == 1
 
 

@@ -6,6 +6,12 @@ import torch
 from ptp.errors import ConfigError
 
 
+def slot(table: list[int], position: int, block_size: int) -> int:
+    """The cache slot (block * block_size + offset) of the token at `position` of a sequence whose
+    blocks are `table`."""
+    return table[position // block_size] * block_size + position % block_size
+
+
 class KVCache:
     """One tensor for all layers: [layers, 2 (k, v), blocks, block_size, kv_heads, head_dim]."""
 

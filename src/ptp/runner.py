@@ -24,7 +24,7 @@ from ptp.config import ModelConfig
 from ptp.errors import ConfigError
 from ptp.hub import ModelFiles
 from ptp.kernels import pdl_enabled
-from ptp.kv_cache import KVCache
+from ptp.kv_cache import KVCache, slot
 from ptp.loader import load_model
 from ptp.parallel.comm import broadcast_from_first, gather_vocab
 from ptp.parallel.mesh import Dist
@@ -202,7 +202,7 @@ class ModelRunner:
             ids.extend(toks)
             pos = range(start, start + len(toks))
             positions.extend(pos)
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
+            slots.extend(slot(table, p, block_size) for p in pos)
             row += len(toks)
             if sample:
                 logit_rows.append(row - 1)
@@ -318,7 +318,7 @@ class DecodeGraphs:
         bs = next(b for b in self.buckets if b >= n)
         block_size = self.runner.kv_cache.block_size
         starts = batch.starts
-        slots = [table[p // block_size] * block_size + p % block_size for table, p in zip(batch.block_tables, starts)]
+        slots = [slot(table, p, block_size) for table, p in zip(batch.block_tables, starts)]
         pad = bs - n
         if self.copied is not None:
             # The pinned staging buffers are copied asynchronously; a rank that never waits for its GPU
@@ -420,7 +420,7 @@ class PrefillGraphs:
         host = self.host
         host[0, :n] = torch.tensor(toks)
         host[0, n:bucket] = 0
-        host[1, :n] = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(n)])
+        host[1, :n] = torch.tensor([slot(table, p, block_size) for p in range(n)])
         host[1, n:bucket] = self.runner.scratch_slot
         host[0, -1] = n - 1
         self.ids[:bucket].copy_(host[0, :bucket], non_blocking=True)
