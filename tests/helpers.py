@@ -100,7 +100,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def ptp_logits(llm, prompt: list[int], continuation: list[int]) -> list[torch.Tensor]:
     """ptp's logits after the prompt (one prefill) and after each continuation token (decode steps)."""
-    from ptp.runner import StepBatch
+    from ptp.step import StepBatch
 
     engine = llm.engine
     alloc = engine.scheduler.allocator

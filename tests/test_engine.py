@@ -247,7 +247,7 @@ def test_two_pass_argmax_equals_argmax():
 
 
 def test_step_batch_round_trips_through_its_wire_format():
-    from ptp.runner import StepBatch
+    from ptp.step import StepBatch
 
     batch = StepBatch([[5, 6, 7], [-2], [9]], [0, 40, 3], [[1, 2], [7, 8, 9], [4]], [False, True, True], True)
     back = StepBatch.decode(batch.encode())

@@ -19,7 +19,7 @@ class EngineArgs:
     tokenizer: str | None = flag(None, "tokenizer id or folder, if not the model's own")
     revision: str | None = flag(None, "model revision (branch, tag or commit) on the Hub")
     tp: int = flag(1, "tensor-parallel size: ranks that each hold a slice of every layer", aliases=("--tp-size",))
-    dp_size: int = flag(1, "data-parallel replicas (only 1 is supported yet)")
+    dp_size: int = flag(1, "data-parallel replicas, each a --tp group on its own GPUs (replica r: GPUs r·tp … r·tp+tp−1)")
     pp_size: int = flag(1, "pipeline-parallel stages (only 1 is supported yet)")
     ep: int = flag(1, "expert-parallel size for MoE models (only 1 is supported yet)", aliases=("--ep-size",))
     nnodes: int = flag(1, "number of nodes (only 1 is supported yet)")
@@ -57,7 +57,9 @@ class EngineArgs:
     device: str = flag("auto", "'cuda', 'cpu' or 'auto' (CUDA when available)")
 
     def validate(self) -> "EngineArgs":
-        for name in ("dp_size", "pp_size", "ep", "nnodes"):
+        if self.dp_size < 1:
+            raise ConfigError(f"--dp-size must be >= 1, got {self.dp_size}.")
+        for name in ("pp_size", "ep", "nnodes"):
             value = getattr(self, name)
             if value != 1:
                 raise ConfigError(

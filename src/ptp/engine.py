@@ -19,9 +19,10 @@ from ptp.errors import ConfigError
 from ptp.hub import ModelFiles, resolve
 from ptp.kv_cache import BlockAllocator
 from ptp.outputs import CompletionOutput, RequestOutput, SeqUpdate
-from ptp.parallel.mesh import StepChannel, release_process_group, shutdown, teardown_together, under_torchrun
+from ptp.parallel.mesh import (StepChannel, check_world, release_process_group, shutdown, teardown_together,
+                               under_torchrun)
 from ptp.parallel.plans import check_tp
-from ptp.runner import StepBatch
+from ptp.step import StepBatch
 from ptp.sampling import Sampler, SampleRow, SamplingParams
 from ptp.scheduler import Scheduler, Sequence, Status
 
@@ -99,14 +100,15 @@ class Engine:
         rank, init_method = 0, None
         if under_torchrun():
             world = int(os.environ["WORLD_SIZE"])
-            if args.tp == 1:
-                args.tp = world
-            elif args.tp != world:
-                raise ConfigError(
-                    f"--tp {args.tp} disagrees with torchrun's {world} processes; under torchrun the world "
-                    f"size is the tensor-parallel size: pass --tp {world} or --nproc-per-node {args.tp}."
-                )
+            if args.tp == 1 and args.dp_size == 1 and args.pp_size == 1:
+                args.tp = world  # torchrun's processes are the tensor-parallel ranks
+            check_world(world, args.dp_size, args.pp_size, args.tp)
             rank = int(os.environ["RANK"])
+        elif args.dp_size > 1:
+            raise ConfigError(
+                f"an Engine runs one replica; --dp-size {args.dp_size} starts one per replica: use ptp.LLM(dp_size=...), "
+                "ptp.serve, or torchrun with dp × tp processes."
+            )
         elif args.tp > 1:
             import multiprocessing
             if multiprocessing.current_process().name.startswith("ptp-rank"):
@@ -132,8 +134,9 @@ class Engine:
             raise
         self.max_model_len = self.runner.model.model.rotary.max_positions
         self.channel = StepChannel(self.d) if self.d.world_size > 1 else None
-        if rank != 0:
-            return  # ranks > 0 under torchrun only follow; see follow()
+        self.is_leader = self.d.is_leader
+        if not self.is_leader:
+            return  # under torchrun the other ranks of a replica only follow; see follow()
         self.tokenizer = load_tokenizer(args, self.files)
         self.eos_ids = _eos_ids(self.tokenizer, self.config, self.files)
         # runner.num_blocks, not the cache's: the cache has one more, the scratch block of padded rows

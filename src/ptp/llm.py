@@ -29,7 +29,7 @@ class LLM:
         if "tp_size" in kwargs:
             kwargs["tp"] = kwargs.pop("tp_size")
         self.engine = Engine(EngineArgs(model=model, **kwargs))
-        if self.engine.rank != 0:
+        if not self.engine.is_leader:
             self.engine.follow()  # ends the process when rank 0 shuts down
 
     @property

@@ -37,7 +37,7 @@ def build_runner(args, rank: int, init_method: str | None, before_join=None):
         torch.set_num_threads(max(1, cpus // args.tp))
     if before_join is not None:
         before_join()
-    d = init_distributed(args.tp, rank, args.device, init_method, args.dist_timeout)
+    d = init_distributed(args.tp, rank, args.device, init_method, args.dist_timeout, dp=args.dp_size, pp=args.pp_size)
     if args.enable_deterministic_inference:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -30,44 +30,9 @@ from ptp.parallel.comm import broadcast_from_first, gather_vocab
 from ptp.parallel.mesh import Dist
 from ptp.parallel.plans import kv_heads_per_model
 from ptp.sampling import argmax_rows
+from ptp.step import StepBatch
 
 log = logging.getLogger("ptp")
-
-
-@dataclasses.dataclass
-class StepBatch:
-    """One step, as rank 0 broadcasts it: per sequence, the tokens to run and where they go."""
-    token_ids: list[list[int]]     # new tokens of each sequence this step
-    starts: list[int]              # position of each sequence's first new token
-    block_tables: list[list[int]]
-    sample: list[bool]             # whether this step completes the sequence (its logits are needed)
-    share_tokens: bool = False     # rank 0 broadcasts the tokens it draws (they feed the next step)
-
-    @property
-    def is_decode(self) -> bool:
-        return all(len(t) == 1 for t in self.token_ids) and all(self.sample)
-
-    def encode(self) -> list[int]:
-        """Flat integers for the wire: n, then per sequence its token count, start, sample flag and
-        table length, then all tokens, then all tables, then share_tokens."""
-        return [len(self.token_ids), *map(len, self.token_ids), *self.starts, *map(int, self.sample),
-                *map(len, self.block_tables), *itertools.chain.from_iterable(self.token_ids),
-                *itertools.chain.from_iterable(self.block_tables), int(self.share_tokens)]
-
-    @classmethod
-    def decode(cls, ints: list[int]) -> "StepBatch":
-        share, ints = bool(ints[-1]), ints[:-1]
-        n = ints[0]
-        counts, starts, sample, widths = (ints[1 + i * n: 1 + (i + 1) * n] for i in range(4))
-        flat, at = ints[1 + 4 * n:], 0
-        token_ids, tables = [], []
-        for c in counts:
-            token_ids.append(flat[at: at + c])
-            at += c
-        for w in widths:
-            tables.append(flat[at: at + w])
-            at += w
-        return cls(token_ids, starts, tables, [bool(s) for s in sample], share)
 
 
 class ModelRunner:
@@ -86,7 +51,7 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - start
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.rank_weight_bytes = self._gather_all(self.weight_bytes)
-        kv_heads = kv_heads_per_model(config, d.world_size) // d.world_size  # this rank's
+        kv_heads = kv_heads_per_model(config, d.tp_size) // d.tp_size  # this rank's
         per_block = KVCache.bytes_per_block(config.num_layers, block_size, kv_heads, config.head_dim, dtype)
         blocks = num_kv_blocks or self._blocks_that_fit(per_block, max_model_len, block_size, mem_fraction_static)
         blocks = min(self._gather_all(blocks))
@@ -106,7 +71,7 @@ class ModelRunner:
         # seen yet (the engine queues decode steps one ahead of their results).
         self.last_tokens = torch.zeros(max(max_seqs, cuda_graph_max_bs), dtype=torch.long, device=d.device)
         self.attention = make_backend(attention_backend, self.kv_cache, config.sliding_window, d.device)
-        if custom_all_reduce and d.world_size > 1 and d.device.type == "cuda":
+        if custom_all_reduce and d.tp_size > 1 and d.device.type == "cuda":
             from ptp.parallel.comm import setup_custom_all_reduce
             largest = max(max_step_tokens, cuda_graph_max_bs) * config.hidden_size * torch.finfo(dtype).bits // 8
             setup_custom_all_reduce(d.tp_mesh.get_group(), d.device, d.rank, d.cpu_group,
@@ -148,7 +113,7 @@ class ModelRunner:
     def _gather_all(self, value):
         if self.d.world_size == 1:
             return [value]
-        out = [None] * self.d.world_size
+        out = [None] * dist.get_world_size(self.d.cpu_group)
         dist.all_gather_object(out, value, group=self.d.cpu_group)
         return out
 

@@ -20,7 +20,7 @@ from collections import deque
 import torch
 
 from ptp.kv_cache import BlockAllocator
-from ptp.runner import StepBatch
+from ptp.step import StepBatch
 from ptp.sampling import SamplingParams
 
 

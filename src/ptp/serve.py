@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     except PtpError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if engine.rank != 0:
+    if not engine.is_leader:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 decides when the ranks stop
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         engine.follow()

@@ -126,19 +126,22 @@ def peer_access_problems(world: int, real_copy: bool) -> list[str]:
 
 def setup_custom_all_reduce(group, device: torch.device, rank: int, cpu_group, max_bytes: int,
                             p2p_check: bool) -> SymmetricAllReduce | None:
-    """Allocate the symmetric buffer and settle the size table (measured, or from the cache)."""
+    """Allocate the symmetric buffer and settle the size table (measured, or from the cache). The group's
+    first rank decides and tells the others over the group itself (with dp or pp > 1, `cpu_group` spans
+    several tensor-parallel groups)."""
     world = dist.get_world_size(group)
+    first, rank = dist.get_global_rank(group, 0), dist.get_rank(group)
     problems = [None]
     if rank == 0:
         problems[0] = peer_access_problems(world, real_copy=p2p_check)
-    dist.broadcast_object_list(problems, src=0, group=cpu_group)
+    dist.broadcast_object_list(problems, src=first, group=group)
     if problems[0]:
         log.warning("custom all-reduce off, NCCL only: %s", "; ".join(problems[0]))
         return None
     symm = SymmetricAllReduce(group, device, max_bytes)
     path = _cache_path(world)
     cached = [json.loads(path.read_text()) if rank == 0 and path.exists() else None]
-    dist.broadcast_object_list(cached, src=0, group=cpu_group)
+    dist.broadcast_object_list(cached, src=first, group=group)
     if cached[0] is None:
         start = time.perf_counter()
         timings = measure(symm, group)

@@ -11,22 +11,56 @@ import torch.distributed as dist
 
 from ptp.errors import ConfigError, RankFailedError
 from ptp.parallel import comm
+from ptp.step import StepBatch
 
 log = logging.getLogger("ptp")
 
 
 @dataclasses.dataclass
 class Dist:
-    """This process's place in the run. `cpu_group` carries the per-step broadcasts (gloo)."""
+    """This process's place in the run.
+
+    The world is a dp × pp × tp mesh, numbered tp-fastest: global rank = (dp_rank · pp + pp_rank) · tp
+    + tp_rank. A data-parallel replica is one pp × tp block of it; its first rank (the leader) runs
+    the scheduler. `cpu_group` (gloo) spans the replica and carries the per-step broadcasts."""
     rank: int = 0
     world_size: int = 1
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     mesh: object = None
     cpu_group: object = None
+    dp_size: int = 1
+    pp_size: int = 1
+    tp_size: int = 1
 
     @property
     def tp_mesh(self):
         return None if self.mesh is None else self.mesh["tp"]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.tp_size % self.pp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // (self.tp_size * self.pp_size)
+
+    @property
+    def replica_size(self) -> int:
+        """Ranks in this replica (pp × tp)."""
+        return self.pp_size * self.tp_size
+
+    @property
+    def leader(self) -> int:
+        """Global rank of this replica's first rank: it schedules and broadcasts each step."""
+        return self.dp_rank * self.replica_size
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == self.leader
 
 
 def under_torchrun() -> bool:
@@ -51,10 +85,22 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(tp: int, rank: int, device_name: str, init_method: str | None, timeout_s: float) -> Dist:
-    """Join (or, for tp=1, skip) the process group and build the dp × pp × tp mesh (dp = pp = 1)."""
+def check_world(world: int, dp: int, pp: int, tp: int) -> None:
+    """Refuse a world size that is not dp × pp × tp, naming the numbers."""
+    if world != dp * pp * tp:
+        raise ConfigError(
+            f"{world} processes cannot hold --dp-size {dp} × --pp-size {pp} × --tp {tp} = {dp * pp * tp} ranks; "
+            f"start {dp * pp * tp} processes (torchrun --nproc-per-node × --nnodes), or change the sizes so that "
+            f"their product is {world}."
+        )
+
+
+def init_distributed(tp: int, rank: int, device_name: str, init_method: str | None, timeout_s: float,
+                     dp: int = 1, pp: int = 1) -> Dist:
+    """Join (or, for a world of one, skip) the process group and build the dp × pp × tp mesh."""
+    world = dp * pp * tp
     device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", rank)))
-    if tp == 1:
+    if world == 1:
         comm.set_tp_group(None)
         return Dist(device=device)
     from torch.distributed.device_mesh import init_device_mesh
@@ -66,18 +112,25 @@ def init_distributed(tp: int, rank: int, device_name: str, init_method: str | No
     timeout = datetime.timedelta(seconds=timeout_s)
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     try:
-        dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=tp,
+        dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world,
                                 timeout=timeout, **kwargs)
     except Exception as e:  # a peer that never joins ends here after `timeout`
         raise RankFailedError(
-            f"rank {rank} could not join a group of {tp} ranks within {timeout_s:.0f} s "
+            f"rank {rank} could not join a group of {world} ranks within {timeout_s:.0f} s "
             f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}). Every rank must start "
             "and reach the same --dist-init-addr; check that all of them are running."
         ) from e
-    mesh = init_device_mesh(device.type, (1, 1, tp), mesh_dim_names=("dp", "pp", "tp"))
-    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-    comm.set_tp_group(mesh["tp"].get_group())
-    return Dist(rank=rank, world_size=tp, device=device, mesh=mesh, cpu_group=cpu_group)
+    mesh = init_device_mesh(device.type, (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
+    d = Dist(rank=rank, world_size=world, device=device, mesh=mesh, dp_size=dp, pp_size=pp, tp_size=tp)
+    if backend == "gloo" and dp == 1:
+        d.cpu_group = dist.group.WORLD
+    else:  # every rank creates every replica's group, in the same order
+        for r in range(dp):
+            group = dist.new_group(list(range(r * pp * tp, (r + 1) * pp * tp)), backend="gloo", timeout=timeout)
+            if r == d.dp_rank:
+                d.cpu_group = group
+    comm.set_tp_group(mesh["tp"].get_group() if tp > 1 else None)
+    return d
 
 
 class StepChannel:
@@ -98,21 +151,20 @@ class StepChannel:
         first = ints[: self.CAPACITY - 1] if batch is not None else []
         self.head[0] = size
         self.head[1: 1 + len(first)] = torch.tensor(first, dtype=torch.long)
-        dist.broadcast(self.head, src=0, group=self.d.cpu_group)
+        dist.broadcast(self.head, src=self.d.leader, group=self.d.cpu_group)
         if size > self.CAPACITY - 1:
-            dist.broadcast(torch.tensor(ints[self.CAPACITY - 1:], dtype=torch.long), src=0, group=self.d.cpu_group)
+            dist.broadcast(torch.tensor(ints[self.CAPACITY - 1:], dtype=torch.long), src=self.d.leader,
+                           group=self.d.cpu_group)
 
     def receive(self):
-        from ptp.runner import StepBatch
-
-        dist.broadcast(self.head, src=0, group=self.d.cpu_group)
+        dist.broadcast(self.head, src=self.d.leader, group=self.d.cpu_group)
         size = int(self.head[0])
         if size < 0:
             return None
         ints = self.head[1: 1 + min(size, self.CAPACITY - 1)].tolist()
         if size > self.CAPACITY - 1:
             rest = torch.empty(size - (self.CAPACITY - 1), dtype=torch.long)
-            dist.broadcast(rest, src=0, group=self.d.cpu_group)
+            dist.broadcast(rest, src=self.d.leader, group=self.d.cpu_group)
             ints += rest.tolist()
         return StepBatch.decode(ints)
 
