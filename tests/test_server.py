@@ -51,10 +51,15 @@ class Server:
         import openai
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels) -> float:
+        """The sum of a metric's series (over replicas) whose labels include `labels`."""
         text = httpx.get(self.url + "/metrics").text
-        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-        return float(match.group(1)) if match else 0.0
+        total = 0.0
+        for m in re.finditer(rf"^{re.escape(name)}(?:{{([^}}]*)}})? (\S+)$", text, re.M):
+            have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+            if all(have.get(k) == v for k, v in labels.items()):
+                total += float(m.group(2))
+        return total
 
     def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
         """Signal rank 0 (under torchrun: the rank-0 worker, so torchrun reports the ranks' own exits)."""
@@ -124,7 +129,7 @@ def test_openai_client_under_torchrun_tp2(folder, expected):
 
 
 def test_many_concurrent_streams_with_a_small_kv_cache(server):
-    before = server.metric('ptp_requests_total{finish_reason="length"}')
+    before = server.metric("ptp:request_success_total", finished_reason="length")
 
     async def one(client, i):
         body = {"model": MODEL, "prompt": f"Request {i}: the quick brown fox", "max_tokens": 16, "temperature": 0.8,
@@ -145,10 +150,10 @@ def test_many_concurrent_streams_with_a_small_kv_cache(server):
 
     counts = asyncio.run(main())
     assert counts == [16] * 64
-    assert server.metric('ptp_requests_total{finish_reason="length"}') - before == 64
-    assert server.metric("ptp_generation_tokens_total") >= 64 * 16
-    assert server.metric("ptp_num_preemptions_total") + server.metric("ptp_num_requests_waiting") >= 0
-    assert server.metric("ptp_kv_cache_usage_ratio") == 0.0
+    assert server.metric("ptp:request_success_total", finished_reason="length") - before == 64
+    assert server.metric("ptp:generation_tokens_total") >= 64 * 16
+    assert server.metric("ptp:num_preemptions") + server.metric("ptp:num_requests_waiting") >= 0
+    assert server.metric("ptp:kv_cache_usage_perc") == 0.0
 
 
 BAD = [
@@ -186,18 +191,18 @@ def test_bad_chat_messages(server):
 
 
 def test_a_disconnect_frees_its_blocks(server):
-    aborted = server.metric('ptp_requests_total{finish_reason="abort"}')
+    aborted = server.metric("ptp:request_success_total", finished_reason="abort")
     body = {"model": MODEL, "prompt": "Paris", "max_tokens": 150, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         for _ in range(3):
             next(lines)
-        assert server.metric("ptp_kv_cache_usage_ratio") > 0
+        assert server.metric("ptp:kv_cache_usage_perc") > 0
     deadline = time.time() + 20
-    while time.time() < deadline and server.metric("ptp_kv_cache_usage_ratio") > 0:
+    while time.time() < deadline and server.metric("ptp:kv_cache_usage_perc") > 0:
         time.sleep(0.2)
-    assert server.metric("ptp_kv_cache_usage_ratio") == 0.0
-    assert server.metric('ptp_requests_total{finish_reason="abort"}') == aborted + 1
+    assert server.metric("ptp:kv_cache_usage_perc") == 0.0
+    assert server.metric("ptp:request_success_total", finished_reason="abort") == aborted + 1
 
 
 def test_sigterm_stops_every_rank_cleanly(folder):

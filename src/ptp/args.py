@@ -20,6 +20,9 @@ class EngineArgs:
     revision: str | None = flag(None, "model revision (branch, tag or commit) on the Hub")
     tp: int = flag(1, "tensor-parallel size: ranks that each hold a slice of every layer", aliases=("--tp-size",))
     dp_size: int = flag(1, "data-parallel replicas, each a --tp group on its own GPUs (replica r: GPUs r·tp … r·tp+tp−1)")
+    load_balance_method: str = flag("shortest_queue", "how requests are spread over --dp-size replicas: "
+                                    "shortest_queue (fewest running + waiting, from the replicas' load reports) "
+                                    "or round_robin", choices=("shortest_queue", "round_robin"))
     pp_size: int = flag(1, "pipeline-parallel stages (only 1 is supported yet)")
     ep: int = flag(1, "expert-parallel size for MoE models (only 1 is supported yet)", aliases=("--ep-size",))
     nnodes: int = flag(1, "number of nodes (only 1 is supported yet)")

@@ -18,7 +18,7 @@ from ptp.config import ModelConfig
 from ptp.errors import ConfigError
 from ptp.hub import ModelFiles, resolve
 from ptp.kv_cache import BlockAllocator
-from ptp.outputs import CompletionOutput, RequestOutput, SeqUpdate
+from ptp.outputs import ModelLimits, SeqUpdate
 from ptp.parallel.mesh import (StepChannel, check_world, release_process_group, shutdown, teardown_together,
                                under_torchrun)
 from ptp.parallel.plans import check_tp
@@ -151,7 +151,7 @@ class Engine:
         self._flip = 0
         self.num_overlapped = 0  # steps queued before their predecessor's tokens were known
         self.requests: dict[str, list[Sequence]] = {}
-        self.prompts: dict[str, tuple[str | None, list[int]]] = {}
+        self.num_finished = 0  # requests whose every sample finished
         self._counter = itertools.count()
         self.profile = collections.Counter() if os.environ.get("PTP_PROFILE") else None
         self._closed = False
@@ -176,36 +176,22 @@ class Engine:
     def new_request_id(self) -> str:
         return str(next(self._counter))
 
+    @property
+    def limits(self) -> "ModelLimits":
+        return ModelLimits(self.config.vocab_size, self.max_model_len, self.kv_capacity_tokens)
+
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Raise ConfigError if the request cannot fit; return its max new tokens."""
-        n = len(prompt_ids)
-        if n == 0:
-            raise ConfigError("the prompt is empty; give at least one token.")
-        vocab = self.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ConfigError(f"the prompt has token ids outside the vocabulary [0, {vocab}).")
-        limit = min(self.max_model_len, self.kv_capacity_tokens)
-        if n >= limit:
-            raise ConfigError(
-                f"this model's maximum context length is {limit} tokens; the prompt has {n} tokens, "
-                "leaving no room to generate. Shorten the prompt (or raise --max-model-len)."
-            )
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
-        if n + max_tokens > limit:
-            raise ConfigError(
-                f"this model's maximum context length is {limit} tokens; you requested {n + max_tokens} "
-                f"tokens ({n} in the prompt, {max_tokens} to generate). Lower max_tokens or shorten the prompt."
-            )
-        return max_tokens
+        return self.limits.check(prompt_ids, params)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a prompt (token ids; a string is encoded with the model's tokenizer) with n samples."""
         request_id = request_id or self.new_request_id()
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError("this model was loaded without a tokenizer: give prompts as token ids.")
-            text, prompt_ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, prompt_ids = None, list(prompt)
+            prompt = self.tokenizer.encode(prompt)
+        prompt_ids = list(prompt)
         max_tokens = self.check_prompt(prompt_ids, params)
         seqs = []
         for i in range(params.n):
@@ -213,37 +199,21 @@ class Engine:
             if params.seed is not None:
                 gen = torch.Generator(device=self.d.device)
                 gen.manual_seed(params.seed + i)
-            seqs.append(Sequence(request_id, i, prompt_ids, params, max_tokens, generator=gen,
-                                 prefix_offset=max(0, len(prompt_ids) - 5), read_offset=len(prompt_ids)))
+            seqs.append(Sequence(request_id, i, prompt_ids, params, max_tokens, generator=gen))
         for s in seqs:
             self.scheduler.add(s)
         self.requests[request_id] = seqs
-        self.prompts[request_id] = (text, prompt_ids)
         return request_id
 
-    def abort(self, request_id: str) -> None:
-        for seq in self.requests.pop(request_id, []):
-            if seq.status is not Status.FINISHED:
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Finish a request's samples (or only sample `index`) with reason "abort"; their blocks are freed."""
+        for seq in list(self.requests.get(request_id, [])):
+            if seq.status is not Status.FINISHED and (index is None or seq.index == index):
                 self.scheduler.finish(seq, "abort")
-        self.prompts.pop(request_id, None)
+                self.requests_done(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()  # a step in flight belongs to running sequences
-
-    def result(self, request_id: str) -> RequestOutput:
-        """The request's outputs so far (final once every sample finished); forgets finished requests."""
-        seqs = self.requests[request_id]
-        text, ids = self.prompts[request_id]
-        done = all(s.status is Status.FINISHED for s in seqs)
-        out = RequestOutput(request_id, text, ids, [
-            CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason,
-                             list(s.logprobs) if s.params.logprobs is not None else None,
-                             s.stop_reason)
-            for s in seqs
-        ], finished=done)
-        if done:
-            del self.requests[request_id], self.prompts[request_id]
-        return out
 
     # --- stepping ------------------------------------------------------------------------------
     def step(self) -> list[SeqUpdate]:
@@ -290,7 +260,7 @@ class Engine:
             self.profile["seen"] += 1
             if self.profile["seen"] > PROFILE_SKIP_STEPS:  # the first steps wait on start-up work
                 self.profile["schedule + launch"] += t1 - t0
-                self.profile["wait for tokens + detokenize"] += time.perf_counter() - t1
+                self.profile["wait for tokens"] += time.perf_counter() - t1
                 self.profile["steps"] += 1
         return updates
 
@@ -373,59 +343,33 @@ class Engine:
         return SampleRow(p, seq.all_ids if needs_history else [], seq.output_ids, seq.generator, self._blocks_eos(seq))
 
     def _append(self, seq: Sequence, token: int, logprob) -> SeqUpdate:
+        """Add a token; finish the sequence on EOS, a stop token or its length. Stop strings are the
+        output side's (ptp.detokenize): the engine never looks at text."""
         p = seq.params
         seq.output_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
-        before = len(seq.text)
-        delta = self._detokenize(seq)
-        seq.text += delta
         reason = None
         if not p.ignore_eos and token in self.eos_ids:
             reason, seq.stop_reason = "stop", None
-            # the EOS token's own text is not part of the answer
         elif token in p.stop_token_ids:
             reason, seq.stop_reason = "stop", token
-        elif p.stop:
-            hit = self._find_stop(seq.text, before, p)
-            if hit is not None:
-                cut, stop = hit
-                seq.text = seq.text[:cut]
-                reason, seq.stop_reason = "stop", stop
         if reason is None and len(seq.output_ids) >= seq.max_tokens:
             reason = "length"
         if reason is None and len(seq) >= self.max_model_len:
             reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
-        return SeqUpdate(seq.request_id, seq.index, seq.text[before:], [token],
-                         [logprob] if logprob is not None else None, reason)
+            self.requests_done(seq)
+        return SeqUpdate(seq.request_id, seq.index, "", [token], [logprob] if logprob is not None else None,
+                         reason, seq.stop_reason)
 
-    @staticmethod
-    def _find_stop(text: str, before: int, p: SamplingParams):
-        longest = max(len(s) for s in p.stop)
-        window_start = max(0, before - longest + 1)
-        best = None
-        for stop in p.stop:
-            i = text.find(stop, window_start)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, stop)
-        if best is None:
-            return None
-        i, stop = best
-        return (i + len(stop) if p.include_stop_str_in_output else i), stop
-
-    def _detokenize(self, seq: Sequence) -> str:
-        if self.tokenizer is None:
-            return ""
-        ids = seq.all_ids
-        skip = seq.params.skip_special_tokens
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=skip)
-        full = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-            return full[len(prefix):]
-        return ""
+    def requests_done(self, seq: Sequence) -> None:
+        """Forget a request once every sample of it has finished."""
+        seqs = self.requests.get(seq.request_id)
+        if seqs is not None and all(s.status is Status.FINISHED for s in seqs):
+            del self.requests[seq.request_id]
+            self.num_finished += 1
 
     def shutdown(self) -> None:
         if getattr(self, "_closed", True):

@@ -94,7 +94,7 @@ def follow(d: Dist, runner) -> None:
 
 
 def _worker_main(args, rank: int, init_method: str, errors, ready, parent_pid: int) -> None:
-    threading.Thread(target=_exit_if_orphaned, args=(parent_pid,), daemon=True).start()
+    exit_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # rank 0 stops the ranks; Ctrl-C reaches it too
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
@@ -104,6 +104,19 @@ def _worker_main(args, rank: int, init_method: str, errors, ready, parent_pid: i
         errors.put((rank, f"{e.__class__.__name__}: {e}", traceback.format_exc()))
         time.sleep(0.2)
         os._exit(1)
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """End this process when its parent dies, however it dies (SIGKILL too): the kernel's parent-death
+    signal on Linux, and a watch on the parent's pid everywhere."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # it died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=_exit_if_orphaned, args=(parent_pid,), daemon=True).start()
 
 
 def _exit_if_orphaned(parent_pid: int) -> None:

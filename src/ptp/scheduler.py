@@ -49,10 +49,6 @@ class Sequence:
     block_table: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    text: str = ""
-    # incremental detokenization state
-    prefix_offset: int = 0
-    read_offset: int = 0
     first_token_time: float | None = None
 
     @property

@@ -1,16 +1,27 @@
-"""`python -m ptp.serve`: an OpenAI-compatible server (Litestar on uvicorn) on rank 0.
+"""`python -m ptp.serve`: an OpenAI-compatible server (Litestar on uvicorn).
 
     python -m ptp.serve --model Qwen/Qwen2.5-0.5B-Instruct --tp 2 --port 30000
-    torchrun --nproc-per-node 2 -m ptp.serve --model ./ckpt
+    python -m ptp.serve --model ./ckpt --tp 2 --dp-size 2          # two replicas of two ranks each
+    torchrun --nproc-per-node 4 -m ptp.serve --model ./ckpt --tp 2 --dp-size 2
+
+Processes: this one is the front end (HTTP, tokenizing, chat templates, detokenizing, SSE); each
+data-parallel replica runs in processes of its own (its leader schedules; its other ranks follow)
+and talks to the front end over ZeroMQ (ptp.ipc). Under torchrun the replicas are torchrun's
+processes and global rank 0 starts the front end as a child process.
 """
+from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import multiprocessing as mp
+import os
 import re
 import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -20,19 +31,42 @@ from ptp.errors import ConfigError, PtpError
 from ptp.log import setup_logging
 
 log = logging.getLogger("ptp")
+MAX_BODY_BYTES = 8 << 20
 
 
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ptp.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    server.add_argument("--port", type=int, default=30000, help="port to listen on")
-    server.add_argument("--served-model-name", default=None,
-                        help="the model name clients send (default: --model, or the default model's name)")
+    add_server_args(parser.add_argument_group("server"))
     EngineArgs.add_cli_args(parser.add_argument_group("engine"))
     return parser.parse_args(argv)
 
+
+SERVER_FLAGS = [
+    ("--host", dict(default="127.0.0.1", help="address to listen on")),
+    ("--port", dict(type=int, default=30000, help="port to listen on")),
+    ("--served-model-name", dict(default=None, help="the model name clients send (default: --model, or the "
+                                                    "default model's name)")),
+    ("--graceful-timeout", dict(type=float, default=25.0, help="on SIGTERM or Ctrl-C, seconds to let requests in "
+                                                               "flight finish before stopping")),
+]
+
+
+def add_server_args(group) -> None:
+    for name, kwargs in SERVER_FLAGS:
+        group.add_argument(name, **kwargs)
+
+
+def server_flags_markdown() -> str:
+    lines = ["| flag | default | meaning |", "|---|---|---|"]
+    for name, kwargs in SERVER_FLAGS:
+        choices = kwargs.get("choices")
+        meaning = kwargs["help"] + (f" (one of: {', '.join(choices)})" if choices else "")
+        lines.append(f"| `{name}` | `{kwargs.get('default')}` | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- OpenAI formatting --------------------------------------------------------------------------------
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -44,16 +78,319 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def build_app(aengine, model_name: str):
-    from litestar import Litestar, MediaType, Request, Response, get, post
-    from litestar.exceptions import HTTPException, ValidationException
+def unavailable(why) -> ApiError:
+    return ApiError(503, f"the engine is not running: {why}", kind="service_unavailable")
+
+
+def top_entries(entry: dict[int, float], n: int) -> list[tuple[int, float]]:
+    """The n most likely tokens of an entry (the sampler's entry holds the chosen token and the top n)."""
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:n]
+
+
+class Formatter:
+    """OpenAI response bodies: token text, logprobs, usage, server-sent events."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+
+    def token_text(self, token_id: int) -> str:
+        return self.tok.decode([token_id]) if self.tok is not None else f"<{token_id}>"
+
+    def completion_logprobs(self, entries, token_ids, top: int, offset0: int) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = offset0
+        for token, entry in zip(token_ids, entries or []):
+            text = self.token_text(token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(entry[token])
+            out["top_logprobs"].append({self.token_text(t): lp for t, lp in top_entries(entry, top)})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    def chat_logprobs(self, entries, token_ids, top: int) -> dict:
+        content = []
+        for token, entry in zip(token_ids, entries or []):
+            text = self.token_text(token)
+            content.append({
+                "token": text, "logprob": entry[token], "bytes": list(text.encode()),
+                "top_logprobs": [{"token": self.token_text(t), "logprob": lp,
+                                  "bytes": list(self.token_text(t).encode())} for t, lp in top_entries(entry, top)],
+            })
+        return {"content": content}
+
+    @staticmethod
+    def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    @staticmethod
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# --- the front end ------------------------------------------------------------------------------------
+
+class FrontEnd:
+    """What the handlers share: the tokenizer, the replicas, the limits a request must fit."""
+
+    def __init__(self, replicas, tokenizer, model_name: str, metrics):
+        self.replicas, self.tok, self.model_name, self.metrics = replicas, tokenizer, model_name, metrics
+        self.fmt = Formatter(tokenizer)
+        self.limits = replicas.limits
+        self.started = time.time()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Take the replicas' messages on this event loop from now on."""
+        self.loop = loop
+        self.replicas.start_reader(lambda msg: loop.call_soon_threadsafe(self.replicas.handle, msg))
+
+    @property
+    def error(self) -> str | None:
+        return self.replicas.error
+
+    def check_common(self, req) -> None:
+        if req.model != self.model_name:
+            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+        bad = req.unsupported()
+        if bad:
+            raise ApiError(400, bad[1], param=bad[0])
+        if self.error is not None:
+            raise unavailable(self.error)
+
+    def sampling(self, req, max_tokens, logprobs, prompts: list[list[int]]):
+        try:
+            params = req.sampling_params(max_tokens, logprobs)
+            for ids in prompts:
+                self.limits.check(ids, params)
+        except ConfigError as e:
+            raise ApiError(400, str(e)) from None
+        return params
+
+    async def encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tok is None:
+                raise ApiError(400, "this model was loaded without a tokenizer: send prompts as token ids.",
+                               param="prompt")
+            return await asyncio.to_thread(self.tok.encode, prompt)  # off the event loop: prompts can be long
+        return list(prompt)
+
+    async def run(self, prompts: list[tuple[str | None, list[int]]], params):
+        """Yield (prompt index, SeqUpdate) for every step of every prompt; abort what is open on exit."""
+        queue: asyncio.Queue = asyncio.Queue()
+        ids = []
+        from ptp.frontend import ReplicaFailed
+        try:
+            for i, (text, prompt_ids) in enumerate(prompts):
+                rid = uuid.uuid4().hex
+                self.replicas.submit(rid, text, prompt_ids, params, lambda item, i=i: queue.put_nowait((i, item)))
+                ids.append(rid)
+        except ReplicaFailed as e:
+            for rid in ids:
+                self.replicas.abort(rid)
+            raise unavailable(e) from None
+        open_, finished = len(prompts), set()
+        try:
+            while open_:
+                i, item = await queue.get()
+                if item is None:
+                    open_ -= 1
+                    finished.add(i)
+                elif isinstance(item, ReplicaFailed):
+                    raise ApiError(503, f"the engine stopped: {item}", kind="service_unavailable")
+                elif isinstance(item, Exception):
+                    raise ApiError(400, str(item))
+                else:
+                    yield i, item
+        finally:
+            for i, rid in enumerate(ids):
+                if i not in finished:
+                    self.replicas.abort(rid)
+
+
+def _front(request) -> FrontEnd:
+    return request.app.state.frontend
+
+
+def _collect(updates, n: int):
+    """Gather a non-streaming request's updates per choice."""
+    choices = {}
+    for i, u in updates:
+        c = choices.setdefault(i * n + u.index, {"text": "", "ids": [], "lps": [], "finish": None})
+        c["text"] += u.text
+        c["ids"] += u.token_ids
+        c["lps"] += u.logprobs or []
+        c["finish"] = u.finish_reason
+    return choices
+
+
+# --- handlers ------------------------------------------------------------------------------------------
+
+def _handlers():
+    from litestar import MediaType, Request, Response, get, post
     from litestar.response import Stream
 
-    from ptp.async_engine import EngineDead
     from ptp.protocol import ChatCompletionRequest, CompletionRequest
 
-    engine = aengine.engine
-    tok = engine.tokenizer
+    @post("/v1/completions", status_code=200)
+    async def completions(request: Request, data: CompletionRequest) -> Response:
+        fe = _front(request)
+        fe.check_common(data)
+        try:
+            texts = data.prompts()
+        except ValueError as e:
+            raise ApiError(400, str(e), param="prompt") from None
+        prompts = [(t if isinstance(t, str) else None, await fe.encode(t)) for t in texts]
+        top = data.logprobs
+        params = fe.sampling(data, data.max_tokens, top, [ids for _, ids in prompts])
+        rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
+        prompt_tokens = sum(len(ids) for _, ids in prompts) * n
+        base = {"id": rid, "object": "text_completion", "created": created, "model": fe.model_name}
+        fmt = fe.fmt
+
+        if data.stream:
+            include_usage = bool(data.stream_options and data.stream_options.include_usage)
+            updates = fe.run(prompts, params)
+            first = await _first(updates)  # errors before the first token are answered with a status
+
+            async def events():
+                generated, offsets = 0, {}
+                async for i, u in _chain(first, updates):
+                    index = i * n + u.index
+                    generated += len(u.token_ids)
+                    lp = None
+                    if top is not None:
+                        lp = fmt.completion_logprobs(u.logprobs, u.token_ids, top, offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + len(u.text)
+                    yield fmt.sse({**base, "choices": [{"index": index, "text": u.text, "logprobs": lp,
+                                                         "finish_reason": u.finish_reason}]})
+                if include_usage:
+                    yield fmt.sse({**base, "choices": [], "usage": fmt.usage(prompt_tokens, generated)})
+                yield "data: [DONE]\n\n"
+
+            return Stream(_until_error(events(), fmt), media_type="text/event-stream")
+
+        choices = _collect([x async for x in fe.run(prompts, params)], n)
+        out = [{"index": k, "text": c["text"], "finish_reason": c["finish"],
+                "logprobs": fmt.completion_logprobs(c["lps"], c["ids"], top, 0) if top is not None else None}
+               for k, c in sorted(choices.items())]
+        generated = sum(len(c["ids"]) for c in choices.values())
+        return Response({**base, "choices": out, "usage": fmt.usage(prompt_tokens, generated)})
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat_completions(request: Request, data: ChatCompletionRequest) -> Response:
+        fe = _front(request)
+        fe.check_common(data)
+        tok = fe.tok
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ApiError(400, "this model has no chat template; use /v1/completions.")
+        messages = [m.as_template_input() for m in data.messages]
+
+        def render():
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=data.add_generation_prompt)
+            return tok.encode(text, add_special_tokens=False)
+        try:
+            prompt = await asyncio.to_thread(render)
+        except Exception as e:
+            raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+        top = (data.top_logprobs or 0) if data.logprobs else None
+        params = fe.sampling(data, data.max_completion_tokens or data.max_tokens, top, [prompt])
+        rid, created, n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params.n
+        base = {"id": rid, "created": created, "model": fe.model_name}
+        fmt = fe.fmt
+
+        if data.stream:
+            include_usage = bool(data.stream_options and data.stream_options.include_usage)
+            updates = fe.run([(None, prompt)], params)
+            first = await _first(updates)
+
+            async def events():
+                chunk = {**base, "object": "chat.completion.chunk"}
+                for i in range(n):
+                    yield fmt.sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                          "logprobs": None, "finish_reason": None}]})
+                generated = 0
+                async for _, u in _chain(first, updates):
+                    generated += len(u.token_ids)
+                    lp = fmt.chat_logprobs(u.logprobs, u.token_ids, top) if top is not None else None
+                    if u.text or lp:
+                        yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": {"content": u.text},
+                                                              "logprobs": lp, "finish_reason": None}]})
+                    if u.finish_reason:
+                        yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": {}, "logprobs": None,
+                                                              "finish_reason": u.finish_reason}]})
+                if include_usage:
+                    yield fmt.sse({**chunk, "choices": [], "usage": fmt.usage(len(prompt) * n, generated)})
+                yield "data: [DONE]\n\n"
+
+            return Stream(_until_error(events(), fmt), media_type="text/event-stream")
+
+        choices = _collect([x async for x in fe.run([(None, prompt)], params)], n)
+        out = [{"index": k, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish"],
+                "logprobs": fmt.chat_logprobs(c["lps"], c["ids"], top) if top is not None else None}
+               for k, c in sorted(choices.items())]
+        generated = sum(len(c["ids"]) for c in choices.values())
+        return Response({**base, "object": "chat.completion", "choices": out,
+                         "usage": fmt.usage(len(prompt) * n, generated)})
+
+    @get("/v1/models")
+    async def models(request: Request) -> dict:
+        fe = _front(request)
+        return {"object": "list", "data": [{
+            "id": fe.model_name, "object": "model", "created": int(fe.started), "owned_by": "ptp",
+            "max_model_len": fe.limits.max_model_len,
+        }]}
+
+    @get("/health")
+    async def health(request: Request) -> Response:
+        fe = _front(request)
+        if fe.error is None:
+            return Response({"status": "ok"}, status_code=200)
+        return Response({"status": "error", "error": fe.error}, status_code=503)
+
+    @get("/metrics", media_type=MediaType.TEXT)
+    async def metrics(request: Request) -> Response:
+        from ptp.metrics import CONTENT_TYPE
+        return Response(_front(request).metrics.render(), media_type=CONTENT_TYPE)
+
+    return [completions, chat_completions, models, health, metrics]
+
+
+async def _first(updates):
+    """The first update of a stream, awaited before the response starts (so errors get a status)."""
+    try:
+        return await updates.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _chain(first, rest):
+    try:
+        if first is not None:
+            yield first
+            async for x in rest:
+                yield x
+    finally:
+        await rest.aclose()  # a client that left: its requests are aborted now
+
+
+async def _until_error(events, fmt: Formatter):
+    """A stream that fails after it started ends with an error event and [DONE], not a cut connection."""
+    try:
+        async for e in events:
+            yield e
+    except ApiError as err:
+        yield fmt.sse(err.body())
+        yield "data: [DONE]\n\n"
+
+
+def build_app(frontend: FrontEnd):
+    from litestar import Litestar, MediaType, Request, Response
+    from litestar.datastructures import State
+    from litestar.exceptions import HTTPException, ValidationException
 
     def error_response(err: ApiError) -> Response:
         return Response(err.body(), status_code=err.status, media_type=MediaType.JSON)
@@ -73,227 +410,17 @@ def build_app(aengine, model_name: str):
     def on_api(_: Request, exc: ApiError) -> Response:
         return error_response(exc)
 
-    def check_common(req) -> None:
-        if req.model != model_name:
-            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{model_name}`.",
-                           param="model", code="model_not_found")
-        bad = req.unsupported()
-        if bad:
-            raise ApiError(400, bad[1], param=bad[0])
-        if not aengine.alive:
-            raise ApiError(503, f"the engine is not running: {aengine.error}", kind="service_unavailable")
-
-    def sampling(req, max_tokens, logprobs, prompts: list[list[int]]):
-        try:
-            params = req.sampling_params(max_tokens, logprobs)
-            for ids in prompts:
-                engine.check_prompt(ids, params)
-        except ConfigError as e:
-            raise ApiError(400, str(e)) from None
-        return params
-
-    def encode(prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if tok is None:
-                raise ApiError(400, "this model was loaded without a tokenizer: send prompts as token ids.",
-                               param="prompt")
-            return tok.encode(prompt)
-        return list(prompt)
-
-    def token_text(token_id: int) -> str:
-        return tok.decode([token_id]) if tok is not None else f"<{token_id}>"
-
-    async def run(prompts: list[list[int]], params):
-        """Yield (prompt index, SeqUpdate) for every step of every prompt; abort all on exit."""
-        merged: asyncio.Queue = asyncio.Queue()
-        ids = []
-        try:
-            for i, ids_ in enumerate(prompts):
-                rid, q = aengine.submit(ids_, params)
-                ids.append(rid)
-                asyncio.get_running_loop().create_task(_forward(q, merged, i))
-        except EngineDead as e:
-            raise ApiError(503, f"the engine is not running: {e}", kind="service_unavailable") from None
-        open_ = len(prompts)
-        finished = set()
-        try:
-            while open_:
-                i, item = await merged.get()
-                if item is None:
-                    open_ -= 1
-                    finished.add(i)
-                elif isinstance(item, Exception):
-                    raise ApiError(503, f"the engine stopped: {item}", kind="service_unavailable")
-                else:
-                    yield i, item
-        finally:
-            for i, rid in enumerate(ids):
-                if i not in finished:
-                    aengine.abort(rid)
-
-    def completion_logprobs(entries, token_ids, offset0: int):
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        offset = offset0
-        for token, entry in zip(token_ids, entries or []):
-            text = token_text(token)
-            out["tokens"].append(text)
-            out["token_logprobs"].append(entry[token])
-            out["top_logprobs"].append({token_text(t): lp for t, lp in list(entry.items())[1:]} or None)
-            out["text_offset"].append(offset)
-            offset += len(text)
-        return out
-
-    def chat_logprobs(entries, token_ids, top: int):
-        content = []
-        for token, entry in zip(token_ids, entries or []):
-            text = token_text(token)
-            tops = list(entry.items())[1: 1 + top]
-            content.append({
-                "token": text, "logprob": entry[token], "bytes": list(text.encode()),
-                "top_logprobs": [{"token": token_text(t), "logprob": lp, "bytes": list(token_text(t).encode())}
-                                 for t, lp in tops],
-            })
-        return {"content": content}
-
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
-
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    @post("/v1/completions", status_code=200)
-    async def completions(data: CompletionRequest) -> Response:
-        check_common(data)
-        try:
-            prompts = [encode(p) for p in data.prompts()]
-        except ValueError as e:
-            raise ApiError(400, str(e), param="prompt") from None
-        params = sampling(data, data.max_tokens, data.logprobs, prompts)
-        rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
-        prompt_tokens = sum(len(p) for p in prompts) * n
-        base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
-
-        if data.stream:
-            include_usage = bool(data.stream_options and data.stream_options.include_usage)
-
-            async def events():
-                generated, offsets = 0, {}
-                async for i, u in run(prompts, params):
-                    index = i * n + u.index
-                    generated += len(u.token_ids)
-                    lp = None
-                    if data.logprobs is not None:
-                        lp = completion_logprobs(u.logprobs, u.token_ids, offsets.get(index, 0))
-                    offsets[index] = offsets.get(index, 0) + len(u.text)
-                    # one chunk per token, even while its text is an incomplete character
-                    yield sse({**base, "choices": [{"index": index, "text": u.text, "logprobs": lp,
-                                                     "finish_reason": u.finish_reason}]})
-                if include_usage:
-                    yield sse({**base, "choices": [], "usage": usage(prompt_tokens, generated)})
-                yield "data: [DONE]\n\n"
-
-            return Stream(events(), media_type="text/event-stream")
-
-        choices = {}
-        async for i, u in run(prompts, params):
-            c = choices.setdefault(i * n + u.index, {"text": "", "ids": [], "lps": [], "finish": None})
-            c["text"] += u.text
-            c["ids"] += u.token_ids
-            c["lps"] += u.logprobs or []
-            c["finish"] = u.finish_reason
-        out = [{"index": k, "text": c["text"], "finish_reason": c["finish"],
-                "logprobs": completion_logprobs(c["lps"], c["ids"], 0) if data.logprobs is not None else None}
-               for k, c in sorted(choices.items())]
-        generated = sum(len(c["ids"]) for c in choices.values())
-        return Response({**base, "choices": out, "usage": usage(prompt_tokens, generated)})
-
-    @post("/v1/chat/completions", status_code=200)
-    async def chat_completions(data: ChatCompletionRequest) -> Response:
-        check_common(data)
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise ApiError(400, "this model has no chat template; use /v1/completions.")
-        messages = [m.as_template_input() for m in data.messages]
-        try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=data.add_generation_prompt)
-        except Exception as e:
-            raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
-        prompt = tok.encode(text, add_special_tokens=False)
-        top = data.top_logprobs or 0
-        params = sampling(data, data.max_completion_tokens or data.max_tokens, top if data.logprobs else None, [prompt])
-        rid, created, n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params.n
-        base = {"id": rid, "created": created, "model": model_name}
-
-        if data.stream:
-            include_usage = bool(data.stream_options and data.stream_options.include_usage)
-
-            async def events():
-                chunk = {**base, "object": "chat.completion.chunk"}
-                for i in range(n):
-                    yield sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                      "logprobs": None, "finish_reason": None}]})
-                generated = 0
-                async for _, u in run([prompt], params):
-                    generated += len(u.token_ids)
-                    lp = chat_logprobs(u.logprobs, u.token_ids, top) if data.logprobs else None
-                    if u.text or lp:
-                        yield sse({**chunk, "choices": [{"index": u.index, "delta": {"content": u.text},
-                                                          "logprobs": lp, "finish_reason": None}]})
-                    if u.finish_reason:
-                        yield sse({**chunk, "choices": [{"index": u.index, "delta": {}, "logprobs": None,
-                                                          "finish_reason": u.finish_reason}]})
-                if include_usage:
-                    yield sse({**chunk, "choices": [], "usage": usage(len(prompt) * n, generated)})
-                yield "data: [DONE]\n\n"
-
-            return Stream(events(), media_type="text/event-stream")
-
-        choices = {}
-        async for _, u in run([prompt], params):
-            c = choices.setdefault(u.index, {"text": "", "ids": [], "lps": [], "finish": None})
-            c["text"] += u.text
-            c["ids"] += u.token_ids
-            c["lps"] += u.logprobs or []
-            c["finish"] = u.finish_reason
-        out = [{"index": k, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish"],
-                "logprobs": chat_logprobs(c["lps"], c["ids"], top) if data.logprobs else None}
-               for k, c in sorted(choices.items())]
-        generated = sum(len(c["ids"]) for c in choices.values())
-        return Response({**base, "object": "chat.completion", "choices": out,
-                         "usage": usage(len(prompt) * n, generated)})
-
-    @get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": int(aengine.started), "owned_by": "ptp",
-            "max_model_len": engine.max_model_len,
-        }]}
-
-    @get("/health")
-    async def health() -> Response:
-        if aengine.alive:
-            return Response({"status": "ok"}, status_code=200)
-        return Response({"status": "error", "error": aengine.error}, status_code=503)
-
-    @get("/metrics", media_type=MediaType.TEXT)
-    async def metrics() -> str:
-        return aengine.metrics.render()
-
     return Litestar(
-        route_handlers=[completions, chat_completions, models, health, metrics],
+        route_handlers=_handlers(),
         exception_handlers={ValidationException: on_validation, ApiError: on_api, HTTPException: on_http},
+        state=State({"frontend": frontend}),
+        request_max_body_size=MAX_BODY_BYTES,
         debug=False,
         logging_config=None,
     )
 
 
-async def _forward(source: asyncio.Queue, merged: asyncio.Queue, index: int) -> None:
-    while True:
-        item = await source.get()
-        await merged.put((index, item))
-        if item is None or isinstance(item, Exception):
-            return
-
+# --- processes -----------------------------------------------------------------------------------------
 
 def default_model_name(model: str | None) -> str:
     if model is None:
@@ -302,49 +429,12 @@ def default_model_name(model: str | None) -> str:
     return path.stem if model.endswith(".gguf") else model
 
 
-def warm_up(engine) -> None:
-    """Short generations through every rank, so /health says ok only when a request can run: one
-    prompt alone, then two at once (a batched prefill step's attention takes another kernel, whose
-    first call initialises cuDNN: over a second on an H200, else paid by the first burst of users)."""
-    from ptp.sampling import SamplingParams
-
-    params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0)
-    for prompts in ([[0, 1, 2]], [[0, 1, 2], [3, 4, 5, 6]]):
-        rids = [engine.add_request(p, params) for p in prompts]
-        while any(engine.requests.get(r) and any(s.finish_reason is None for s in engine.requests[r]) for r in rids):
-            engine.step()
-        for r in rids:
-            engine.result(r)
-
-
-def main(argv=None) -> int:
-    setup_logging()
-    ns = parse(argv)
-    from ptp.engine import Engine
-
-    try:
-        args = EngineArgs.from_cli(ns)
-        engine = Engine(args)
-    except PtpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not engine.is_leader:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 decides when the ranks stop
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        engine.follow()
-        return 0
-    return serve(engine, ns.host, ns.port, ns.served_model_name or default_model_name(args.model))
-
-
 def _graceful_server_class():
-    import contextlib
-    import threading
-
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
-        """uvicorn re-raises SIGTERM/SIGINT after a graceful stop, which would kill rank 0 before it
-        can stop the other ranks; here the signal only asks for the graceful stop."""
+        """uvicorn re-raises SIGTERM/SIGINT after a graceful stop; here the signal only asks for the
+        graceful stop, so that the front end can then stop the replicas."""
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -361,51 +451,119 @@ def _graceful_server_class():
     return GracefulServer
 
 
-def serve(engine, host: str, port: int, model_name: str) -> int:
+def run_frontend(ns: argparse.Namespace, args: EngineArgs, spawn: bool, addresses=None) -> int:
+    """The front end: start (or meet) the replicas, serve HTTP until told to stop, stop the replicas."""
     import uvicorn
 
-    from ptp.async_engine import AsyncEngine
+    from ptp.engine import load_tokenizer, resolve_model
+    from ptp.frontend import Replicas, ReplicaFailed
+    from ptp.metrics import ServerMetrics
 
-    _GracefulServer = _graceful_server_class()
-
+    model_name = ns.served_model_name or default_model_name(args.model)
+    metrics = ServerMetrics(args.dp_size)
+    files, _, _ = resolve_model(args, None)  # refuses a bad model or tp before any replica starts
+    tokenizer = load_tokenizer(args, files)
+    replicas = Replicas(args, tokenizer, spawn=spawn, warm=True, metrics=metrics, addresses=addresses)
     start = time.perf_counter()
-    warm_up(engine)
-    log.info("warm-up done in %.1f s", time.perf_counter() - start)
-    aengine = AsyncEngine(engine)
-    aengine.started = time.time()
-    app = build_app(aengine, model_name)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=25,
-                            access_log=False)
-    server = _GracefulServer(config)
+    try:
+        replicas.wait_ready(timeout=max(600.0, args.dist_timeout))
+    except ReplicaFailed as e:
+        print(f"ptp: {e}", file=sys.stderr, flush=True)
+        return 1
+    log.info("%d replica(s) ready in %.1f s", args.dp_size, time.perf_counter() - start)
+    frontend = FrontEnd(replicas, tokenizer, model_name, metrics)
+    config = uvicorn.Config(build_app(frontend), host=ns.host, port=ns.port, log_level="warning",
+                            timeout_graceful_shutdown=int(ns.graceful_timeout), access_log=False)
+    server = _graceful_server_class()(config)
 
-    async def watch_engine():
+    async def watch():
         while not server.should_exit:
             await asyncio.sleep(0.5)
-            if not aengine.alive and not aengine.stopping:
-                log.error("engine failed: %s; /health answers 503, exiting", aengine.error)
+            if frontend.error is not None:
+                log.error("%s; /health answers 503, exiting", frontend.error)
                 await asyncio.sleep(2.0)
                 server.should_exit = True
 
-    async def run_server():
-        watcher = asyncio.create_task(watch_engine())
+    async def main():
+        frontend.attach(asyncio.get_running_loop())
+        watcher = asyncio.create_task(watch())
         await server.serve()
         watcher.cancel()
 
-    log.info("serving %s (tp=%d, KV cache %d tokens) at http://%s:%d/v1", model_name, engine.args.tp,
-             engine.kv_capacity_tokens, host, port)
-    asyncio.run(run_server())
-    failed = aengine.error is not None
-    aengine.stop()
-    engine.shutdown()
-    if engine.spawned is not None:
-        bad = [(r, p.exitcode) for r, p in enumerate(engine.spawned.procs, 1) if p.exitcode != 0]
-        if bad and not failed:
-            failed = True
-            aengine.error = "; ".join(f"rank {r} exited with status {code}" for r, code in bad)
+    log.info("serving %s (dp=%d, tp=%d, KV cache %d tokens per replica) at http://%s:%d/v1", model_name,
+             args.dp_size, args.tp, frontend.limits.kv_capacity_tokens, ns.host, ns.port)
+    asyncio.run(main())
+    failed = frontend.error
+    codes = replicas.stop(timeout=30.0)
+    bad = [(r, c) for r, c in codes if c != 0]
+    if bad and failed is None:
+        failed = "; ".join(f"replica {r} exited with status {c}" for r, c in bad)
     if failed:
-        print(f"ptp: {aengine.error}", file=sys.stderr)
+        print(f"ptp: {failed}", file=sys.stderr, flush=True)
     log.info("stopped")
     return 1 if failed else 0
+
+
+def _frontend_main(ns, args, addresses, parent_pid: int) -> None:
+    """The front end as a child of torchrun's global rank 0."""
+    from ptp.ranks import exit_with_parent
+
+    exit_with_parent(parent_pid)
+    setup_logging()
+    os._exit(run_frontend(ns, args, spawn=False, addresses=addresses))
+
+
+def serve_under_torchrun(ns: argparse.Namespace, args: EngineArgs) -> int:
+    """Every torchrun process: build its part of the engine; replica leaders serve the front end's
+    requests, the other ranks follow; global rank 0 also starts the front end."""
+    import torch.distributed as dist
+
+    from ptp import ipc
+    from ptp.engine import Engine
+    from ptp.replica import ReplicaSockets, run_replica, warm_up
+
+    engine = Engine(args)
+    d = engine.d
+    addresses = [ipc.new_addresses() if d.rank == 0 else None]
+    if d.world_size > 1:
+        dist.broadcast_object_list(addresses, src=0)
+    if not engine.is_leader:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the replica's leader decides when its ranks stop
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        engine.follow()  # does not return
+    front = None
+    if d.rank == 0:
+        front = mp.get_context("spawn").Process(target=_frontend_main, args=(ns, args, addresses[0], os.getpid()),
+                                                name="ptp-frontend")
+        front.start()
+        for s in (signal.SIGTERM, signal.SIGINT):  # the front end stops the replicas, this one included
+            signal.signal(s, lambda *_: os.kill(front.pid, signal.SIGTERM) if front.pid else None)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warm_up(engine)
+    sockets = ReplicaSockets(d.dp_rank, addresses[0])
+    status = run_replica(engine, d.dp_rank, sockets, [os.getpid()])
+    sockets.close()
+    if front is not None:
+        front.join(60)
+        status = status or (front.exitcode or 0)
+    return status
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    ns = parse(argv)
+    from ptp.parallel.mesh import under_torchrun
+
+    try:
+        args = EngineArgs.from_cli(ns)
+        if under_torchrun():
+            return serve_under_torchrun(ns, args)
+        return run_frontend(ns, args, spawn=True)
+    except PtpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""An engine replica: one scheduler with its ranks, fed by the front end over ZeroMQ.
+
+    front end ──Add/Abort/Stop──► replica r (leader: Engine; followers: its other ranks)
+              ◄──Outputs (one per step: new tokens of every sample, load)──
+
+`run_replica` is the leader's loop. It never tokenizes, detokenizes or touches HTTP: requests
+arrive as token ids, results leave as token ids. `ReplicaProcesses` starts --dp-size replicas as
+processes of their own (replica r on GPUs r·tp … r·tp+tp−1), each starting its own follower
+ranks; under torchrun the replicas are torchrun's processes instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import traceback
+
+import zmq
+
+from ptp import ipc
+from ptp.errors import ConfigError, PtpError, RankFailedError
+
+log = logging.getLogger("ptp")
+
+
+def load_of(engine) -> ipc.Load:
+    s = engine.scheduler
+    a = s.allocator
+    return ipc.Load(len(s.running), len(s.waiting), a.num_blocks - a.num_free, a.num_blocks, s.num_preemptions,
+                    engine.num_finished)
+
+
+class ReplicaSockets:
+    """The replica's two sockets: a DEALER it receives on, a PUSH it sends on."""
+
+    def __init__(self, index: int, addresses: tuple[str, str]):
+        self.ctx = zmq.Context()
+        self.inbox = self.ctx.socket(zmq.DEALER)
+        self.inbox.setsockopt(zmq.IDENTITY, f"replica-{index}".encode())
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.connect(addresses[0])
+        self.outbox = self.ctx.socket(zmq.PUSH)
+        self.outbox.setsockopt(zmq.LINGER, 2000)
+        self.outbox.connect(addresses[1])
+
+    def send(self, msg) -> None:
+        self.outbox.send(ipc.encode(msg))
+
+    def close(self) -> None:
+        self.inbox.close()
+        self.outbox.close()
+        self.ctx.term()
+
+
+def warm_up(engine) -> None:
+    """Short generations through every rank, so that the replica says it is ready only when a request
+    can run: one prompt alone, then two at once (a batched prefill step's attention takes another
+    kernel, whose first call initialises cuDNN, else paid by the first burst of users)."""
+    from ptp.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0)
+    for prompts in ([[0, 1, 2]], [[0, 1, 2], [3, 4, 5, 6]]):
+        for p in prompts:
+            engine.add_request(p, params)
+        while engine.has_unfinished():
+            engine.step()
+
+
+def run_replica(engine, index: int, sockets: ReplicaSockets, pids: list[int]) -> int:
+    """The leader's loop: take requests, step, send each step's tokens. Returns the exit status."""
+    # Ready goes over the DEALER: the front end's ROUTER learns this replica's address from it
+    sockets.inbox.send(ipc.encode(ipc.Ready(index, engine.config.vocab_size, engine.max_model_len,
+                                            engine.kv_capacity_tokens, pids)))
+    inbox, last_load = sockets.inbox, None
+    try:
+        while True:
+            rejected, stop = [], False
+            timeout = 0 if engine.has_unfinished() else 100
+            while inbox.poll(timeout):
+                timeout = 0
+                msg = ipc.decode_to_replica(inbox.recv())
+                if isinstance(msg, ipc.Add):
+                    try:
+                        engine.add_request(msg.prompt_ids, msg.params, request_id=msg.request_id)
+                    except ConfigError as e:  # the front end checks first; a mismatch still gets an answer
+                        rejected.append((msg.request_id, str(e)))
+                elif isinstance(msg, ipc.Abort):
+                    engine.abort(msg.request_id, msg.index)
+                else:
+                    stop = True
+                    break
+            if stop:
+                break
+            updates = engine.step() if engine.has_unfinished() else []
+            load = load_of(engine)
+            if updates or rejected or load != last_load:
+                sockets.send(ipc.Outputs(index, updates, load, rejected))
+                last_load = load
+    except RankFailedError as e:
+        sockets.send(ipc.Failed(index, str(e)))
+        return 1
+    except Exception as e:  # a bug: say what, and stop rather than hang the requests
+        log.exception("replica %d failed", index)
+        sockets.send(ipc.Failed(index, f"{e.__class__.__name__}: {e}"))
+        return 1
+    engine.shutdown()
+    sockets.send(ipc.Stopped(index))
+    return 0
+
+
+# --- replicas as processes of their own --------------------------------------------------------------
+
+def _replica_main(args, index: int, addresses, parent_pid: int, warm: bool) -> None:
+    from ptp.log import setup_logging
+    from ptp.ranks import exit_with_parent
+
+    exit_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the front end stops the replicas
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    setup_logging()
+    if args.device != "cpu":  # replica r owns GPUs r·tp … r·tp+tp−1 (its ranks count from 0 inside them)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else None
+        per = args.tp * args.pp_size
+        chosen = range(index * per, (index + 1) * per)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i] if gpus else str(i) for i in chosen
+                                                      if gpus is None or i < len(gpus))
+    sockets = ReplicaSockets(index, addresses)
+    status = 1
+    try:
+        from ptp.engine import Engine
+
+        engine = Engine(args)
+        if warm:
+            warm_up(engine)
+        pids = [os.getpid()] + ([p.pid for p in engine.spawned.procs] if engine.spawned else [])
+        status = run_replica(engine, index, sockets, pids)
+    except BaseException as e:
+        detail = str(e) if isinstance(e, PtpError) else f"{e.__class__.__name__}: {e}\n{traceback.format_exc()}"
+        sockets.send(ipc.Failed(index, detail))
+    finally:
+        sockets.close()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+class ReplicaProcesses:
+    """--dp-size replicas as child processes, each with its own ranks; watches that they live."""
+
+    def __init__(self, args, addresses, warm: bool):
+        if mp.current_process().name.startswith("ptp-"):
+            raise ConfigError(
+                f"ptp ran again inside its own {mp.current_process().name}: starting a replica re-imports your "
+                "script, and the script builds the LLM at import time. Build it under `if __name__ == \"__main__\":`."
+            )
+        ctx = mp.get_context("spawn")
+        one = dataclasses.replace(args, dp_size=1)
+        self.procs = [ctx.Process(target=_replica_main, args=(one, r, addresses, os.getpid(), warm),
+                                  name=f"ptp-replica{r}", daemon=False)
+                      for r in range(args.dp_size)]
+        for p in self.procs:
+            p.start()
+        self.closing = False
+
+    def dead(self) -> list[tuple[int, int]]:
+        """(replica, exit code) of replicas that exited while they were meant to run."""
+        if self.closing:
+            return []
+        return [(r, p.exitcode) for r, p in enumerate(self.procs) if p.exitcode is not None]
+
+    def stop(self, timeout: float = 30.0) -> list[tuple[int, int | None]]:
+        """Wait for the replicas (told to stop) to exit; kill what is left. Returns (replica, exit code)."""
+        self.closing = True
+        deadline = time.time() + timeout
+        for p in self.procs:
+            p.join(max(0.1, deadline - time.time()))
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(2.0)
+        return [(r, p.exitcode) for r, p in enumerate(self.procs)]
+
