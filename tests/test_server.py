@@ -224,14 +224,29 @@ def _alive(pid: str) -> bool:
         return False
 
 
+def descendants(pid: int) -> list[int]:
+    out = []
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        out += [int(child)] + descendants(int(child))
+    return out
+
+
+def spawned_ranks(server_pid: int) -> list[int]:
+    """Follower ranks: multiprocessing children of a replica process (itself a child of the front end)."""
+    ranks = []
+    for replica in subprocess.run(["pgrep", "-P", str(server_pid)], capture_output=True, text=True).stdout.split():
+        for p in subprocess.run(["pgrep", "-P", replica], capture_output=True, text=True).stdout.split():
+            cmd = open(f"/proc/{p}/cmdline").read()
+            if "multiprocessing" in cmd and "resource_tracker" not in cmd:
+                ranks.append(int(p))
+    return ranks
+
+
 def test_a_crashed_rank_gives_503_then_an_exit_naming_it(folder):
     s = Server(folder, "--tp", "2")
-    children = subprocess.run(["pgrep", "-P", str(s.proc.pid)], capture_output=True, text=True).stdout.split()
-    # The spawned rank is the server's multiprocessing child (the resource tracker is the other one).
-    workers = [p for p in children if "multiprocessing" in open(f"/proc/{p}/cmdline").read()
-               and "resource_tracker" not in open(f"/proc/{p}/cmdline").read()]
+    workers = spawned_ranks(s.proc.pid)
     assert len(workers) == 1
-    os.kill(int(workers[0]), signal.SIGKILL)
+    os.kill(workers[0], signal.SIGKILL)
     # The next request makes rank 0 hit the dead rank (or finds the engine already stopped): either way it is
     # answered 503, and so is /health until the server exits ~2.5 s later. On a loaded machine that window can
     # pass before the first /health poll, so the request's own answer counts too.

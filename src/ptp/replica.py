@@ -95,6 +95,9 @@ def run_replica(engine, index: int, sockets: ReplicaSockets, pids: list[int]) ->
                     break
             if stop:
                 break
+            spawned = engine.spawned
+            if spawned is not None and spawned.failure is not None:  # a rank died while this replica idled
+                spawned.raise_failure(RuntimeError("a follower rank exited"))
             updates = engine.step() if engine.has_unfinished() else []
             load = load_of(engine)
             if updates or rejected or load != last_load:

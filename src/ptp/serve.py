@@ -26,9 +26,15 @@ import time
 import uuid
 from pathlib import Path
 
+from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.response import Stream
+
 from ptp.args import EngineArgs
 from ptp.errors import ConfigError, PtpError
 from ptp.log import setup_logging
+from ptp.protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("ptp")
 MAX_BODY_BYTES = 8 << 20
@@ -103,7 +109,11 @@ class Formatter:
             text = self.token_text(token)
             out["tokens"].append(text)
             out["token_logprobs"].append(entry[token])
-            out["top_logprobs"].append({self.token_text(t): lp for t, lp in top_entries(entry, top)})
+            tops = {}
+            for t, lp in top_entries(entry, top):
+                key = self.token_text(t)  # two tokens with the same text (partial bytes) keep both entries
+                tops["token_id:%d" % t if key in tops else key] = lp
+            out["top_logprobs"].append(tops)
             out["text_offset"].append(offset)
             offset += len(text)
         return out
@@ -229,134 +239,129 @@ def _collect(updates, n: int):
 
 # --- handlers ------------------------------------------------------------------------------------------
 
-def _handlers():
-    from litestar import MediaType, Request, Response, get, post
-    from litestar.response import Stream
+@post("/v1/completions", status_code=200)
+async def completions(request: Request, data: CompletionRequest) -> Response:
+    fe = _front(request)
+    fe.check_common(data)
+    try:
+        texts = data.prompts()
+    except ValueError as e:
+        raise ApiError(400, str(e), param="prompt") from None
+    prompts = [(t if isinstance(t, str) else None, await fe.encode(t)) for t in texts]
+    top = data.logprobs
+    params = fe.sampling(data, data.max_tokens, top, [ids for _, ids in prompts])
+    rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
+    prompt_tokens = sum(len(ids) for _, ids in prompts) * n
+    base = {"id": rid, "object": "text_completion", "created": created, "model": fe.model_name}
+    fmt = fe.fmt
 
-    from ptp.protocol import ChatCompletionRequest, CompletionRequest
+    if data.stream:
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        updates = fe.run(prompts, params)
+        first = await _first(updates)  # errors before the first token are answered with a status
 
-    @post("/v1/completions", status_code=200)
-    async def completions(request: Request, data: CompletionRequest) -> Response:
-        fe = _front(request)
-        fe.check_common(data)
-        try:
-            texts = data.prompts()
-        except ValueError as e:
-            raise ApiError(400, str(e), param="prompt") from None
-        prompts = [(t if isinstance(t, str) else None, await fe.encode(t)) for t in texts]
-        top = data.logprobs
-        params = fe.sampling(data, data.max_tokens, top, [ids for _, ids in prompts])
-        rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
-        prompt_tokens = sum(len(ids) for _, ids in prompts) * n
-        base = {"id": rid, "object": "text_completion", "created": created, "model": fe.model_name}
-        fmt = fe.fmt
+        async def events():
+            generated, offsets = 0, {}
+            async for i, u in _chain(first, updates):
+                index = i * n + u.index
+                generated += len(u.token_ids)
+                lp = None
+                if top is not None:
+                    lp = fmt.completion_logprobs(u.logprobs, u.token_ids, top, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + len(u.text)
+                yield fmt.sse({**base, "choices": [{"index": index, "text": u.text, "logprobs": lp,
+                                                     "finish_reason": u.finish_reason}]})
+            if include_usage:
+                yield fmt.sse({**base, "choices": [], "usage": fmt.usage(prompt_tokens, generated)})
+            yield "data: [DONE]\n\n"
 
-        if data.stream:
-            include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            updates = fe.run(prompts, params)
-            first = await _first(updates)  # errors before the first token are answered with a status
+        return Stream(_until_error(events(), fmt), media_type="text/event-stream")
 
-            async def events():
-                generated, offsets = 0, {}
-                async for i, u in _chain(first, updates):
-                    index = i * n + u.index
-                    generated += len(u.token_ids)
-                    lp = None
-                    if top is not None:
-                        lp = fmt.completion_logprobs(u.logprobs, u.token_ids, top, offsets.get(index, 0))
-                    offsets[index] = offsets.get(index, 0) + len(u.text)
-                    yield fmt.sse({**base, "choices": [{"index": index, "text": u.text, "logprobs": lp,
-                                                         "finish_reason": u.finish_reason}]})
-                if include_usage:
-                    yield fmt.sse({**base, "choices": [], "usage": fmt.usage(prompt_tokens, generated)})
-                yield "data: [DONE]\n\n"
+    choices = _collect([x async for x in fe.run(prompts, params)], n)
+    out = [{"index": k, "text": c["text"], "finish_reason": c["finish"],
+            "logprobs": fmt.completion_logprobs(c["lps"], c["ids"], top, 0) if top is not None else None}
+           for k, c in sorted(choices.items())]
+    generated = sum(len(c["ids"]) for c in choices.values())
+    return Response({**base, "choices": out, "usage": fmt.usage(prompt_tokens, generated)})
 
-            return Stream(_until_error(events(), fmt), media_type="text/event-stream")
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request, data: ChatCompletionRequest) -> Response:
+    fe = _front(request)
+    fe.check_common(data)
+    tok = fe.tok
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ApiError(400, "this model has no chat template; use /v1/completions.")
+    messages = [m.as_template_input() for m in data.messages]
 
-        choices = _collect([x async for x in fe.run(prompts, params)], n)
-        out = [{"index": k, "text": c["text"], "finish_reason": c["finish"],
-                "logprobs": fmt.completion_logprobs(c["lps"], c["ids"], top, 0) if top is not None else None}
-               for k, c in sorted(choices.items())]
-        generated = sum(len(c["ids"]) for c in choices.values())
-        return Response({**base, "choices": out, "usage": fmt.usage(prompt_tokens, generated)})
+    def render():
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=data.add_generation_prompt)
+        return tok.encode(text, add_special_tokens=False)
+    try:
+        prompt = await asyncio.to_thread(render)
+    except Exception as e:
+        raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+    top = (data.top_logprobs or 0) if data.logprobs else None
+    params = fe.sampling(data, data.max_completion_tokens or data.max_tokens, top, [prompt])
+    rid, created, n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params.n
+    base = {"id": rid, "created": created, "model": fe.model_name}
+    fmt = fe.fmt
 
-    @post("/v1/chat/completions", status_code=200)
-    async def chat_completions(request: Request, data: ChatCompletionRequest) -> Response:
-        fe = _front(request)
-        fe.check_common(data)
-        tok = fe.tok
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise ApiError(400, "this model has no chat template; use /v1/completions.")
-        messages = [m.as_template_input() for m in data.messages]
+    if data.stream:
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        updates = fe.run([(None, prompt)], params)
+        first = await _first(updates)
 
-        def render():
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=data.add_generation_prompt)
-            return tok.encode(text, add_special_tokens=False)
-        try:
-            prompt = await asyncio.to_thread(render)
-        except Exception as e:
-            raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
-        top = (data.top_logprobs or 0) if data.logprobs else None
-        params = fe.sampling(data, data.max_completion_tokens or data.max_tokens, top, [prompt])
-        rid, created, n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params.n
-        base = {"id": rid, "created": created, "model": fe.model_name}
-        fmt = fe.fmt
+        async def events():
+            chunk = {**base, "object": "chat.completion.chunk"}
+            for i in range(n):
+                yield fmt.sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]})
+            generated = 0
+            async for _, u in _chain(first, updates):
+                generated += len(u.token_ids)
+                lp = fmt.chat_logprobs(u.logprobs, u.token_ids, top) if top is not None else None
+                if u.text or lp:
+                    yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": {"content": u.text},
+                                                          "logprobs": lp, "finish_reason": None}]})
+                if u.finish_reason:
+                    yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": {}, "logprobs": None,
+                                                          "finish_reason": u.finish_reason}]})
+            if include_usage:
+                yield fmt.sse({**chunk, "choices": [], "usage": fmt.usage(len(prompt) * n, generated)})
+            yield "data: [DONE]\n\n"
 
-        if data.stream:
-            include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            updates = fe.run([(None, prompt)], params)
-            first = await _first(updates)
+        return Stream(_until_error(events(), fmt), media_type="text/event-stream")
 
-            async def events():
-                chunk = {**base, "object": "chat.completion.chunk"}
-                for i in range(n):
-                    yield fmt.sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                          "logprobs": None, "finish_reason": None}]})
-                generated = 0
-                async for _, u in _chain(first, updates):
-                    generated += len(u.token_ids)
-                    lp = fmt.chat_logprobs(u.logprobs, u.token_ids, top) if top is not None else None
-                    if u.text or lp:
-                        yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": {"content": u.text},
-                                                              "logprobs": lp, "finish_reason": None}]})
-                    if u.finish_reason:
-                        yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": {}, "logprobs": None,
-                                                              "finish_reason": u.finish_reason}]})
-                if include_usage:
-                    yield fmt.sse({**chunk, "choices": [], "usage": fmt.usage(len(prompt) * n, generated)})
-                yield "data: [DONE]\n\n"
+    choices = _collect([x async for x in fe.run([(None, prompt)], params)], n)
+    out = [{"index": k, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish"],
+            "logprobs": fmt.chat_logprobs(c["lps"], c["ids"], top) if top is not None else None}
+           for k, c in sorted(choices.items())]
+    generated = sum(len(c["ids"]) for c in choices.values())
+    return Response({**base, "object": "chat.completion", "choices": out,
+                     "usage": fmt.usage(len(prompt) * n, generated)})
 
-            return Stream(_until_error(events(), fmt), media_type="text/event-stream")
+@get("/v1/models")
+async def models(request: Request) -> dict:
+    fe = _front(request)
+    return {"object": "list", "data": [{
+        "id": fe.model_name, "object": "model", "created": int(fe.started), "owned_by": "ptp",
+        "max_model_len": fe.limits.max_model_len,
+    }]}
 
-        choices = _collect([x async for x in fe.run([(None, prompt)], params)], n)
-        out = [{"index": k, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish"],
-                "logprobs": fmt.chat_logprobs(c["lps"], c["ids"], top) if top is not None else None}
-               for k, c in sorted(choices.items())]
-        generated = sum(len(c["ids"]) for c in choices.values())
-        return Response({**base, "object": "chat.completion", "choices": out,
-                         "usage": fmt.usage(len(prompt) * n, generated)})
+@get("/health")
+async def health(request: Request) -> Response:
+    fe = _front(request)
+    if fe.error is None:
+        return Response({"status": "ok"}, status_code=200)
+    return Response({"status": "error", "error": fe.error}, status_code=503)
 
-    @get("/v1/models")
-    async def models(request: Request) -> dict:
-        fe = _front(request)
-        return {"object": "list", "data": [{
-            "id": fe.model_name, "object": "model", "created": int(fe.started), "owned_by": "ptp",
-            "max_model_len": fe.limits.max_model_len,
-        }]}
+@get("/metrics", media_type=MediaType.TEXT)
+async def metrics(request: Request) -> Response:
+    from ptp.metrics import CONTENT_TYPE
+    return Response(_front(request).metrics.render(), media_type=CONTENT_TYPE)
 
-    @get("/health")
-    async def health(request: Request) -> Response:
-        fe = _front(request)
-        if fe.error is None:
-            return Response({"status": "ok"}, status_code=200)
-        return Response({"status": "error", "error": fe.error}, status_code=503)
 
-    @get("/metrics", media_type=MediaType.TEXT)
-    async def metrics(request: Request) -> Response:
-        from ptp.metrics import CONTENT_TYPE
-        return Response(_front(request).metrics.render(), media_type=CONTENT_TYPE)
-
-    return [completions, chat_completions, models, health, metrics]
+HANDLERS = [completions, chat_completions, models, health, metrics]
 
 
 async def _first(updates):
@@ -387,11 +392,7 @@ async def _until_error(events, fmt: Formatter):
         yield "data: [DONE]\n\n"
 
 
-def build_app(frontend: FrontEnd):
-    from litestar import Litestar, MediaType, Request, Response
-    from litestar.datastructures import State
-    from litestar.exceptions import HTTPException, ValidationException
-
+def build_app(frontend: FrontEnd) -> Litestar:
     def error_response(err: ApiError) -> Response:
         return Response(err.body(), status_code=err.status, media_type=MediaType.JSON)
 
@@ -411,7 +412,7 @@ def build_app(frontend: FrontEnd):
         return error_response(exc)
 
     return Litestar(
-        route_handlers=_handlers(),
+        route_handlers=HANDLERS,
         exception_handlers={ValidationException: on_validation, ApiError: on_api, HTTPException: on_http},
         state=State({"frontend": frontend}),
         request_max_body_size=MAX_BODY_BYTES,
