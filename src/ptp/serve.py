@@ -305,7 +305,7 @@ def default_model_name(model: str | None) -> str:
 def warm_up(engine) -> None:
     """Short generations through every rank, so /health says ok only when a request can run: one
     prompt alone, then two at once (a batched prefill step's attention takes another kernel, whose
-    first call initialises cuDNN: over a second on an H200, else paid by the first burst of users)."""
+    first call initialises cuDNN, which can take over a second, else paid by the first burst of users)."""
     from ptp.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0)
