@@ -69,3 +69,12 @@ def test_every_environment_variable_is_documented():
     documented = set(re.findall(r"`(PTP_[A-Z0-9_]+)", (ROOT / "docs" / "flags.md").read_text()))
     assert read, "no PTP_* variable found: the search is broken"
     assert read <= documented, f"not in docs/flags.md (add them to ENVIRONMENT in src/ptp/args.py): {sorted(read - documented)}"
+
+
+def test_every_module_is_in_architecture_doc():
+    src = ROOT / "src" / "ptp"
+    modules = {p.relative_to(src).as_posix(): p for p in src.rglob("*.py") if "kernels" not in p.relative_to(src).parts}
+    modules |= {p.relative_to(ROOT).as_posix(): p for p in (ROOT / "kernels").rglob("*.py")}
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    missing = sorted(name for name, path in modules.items() if path.read_text().strip() and f"`{name}`" not in doc)
+    assert not missing, f"docs/architecture.md does not say what these modules are for: {missing}"
