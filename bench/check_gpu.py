@@ -154,7 +154,7 @@ def main() -> None:
                 continue
             rows.append({"variant": name, "batch": bs, **compare(got[str(bs)], reference[str(bs)], ns.near_tie)})
     print(f"reference: eager tp=1, torch attention, {ns.dtype}; {ns.new_tokens} greedy tokens per prompt; "
-          f"device {torch.cuda.get_device_name()}; a difference where the reference's two best tokens were "
+          f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; a difference where the reference's two best tokens were "
           f"more than {ns.near_tie} apart (log-probability) counts as not a near-tie")
     print_table(rows, ["variant", "batch", "exact_prompts", "tokens_equal", "margins_where_first_differs",
                        "not_near_ties"])

@@ -2,16 +2,11 @@
 
     python bench/prefill.py --model llama-3.1-8b --load-format dummy --input-lens 128,512,2048
 
-Issue 4 asks for whichever of eager and a compiled prefill measures faster. This times
-`LLM.generate` of one token (the prefill step and its sampling) per prompt length: eagerly, then
+Times `LLM.generate` of one token (the prefill step and its sampling) per prompt length: eagerly, then
 through the runner's compiled prefill (`--torch-compile-prefill on`: one decoder layer compiled with
 dynamic shapes, reused by every layer), then (where CUDA graphs are on) one whole prompt replayed
 from the CUDA graph of its length bucket (`PrefillGraphs`) — after a first call, whose time (a
-compile, or a recompile) is reported too. Greedy tokens are compared.
-
-(The fourth session compiled the whole forward instead: on an H100 it ran out of memory at its first
-prefill, the traced indexed write into the KV cache making inductor copy the whole cache. Prefill
-attention is now an opaque op, `ptp::prefill_attention`, as decode attention is.)
+compile, or a recompile) is reported too. Greedy tokens are compared with the eager ones.
 """
 from __future__ import annotations
 

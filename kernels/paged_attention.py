@@ -198,8 +198,8 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
         prefetch = use_pdl and batch * kv_heads * splits <= 2 * sm_count(q.device.index or 0)
     if tokens_per_step is None:
         # 32-token chunks spread a short context over more of the splits (batch 1, 384 of at most 4096
-        # tokens in 16 splits: 4.9 against 6.6 us on an H200), but walk a long one slower (32k tokens in
-        # 33 splits: 57 against 44 us; 4k in 16: 12.3 against 11.3): only where there are many splits
+        # tokens in 16 splits: about a quarter faster), but walk a long one slower (32k tokens in
+        # 33 splits: about a quarter slower; 4k in 16: a tenth slower): only where there are many splits
         # and a split's share of the longest context the block tables allow is at most 256 tokens.
         max_tokens = block_tables.shape[1] * block_size
         tokens_per_step = 32 if prefetch and splits >= 8 and max_tokens <= 256 * splits else 64

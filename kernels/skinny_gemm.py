@@ -70,7 +70,7 @@ def _skinny_mm(X, W, B, Y, N, K, s_xm, s_wn, s_ym,
 
 # Tiles (BLOCK_N, BLOCK_K, warps, stages) that ops.py times for each projection shape, in a CUDA
 # graph over weights that are not in L2 (as in a decode step), against cuBLAS; the fastest is kept.
-# Measured on an H200 and left out: BLOCK_K 128 (up to 2x slower), 3-4 stages (no gain), BLOCK_K
+# Left out, as bench/gemm.py showed: BLOCK_K 128 (up to 2x slower), 3-4 stages (no gain), BLOCK_K
 # 2048-4096, which put a program's first 8-32 KB of weights in flight before the PDL wait (never
 # the fastest where cuBLAS was slower; docs/benchmarks.md).
 CONFIGS = [(2, 1024, 4, 1), (4, 512, 4, 1), (4, 1024, 4, 1), (8, 256, 4, 1), (8, 512, 4, 1), (8, 512, 8, 1),

@@ -16,7 +16,7 @@ from ptp.kernels import pdl_for
 
 # Set PTP_DISABLE_SKINNY_GEMM=1 to send every projection to cuBLAS (for A/B measurements).
 SKINNY = os.environ.get("PTP_DISABLE_SKINNY_GEMM", "0") != "1"
-SKINNY_MAX_ROWS = 1  # bench/gemm.py on an H200: at 2 and 4 rows cuBLAS won every 8B projection
+SKINNY_MAX_ROWS = 1  # at 2 and 4 rows cuBLAS is the faster for every 8B projection (bench/gemm.py)
 # Under the Triton interpreter (tests on CPU) the kernel runs on CPU tensors too.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -250,7 +250,7 @@ class DecodeGraphs:
         if compile_:
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
             # tuned: coordinate-descent tuning of the generated kernels, as gpt-fast does (measured
-            # 4.90 vs 5.1 ms per 8B step at batch 1 on an H200, for ~40 s more on a cold start)
+            # a few % faster batch-1 steps, for a much longer cold start)
             options = {"coordinate_descent_tuning": True} if tuned else None
             self.step = torch.compile(self._step, fullgraph=True, dynamic=None, options=options)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -321,7 +321,7 @@ def prefill_buckets(largest: int) -> list[int]:
 class PrefillGraphs:
     """The prefill step of one whole prompt (from position 0, up to 512 tokens), replayed from a CUDA
     graph per length bucket: such a step is bound by the host launching each layer's kernels (a
-    16-token prompt: ~30 ms of host time against ~5 ms of GPU time on an H200), and a graph launches
+    short prompt: several times more host time than GPU time), and a graph launches
     them all at once. The prompt is padded at its end; causal attention keeps the padded rows out of
     the real ones, and their keys and values go to the scratch slot. On CPU (no graphs) the padded step
     runs as it is, which the tests use to check the padding."""

@@ -36,7 +36,7 @@ class PrefillMeta:
     def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]],
               slot_mapping: torch.Tensor, block_size: int, sliding_window: int | None, device) -> "PrefillMeta":
         # Sizes rounded up (queries to 64, keys to 128): SDPA's cuDNN kernel builds a plan for every new
-        # shape (~45 ms each on an H200, over 1 s for the first), which stalled a server's steps whose
+        # shape (tens of ms each, over a second for the first), which stalled a server's steps whose
         # shapes rarely repeat; padded rows and keys are masked off.
         batch, max_q = len(starts), -(-max(query_lens) // PAD_QUERIES) * PAD_QUERIES
         key_blocks = max(1, PAD_KEYS // block_size)
