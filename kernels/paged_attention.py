@@ -7,6 +7,14 @@ second kernel merges the splits' partial softmax results; with one split (big ba
 writes the output itself and no merge is launched. Splitting the context keeps the GPU busy when
 the batch is small and contexts are long (split-K / flash-decoding).
 
+Fixed split size (`split_tokens`, for --enable-deterministic-inference): split s always covers
+context tokens [s * split_tokens, (s + 1) * split_tokens), whatever the batch, and the merge walks
+a sequence's splits one after the other in order; a row's result then depends on its own
+sequence alone. With `seq_index`, rows are query tokens (several per sequence: a prompt) and row
+r reads the block table of sequence seq_index[r]; `write_only` launches only the cache write of
+the rows' new keys and values (rotated), so that a prompt's tokens are all in the cache before
+its rows attend to them.
+
 The step's new key and value (one token per sequence) come in as tensors: the kernel attends to
 them from registers and the first split of each (sequence, KV head) writes them into their cache
 slot, so the cache write costs no launch of its own. No program reads that slot in this launch.
@@ -46,12 +54,12 @@ def _attend_chunk(q, k, v, cached, m, l, acc, scale, IEEE: tl.constexpr):
 
 @triton.jit
 def _decode_partial(
-    Q, KN, VN, SLOTS, K, V, BT, LENS, O, M, L, COS_SIN, OUT,
-    scale, splits, max_blocks,
+    Q, KN, VN, SLOTS, K, V, BT, LENS, O, M, L, COS_SIN, OUT, SEQ,
+    scale, splits, max_blocks, split_chunks,
     s_qb, s_qh, s_nb, s_nh, s_kb, s_ks, s_kh, s_btb, s_ob, s_oh, s_os, s_mb, s_mh, s_cs, s_outb, s_outh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TOKENS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-    ONE_SPLIT: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, FIXED_SPLIT: tl.constexpr, HAS_SEQ: tl.constexpr, WRITE_ONLY: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -63,6 +71,10 @@ def _decode_partial(
     # before the step began, and the cached keys and values were written by earlier steps, never by
     # a kernel of this step (this kernel writes only the new token's slot, which no program reads).
     seq_len = tl.load(LENS + b)
+    if HAS_SEQ:  # rows are query tokens: this one's sequence owns the block table
+        bt_row = tl.load(SEQ + b).to(tl.int64)
+    else:
+        bt_row = b
     newest = seq_len - 1  # the new token's position: its k, v come from KN, VN
     chunks = tl.cdiv(seq_len, TOKENS)
     if PREFETCH:
@@ -72,13 +84,17 @@ def _decode_partial(
         # values are in flight before the wait (into registers: ~80 more per thread, which would
         # halve the programs an SM holds in a bigger grid).
         first_tok = split * TOKENS + t
-        first_block = tl.load(BT + b * s_btb + first_tok // BLOCK_SIZE, mask=first_tok // BLOCK_SIZE < max_blocks,
+        first_block = tl.load(BT + bt_row * s_btb + first_tok // BLOCK_SIZE, mask=first_tok // BLOCK_SIZE < max_blocks,
                               other=0)
         first_cached = first_tok < newest  # the new token is not read from the cache: it is added from registers
         first_row = first_block.to(tl.int64) * s_kb + (first_tok % BLOCK_SIZE) * s_ks + kvh * s_kh
         k_first = tl.load(K + first_row[:, None] + d[None, :], mask=first_cached[:, None], other=0.0)
         v_first = tl.load(V + first_row[:, None] + d[None, :], mask=first_cached[:, None], other=0.0)
         start, stop, step = split + splits, chunks, splits
+    elif FIXED_SPLIT:  # split s: the chunks of context tokens [s * split_tokens, (s + 1) * split_tokens)
+        start = split * split_chunks
+        stop = tl.minimum(start + split_chunks, chunks)
+        step = 1
     else:  # a contiguous range of chunks per split (measured faster than dealing them in a big grid)
         per_split = tl.cdiv(chunks, splits)
         start = split * per_split
@@ -110,6 +126,8 @@ def _decode_partial(
         at = (slot // BLOCK_SIZE) * s_kb + (slot % BLOCK_SIZE) * s_ks + kvh * s_kh
         tl.store(K + at + d, k_new)
         tl.store(V + at + d, v_new)
+    if WRITE_ONLY:
+        return
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
@@ -118,7 +136,7 @@ def _decode_partial(
     for chunk in range(start, stop, step):
         tok = chunk * TOKENS + t
         cached = tok < newest
-        phys = tl.load(BT + b * s_btb + tok // BLOCK_SIZE, mask=cached, other=0).to(tl.int64)
+        phys = tl.load(BT + bt_row * s_btb + tok // BLOCK_SIZE, mask=cached, other=0).to(tl.int64)
         row = phys * s_kb + (tok % BLOCK_SIZE) * s_ks + kvh * s_kh
         k = tl.load(K + row[:, None] + d[None, :], mask=cached[:, None], other=0.0)
         v = tl.load(V + row[:, None] + d[None, :], mask=cached[:, None], other=0.0)
@@ -132,6 +150,8 @@ def _decode_partial(
         acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
         m = m_new
     keep = g < GROUP
+    if FIXED_SPLIT:  # a split past this sequence's context: the merge does not read it
+        keep = keep & ((split == 0) | (split * split_chunks * TOKENS < seq_len))
     if ONE_SPLIT:
         out = acc / tl.where(l > 0, l, 1.0)[:, None]
         tl.store(OUT + b * s_outb + heads[:, None] * s_outh + d[None, :], out.to(OUT.dtype.element_ty),
@@ -163,15 +183,47 @@ def _decode_merge(O, M, L, OUT, splits, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_
     tl.store(OUT + b * s_outb + h * s_outh + d, out.to(OUT.dtype.element_ty))
 
 
+@triton.jit
+def _decode_merge_in_order(O, M, L, OUT, LENS, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_outh, split_tokens,
+                           D: tl.constexpr, USE_PDL: tl.constexpr):
+    """The merge of the fixed split size mode: a sequence's non-empty splits, one after the other."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, D)
+    used = tl.maximum(tl.cdiv(tl.load(LENS + b), split_tokens), 1)
+    m = tl.load(M + b * s_mb + h * s_mh)
+    l = tl.load(L + b * s_mb + h * s_mh)
+    acc = tl.load(O + b * s_ob + h * s_oh + d)
+    for s in range(1, used):
+        m_s = tl.load(M + b * s_mb + h * s_mh + s)
+        l_s = tl.load(L + b * s_mb + h * s_mh + s)
+        o_s = tl.load(O + b * s_ob + h * s_oh + s * s_os + d)
+        m_new = tl.maximum(m, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.exp(m - m_use)
+        c = tl.exp(m_s - m_use)
+        l = l * a + l_s * c
+        acc = acc * a + o_s * c
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)
+    tl.store(OUT + b * s_outb + h * s_outh + d, out.to(OUT.dtype.element_ty))
+
+
 def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slots: torch.Tensor,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, splits: int, tokens_per_step: int | None = None, cos_sin: torch.Tensor | None = None,
-                 prefetch: bool | None = None) -> torch.Tensor:
+                 prefetch: bool | None = None, split_tokens: int | None = None,
+                 seq_index: torch.Tensor | None = None, write_only: bool = False) -> torch.Tensor:
     """q [B, H, D]; the new k_new, v_new [B, KV, D] go to cache slot `slots` [B] (and are attended to);
     caches [blocks, block_size, KV, D]; block_tables [B, max_blocks]; seq_lens [B], new token included.
     cos_sin [positions, D] float32 (cos | sin halves): q and k_new are rotated first (RoPE).
     prefetch: deal chunks to the splits in turn and read each split's first chunk before the PDL
     wait (None: where that pays, see below). tokens_per_step: the chunk (None: 32 or 64, see below).
+    split_tokens: the fixed split size mode (a multiple of the chunk; `splits` then only sizes the
+    grid: at least the longest context's split count). seq_index [B]: row -> block-table row.
 
     Returns [B, H, D]. A sequence of length 0 (a padded row) gives zeros.
     """
@@ -183,6 +235,12 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
     batch, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
+    fixed = split_tokens is not None
+    if fixed:
+        tokens_per_step, prefetch = 64, False
+        if split_tokens % tokens_per_step:
+            raise ValueError(f"split_tokens={split_tokens} must be a multiple of {tokens_per_step}")
+        splits = max(1, -(-block_tables.shape[1] * block_size // split_tokens))
     out = torch.empty(batch, heads, dim, dtype=q.dtype, device=q.device)
     if splits > 1:
         part = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
@@ -203,17 +261,26 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
         # and a split's share of the longest context the block tables allow is at most 256 tokens.
         max_tokens = block_tables.shape[1] * block_size
         tokens_per_step = 32 if prefetch and splits >= 8 and max_tokens <= 256 * splits else 64
-    _decode_partial[(batch, kv_heads, splits)](
+    _decode_partial[(batch, kv_heads, 1 if write_only else splits)](
         q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, part, m, l, cos_sin if rope else q, out,
-        scale, splits, block_tables.shape[1],
+        seq_index if seq_index is not None else seq_lens,
+        scale, splits, block_tables.shape[1], (split_tokens or tokens_per_step) // tokens_per_step,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(-2), m.stride(0), m.stride(1),
         cos_sin.stride(0) if rope else 0, out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_SIZE=block_size,
         TOKENS=tokens_per_step, IEEE=q.dtype == torch.float32, ROPE=rope, USE_PDL=use_pdl, PREFETCH=prefetch,
-        ONE_SPLIT=splits == 1, launch_pdl=use_pdl,
+        ONE_SPLIT=splits == 1, FIXED_SPLIT=fixed, HAS_SEQ=seq_index is not None, WRITE_ONLY=write_only,
+        launch_pdl=use_pdl,
     )
-    if splits > 1:
+    if write_only:
+        return out
+    if splits > 1 and fixed:
+        _decode_merge_in_order[(batch, heads)](
+            part, m, l, out, seq_lens, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
+            out.stride(0), out.stride(1), split_tokens, D=dim, USE_PDL=use_pdl, launch_pdl=use_pdl,
+        )
+    elif splits > 1:
         _decode_merge[(batch, heads)](
             part, m, l, out, splits, part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
             out.stride(0), out.stride(1), SPLITS_PAD=triton.next_power_of_2(splits), D=dim,

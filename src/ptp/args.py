@@ -55,7 +55,10 @@ class EngineArgs:
                                           "a step whose tokens are drawn on the GPU is queued one ahead of them)")
     disable_custom_all_reduce: bool = flag(False, "all-reduce through NCCL only")
     enable_p2p_check: bool = flag(False, "check GPU peer access between every pair of ranks at start")
-    enable_deterministic_inference: bool = flag(False, "use deterministic torch algorithms (slower)")
+    enable_deterministic_inference: bool = flag(False, "a request's result depends on the request and its seed "
+                                                "alone, whatever else is in the batch: batch-invariant kernels, "
+                                                "fixed-order all-reduce, a seeded draw per request (unseeded "
+                                                "requests use --seed); slower")
     seed: int = flag(0, "seed for sampling without a per-request seed, and for dummy weights")
     device: str = flag("auto", "'cuda', 'cpu' or 'auto' (CUDA when available)")
 

@@ -196,9 +196,10 @@ class Engine:
         seqs = []
         for i in range(params.n):
             gen = None
-            if params.seed is not None:
+            seed = params.seed if params.seed is not None or not self.args.enable_deterministic_inference else self.args.seed
+            if seed is not None:  # deterministic mode: every request draws from its own seed
                 gen = torch.Generator(device=self.d.device)
-                gen.manual_seed(params.seed + i)
+                gen.manual_seed(seed + i)
             seqs.append(Sequence(request_id, i, prompt_ids, params, max_tokens, generator=gen))
         for s in seqs:
             self.scheduler.add(s)

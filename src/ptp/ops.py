@@ -22,6 +22,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 log = logging.getLogger("ptp")
+# --enable-deterministic-inference (set by the runner; one mode per process): projections through the
+# batch-invariant matmul, RMSNorm through ptp's one-row-per-program kernel. A plain dict: torch.compile
+# reads it as a constant (and guards on it).
+DETERMINISTIC = {"on": False}
 _CHOICE: dict[str, dict] = {}  # shape key -> {"config": tile or None (torch), "skinny_us", "torch_us", ...}
 
 
@@ -153,11 +157,62 @@ def _skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.stride(-1) == 1)
 
 
+def set_deterministic(on: bool) -> None:
+    DETERMINISTIC["on"] = bool(on)
+
+
+@torch.library.custom_op("ptp::batch_invariant_linear", mutates_args=())
+def batch_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias where each row's bits depend on that row alone, whatever the row count.
+
+    CUDA: kernels/batch_invariant.py's matmul, one tile for every row count, no split-K, no autotuner
+    (tensor cores compute every row of a tile alike). CPU, the Triton interpreter included: the BLAS
+    matmul with the rows padded to a multiple of 8 and at least 16; with fewer rows (1-7, 9-11,
+    measured on MKL) it takes kernels that sum in another order. (The interpreter's tl.dot is numpy's
+    BLAS, whose result for a row depends on the row's place in the tile: the kernel's own test keeps
+    rows in place, tests/test_deterministic.py.)"""
+    if x.is_cuda:
+        from ptp.kernels.batch_invariant import matmul
+
+        return matmul(x, weight, bias)
+    rows = x.shape[0]
+    padded = max(16, -(-rows // 8) * 8)
+    if padded != rows:
+        x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
+    return F.linear(x, weight, bias)[:rows]
+
+
+@batch_invariant_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("ptp::log_softmax_rows", mutates_args=())
+def log_softmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax over the last dimension of [rows, V], one row at a time on the GPU
+    (kernels/batch_invariant.py); torch's on CPU (its per-row loop is the same for every row)."""
+    if x.is_cuda or INTERPRET:
+        from ptp.kernels.batch_invariant import log_softmax
+
+        return log_softmax(x)
+    return torch.log_softmax(x.float(), dim=-1)
+
+
+@log_softmax_rows.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except that a CUDA input with a static, small row count goes to the skinny kernel.
+    """F.linear, except that a CUDA input with a static, small row count goes to the skinny kernel,
+    and in deterministic mode every input goes to the batch-invariant matmul (no skinny autotuner).
 
     Under torch.compile a dynamic batch size is a symbol, not an int: those graphs keep cuBLAS.
     """
+    if DETERMINISTIC["on"]:
+        if x.dim() != 2:
+            return batch_invariant_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1)
+        return batch_invariant_linear(x, weight, bias)
     if _skinny_ok(x, weight):
         return skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -192,7 +247,11 @@ def _(x, weight, eps):
 def norm_kernel_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether an RMSNorm goes to ptp's kernel: where the projections after it take the skinny path
     and kernels are chained by programmatic dependent launch (the Triton interpreter: tests).
-    Elsewhere inductor's fused kernel is as good."""
+    Elsewhere inductor's fused kernel is as good. In deterministic mode every 2-D input on CUDA (or
+    in the interpreter): the kernel is one row per program, so a row's bits do not depend on the
+    batch, and no inductor reduction (whose split may follow the batch size) is left to choose."""
+    if DETERMINISTIC["on"]:
+        return x.dim() == 2 and (x.is_cuda or INTERPRET) and x.dtype == weight.dtype
     return _skinny_ok(x, weight) and (INTERPRET or pdl_for(x))
 
 

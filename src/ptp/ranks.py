@@ -54,7 +54,9 @@ def build_runner(args, rank: int, init_method: str | None, before_join=None):
         cuda_graph_max_bs=min(args.cuda_graph_max_bs, args.max_running_requests), max_seqs=args.max_running_requests,
         custom_all_reduce=not args.disable_custom_all_reduce, p2p_check=args.enable_p2p_check,
         max_step_tokens=args.chunked_prefill_size if args.chunked_prefill_size > 0 else 1 << 30,
-        compile_prefill=args.torch_compile_prefill == "on" or (args.torch_compile_prefill == "auto" and compile_decode),
+        compile_prefill=args.torch_compile_prefill == "on" or (args.torch_compile_prefill == "auto" and compile_decode)
+        or (args.enable_deterministic_inference and compile_decode),  # one compiler for every step's layers
+        deterministic=args.enable_deterministic_inference,
     )
     return d, runner, config, files
 

@@ -18,7 +18,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from ptp.attention import Bound, DecodeMeta, make_backend, step_meta
+from ptp import ops
+from ptp.attention import Bound, DecodeMeta, make_backend, rows_meta, step_meta
 from ptp.attention.meta import PrefillMeta, mark_unbacked
 from ptp.config import ModelConfig
 from ptp.errors import ConfigError
@@ -26,7 +27,7 @@ from ptp.hub import ModelFiles
 from ptp.kernels import pdl_enabled
 from ptp.kv_cache import KVCache, slot
 from ptp.loader import load_model
-from ptp.parallel.comm import broadcast_from_first, gather_vocab
+from ptp.parallel.comm import broadcast_from_first, gather_vocab, set_fixed_order
 from ptp.parallel.mesh import Dist
 from ptp.parallel.plans import kv_heads_per_model
 from ptp.sampling import argmax_rows
@@ -42,9 +43,14 @@ class ModelRunner:
                  compile_decode: bool = False, compile_tuned: bool = False, cuda_graphs: bool = False,
                  cuda_graph_max_bs: int = 160, max_seqs: int = 256,
                  custom_all_reduce: bool = True, p2p_check: bool = False, max_step_tokens: int = 8192,
-                 compile_prefill: bool = False):
+                 compile_prefill: bool = False, deterministic: bool = False):
         self.config, self.d, self.device = config, d, d.device
         self.max_model_len = max_model_len
+        self.deterministic = deterministic
+        if deterministic:
+            check_deterministic(config, attention_backend, d.device)
+        ops.set_deterministic(deterministic)
+        set_fixed_order(deterministic)
         start = time.perf_counter()
         self.model = load_model(config, files, dtype=dtype, device=d.device, tp_mesh=d.tp_mesh,
                                 load_format=load_format, max_positions=max_model_len, seed=seed)
@@ -71,7 +77,11 @@ class ModelRunner:
         # seen yet (the engine queues decode steps one ahead of their results).
         self.last_tokens = torch.zeros(max(max_seqs, cuda_graph_max_bs), dtype=torch.long, device=d.device)
         self.attention = make_backend(attention_backend, self.kv_cache, config.sliding_window, d.device)
-        if custom_all_reduce and d.tp_size > 1 and d.device.type == "cuda":
+        if deterministic:
+            self.attention.split_tokens = split_size(max_model_len, block_size)
+            if d.device.type == "cuda":  # every kernel writes what it returns: no NaN fill of torch.empty
+                torch.utils.deterministic.fill_uninitialized_memory = False
+        if custom_all_reduce and d.tp_size > 1 and d.device.type == "cuda" and not deterministic:
             from ptp.parallel.comm import setup_custom_all_reduce
             largest = max(max_step_tokens, cuda_graph_max_bs) * config.hidden_size * torch.finfo(dtype).bits // 8
             setup_custom_all_reduce(d.tp_mesh.get_group(), d.device, d.rank, d.cpu_group,
@@ -92,7 +102,9 @@ class ModelRunner:
             self.decode = DecodeGraphs(self, compile_decode, cuda_graphs, cuda_graph_max_bs, compile_tuned)
         self.prefill = None
         # with CUDA graphs; on CPU (no graphs) with the compiled step too, where the tests check the padding
-        if (cuda_graphs or (compile_decode and d.device.type == "cpu")) and config.sliding_window is None:
+        # (not in deterministic mode: a prompt's rows attend through its real block table there)
+        if ((cuda_graphs or (compile_decode and d.device.type == "cpu")) and config.sliding_window is None
+                and not deterministic):
             self.prefill = PrefillGraphs(self, cuda_graphs, min(max_step_tokens, max_model_len))
 
     def compile_prefill(self) -> None:
@@ -173,8 +185,11 @@ class ModelRunner:
                 logit_rows.append(row - 1)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
         input_ids, pos_t, slot_t = as_tensor(ids), as_tensor(positions), as_tensor(slots)
-        meta = step_meta(batch.starts, [len(t) for t in batch.token_ids], batch.block_tables, slot_t, block_size,
-                         self.config.sliding_window, device)
+        if self.deterministic:
+            meta = rows_meta(batch.starts, [len(t) for t in batch.token_ids], batch.block_tables, slot_t, device)
+        else:
+            meta = step_meta(batch.starts, [len(t) for t in batch.token_ids], batch.block_tables, slot_t, block_size,
+                             self.config.sliding_window, device)
         if not logit_rows and min(ids) < 0:
             raise AssertionError("a step that samples nothing cannot use the previous step's tokens")
         return self.forward_step(input_ids, pos_t, meta, as_tensor(logit_rows) if logit_rows else None)
@@ -196,6 +211,26 @@ class ModelRunner:
             self.model(input_ids, positions, Bound(self.attention, meta), run_layer)
             return None
         return self.forward_logits(input_ids, positions, meta, logit_rows, run_layer)
+
+
+def split_size(max_model_len: int, block_size: int) -> int:
+    """The deterministic mode's attention split, in context tokens: fixed for the engine's life (a
+    token's result depends on it), at least 256, and large enough that the longest context has at
+    most 64 splits (bounding the partial results a decode step keeps)."""
+    return max(256, block_size, 1 << (max(1, -(-max_model_len // 64)) - 1).bit_length())
+
+
+def check_deterministic(config: ModelConfig, attention_backend: str, device: torch.device) -> None:
+    """Refuse what the deterministic mode cannot make batch-invariant, saying what to do instead."""
+    if config.sliding_window is not None:
+        raise ConfigError("--enable-deterministic-inference does not support sliding-window attention yet; "
+                          "run this model without the flag.")
+    if attention_backend not in ("auto", "triton", "torch"):
+        raise ConfigError(f"--enable-deterministic-inference needs --attention-backend triton (CUDA) or torch "
+                          f"(CPU), or auto; got {attention_backend!r}.")
+    if device.type == "cuda" and attention_backend == "torch":
+        raise ConfigError("--enable-deterministic-inference on CUDA needs the triton attention backend "
+                          "(--attention-backend triton or auto).")
 
 
 def _run_layer(layer, x, residual, positions, rotary, attn, index):

@@ -99,6 +99,13 @@ def argmax_rows(x: torch.Tensor, parts: int = 64) -> torch.Tensor:
     return (part * width + at.gather(-1, part)).squeeze(-1)
 
 
+def deterministic() -> bool:
+    """Whether this process runs --enable-deterministic-inference (the runner sets ops.DETERMINISTIC)."""
+    from ptp.ops import DETERMINISTIC
+
+    return DETERMINISTIC["on"]
+
+
 def _penalized(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
@@ -150,7 +157,12 @@ class Sampler:
         tokens = greedy_tokens
         if sampled:
             idx = to_device(sampled, logits.device)
-            probs = self._probs(logits[idx], [rows[i] for i in sampled])
+            if deterministic():
+                # one row at a time: torch's sort and cumsum pick their algorithm by the row count
+                # (one row is scanned differently from many), which would move top-p's cut-off
+                probs = torch.cat([self._probs(logits[i: i + 1], [rows[i]], stable=True) for i in sampled])
+            else:
+                probs = self._probs(logits[idx], [rows[i] for i in sampled])
             choice = self._draw(probs, [rows[i] for i in sampled])
             tokens = greedy_tokens.clone()
             tokens[idx] = choice
@@ -171,14 +183,14 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _probs(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    def _probs(logits: torch.Tensor, rows: list[SampleRow], stable: bool = False) -> torch.Tensor:
         temps = to_device([r.params.temperature for r in rows], logits.device).unsqueeze(1)
         logits = logits / temps
         vocab = logits.shape[1]
         top_k = to_device([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], logits.device)
         top_p = to_device([r.params.top_p for r in rows], logits.device)
         min_p = to_device([r.params.min_p for r in rows], logits.device)
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=stable)  # stable: ties by token id
         ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
         drop = ranks >= top_k.unsqueeze(1)
         sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
@@ -191,6 +203,9 @@ class Sampler:
         return filtered.softmax(dim=-1)
 
     def _draw(self, probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """A draw from each row's distribution: a seeded row (every row in deterministic mode, where
+        the engine seeds unseeded requests from --seed) from its own generator, one row at a time,
+        so that its draw does not depend on the other rows; the others from the engine's generator."""
         out = torch.empty(len(rows), dtype=torch.long, device=probs.device)
         unseeded = [i for i, r in enumerate(rows) if r.generator is None]
         if unseeded:
@@ -207,7 +222,12 @@ class Sampler:
         result: list[dict[int, float] | None] = [None] * len(rows)
         if not wanted:
             return result
-        logp = torch.log_softmax(raw[wanted], dim=-1)
+        if deterministic():
+            from ptp.ops import log_softmax_rows
+
+            logp = log_softmax_rows(raw[wanted])
+        else:
+            logp = torch.log_softmax(raw[wanted], dim=-1)
         k = max(rows[i].params.logprobs for i in wanted)
         top_vals, top_ids = logp.topk(max(k, 1), dim=-1)
         chosen = logp[torch.arange(len(wanted)), torch.tensor([tokens[i] for i in wanted])]

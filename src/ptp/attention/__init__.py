@@ -10,10 +10,11 @@ layer for the whole step) and returns the attention output shaped like q.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
-from ptp.attention.meta import Bound, DecodeMeta, MixedMeta, PrefillMeta, step_meta
+from ptp.attention.meta import Bound, DecodeMeta, MixedMeta, PrefillMeta, rows_meta, step_meta
 from ptp.attention.torch_sdpa import TorchAttention
 from ptp.errors import ConfigError
 
@@ -30,6 +31,8 @@ def available_backends(device: torch.device) -> list[str]:
         names.append("flex")
     if device.type == "cuda" and _has_triton():
         names.insert(0, "triton")
+    elif os.environ.get("TRITON_INTERPRET") == "1" and _has_triton():
+        names.append("triton")  # on CPU, in the Triton interpreter (tests): never the default
     return names
 
 
@@ -61,4 +64,5 @@ def make_backend(name: str, kv_cache, sliding_window: int | None, device: torch.
     return TorchAttention(kv_cache, sliding_window)
 
 
-__all__ = ["Bound", "DecodeMeta", "MixedMeta", "PrefillMeta", "make_backend", "available_backends", "step_meta"]
+__all__ = ["Bound", "DecodeMeta", "MixedMeta", "PrefillMeta", "make_backend", "available_backends", "rows_meta",
+           "step_meta"]

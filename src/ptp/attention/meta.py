@@ -14,6 +14,9 @@ class DecodeMeta:
     slot_mapping: torch.Tensor  # [B] flat cache slot of each new token
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor      # [B] int32, including the new token; 0 for a padded row
+    # Deterministic mode runs prompt tokens as rows too (`rows_meta`): then row r is a query token of
+    # the sequence whose block table is row seq_index[r]; None when every row is its own sequence.
+    seq_index: torch.Tensor | None = None
 
 
 PAD_QUERIES, PAD_KEYS = 64, 128
@@ -105,6 +108,21 @@ def step_meta(starts: list[int], query_lens: list[int], block_tables: list[list[
     return MixedMeta(decode_tokens, decode_meta(single, slot_mapping[decode_tokens]), chunk_tokens, chunks)
 
 
+def rows_meta(starts: list[int], query_lens: list[int], block_tables: list[list[int]], slot_mapping: torch.Tensor,
+              device) -> DecodeMeta:
+    """Deterministic mode: every token of the step is a row that attends, like a decode token, to its
+    sequence's cache up to and including itself. A token's attention is then computed the same way
+    whether it came in a prompt (whole or in chunks), was recomputed after a preemption, or was
+    decoded: one kernel, one order of the context, whatever else is in the step."""
+    lens = [s + i + 1 for s, n in zip(starts, query_lens) for i in range(n)]
+    lens_t = torch.tensor(lens, dtype=torch.int32).to(device, non_blocking=True)
+    tables = tables_tensor(block_tables, device)
+    if all(n == 1 for n in query_lens):
+        return DecodeMeta(slot_mapping, tables, lens_t)
+    seq = torch.tensor([b for b, n in enumerate(query_lens) for _ in range(n)], dtype=torch.long)
+    return DecodeMeta(slot_mapping, tables, lens_t, seq.to(device, non_blocking=True))
+
+
 def mark_unbacked(meta) -> None:
     """Tell torch.compile that the sizes of these tensors say nothing about the step: they only reach
     the opaque attention ops, so no compiled code specialises (or recompiles) on a batch of 1, a
@@ -134,19 +152,19 @@ def register(backend) -> int:
 @torch.library.custom_op("ptp::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, layer: int, backend: int,
-                     cos_sin: torch.Tensor | None = None) -> torch.Tensor:
+                     cos_sin: torch.Tensor | None = None, seq_index: torch.Tensor | None = None) -> torch.Tensor:
     """Write this step's k, v into the paged cache and attend, for a decode step. Given cos_sin,
     q and k are not rotated yet and the backend applies RoPE itself (at position seq_len - 1).
 
     One opaque op for torch.compile: the KV cache is reached through the backend, not passed in, so
     the compiler never sees (and never copies) the cache that the op updates in place.
     """
-    meta = DecodeMeta(slot_mapping, block_tables, seq_lens)
+    meta = DecodeMeta(slot_mapping, block_tables, seq_lens, seq_index)
     return _BACKENDS[backend].forward(meta, layer, q, k, v, cos_sin=cos_sin)
 
 
 @decode_attention.register_fake
-def _(q, k, v, slot_mapping, block_tables, seq_lens, layer, backend, cos_sin=None):
+def _(q, k, v, slot_mapping, block_tables, seq_lens, layer, backend, cos_sin=None, seq_index=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -187,9 +205,10 @@ class Bound:
         if isinstance(m, DecodeMeta):
             if getattr(self.backend, "fuses_rope", False):
                 return decode_attention(q, k, v, m.slot_mapping, m.block_tables, m.seq_lens, layer, self.backend.key,
-                                        rotary.cos_sin)
+                                        rotary.cos_sin, m.seq_index)
             q, k = rotary(positions, q, k)
-            return decode_attention(q, k, v, m.slot_mapping, m.block_tables, m.seq_lens, layer, self.backend.key)
+            return decode_attention(q, k, v, m.slot_mapping, m.block_tables, m.seq_lens, layer, self.backend.key,
+                                    None, m.seq_index)
         q, k = rotary(positions, q, k)
         key = self.backend.key
         if isinstance(m, MixedMeta):

@@ -16,6 +16,10 @@ from ptp.attention.meta import DecodeMeta, register
 
 class TorchAttention:
     name = "torch"
+    # Deterministic mode (--enable-deterministic-inference): every step's metadata is rows of query
+    # tokens (meta.rows_meta) and each row attends over its context in splits of `split_tokens`
+    # tokens, merged in order: see `rows_attention`. Set by the runner.
+    split_tokens: int | None = None
 
     def __init__(self, kv_cache, sliding_window: int | None):
         self.kv_cache = kv_cache
@@ -34,6 +38,10 @@ class TorchAttention:
     def forward(self, meta, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin=None) -> torch.Tensor:
         assert cos_sin is None, "the torch backend takes q and k already rotated"
         k_cache, v_cache = self.write_kv(layer, meta.slot_mapping, k, v)
+        if self.split_tokens is not None:
+            tables = meta.block_tables if meta.seq_index is None else meta.block_tables[meta.seq_index]
+            return rows_attention(q, k_cache, v_cache, tables.long(), meta.seq_lens, q.shape[-1] ** -0.5,
+                                  self.split_tokens)
         if getattr(meta, "causal", False):  # one whole prompt: its own k, v are all it attends to
             out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                                                  v.transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True)
@@ -61,3 +69,39 @@ class TorchAttention:
             mask &= k_pos >= lens - self.sliding_window
         mask |= (lens == 0) & (k_pos == 0)  # padded rows attend to one key: no NaN
         return mask[:, None, None, :]
+
+
+def rows_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                   lens: torch.Tensor, scale: float, split_tokens: int) -> torch.Tensor:
+    """Each row of q [R, H, D] attends to its cache (block table row, keys [0, len)) in splits of
+    split_tokens tokens, online softmax merged split after split. Every sum runs over the innermost
+    dimension of a tensor whose shape per row is the same for every row and every batch (a split
+    past a row's length adds exact zeros), so a row's bits do not depend on the other rows: the
+    batch-invariant attention of the deterministic mode on CPU."""
+    rows, heads, dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    per_split = split_tokens // block_size
+    width = -(-tables.shape[1] // per_split) * per_split  # whole splits: every sum is split_tokens long
+    tables = F.pad(tables, (0, width - tables.shape[1]))
+    qf = q.float().view(rows, kv_heads, group, 1, dim)
+    m = torch.full((rows, kv_heads, group), float("-inf"), device=q.device)
+    l = torch.zeros(rows, kv_heads, group, device=q.device)
+    acc = torch.zeros(rows, kv_heads, group, dim, device=q.device)
+    lens = lens.long().view(rows, 1, 1, 1)
+    for first in range(0, width, per_split):
+        blocks = tables[:, first: first + per_split]
+        keys = k_cache[blocks].view(rows, split_tokens, kv_heads, dim).float().permute(0, 2, 1, 3).contiguous()  # [R, KV, S, D]
+        values = v_cache[blocks].view(rows, split_tokens, kv_heads, dim).float().permute(0, 2, 3, 1).contiguous()  # [R, KV, D, S]
+        scores = (qf * keys.unsqueeze(2)).sum(-1) * scale  # [R, KV, G, S]
+        pos = first * block_size + torch.arange(split_tokens, device=q.device)
+        scores = scores.masked_fill(pos >= lens, float("-inf"))
+        m_new = torch.maximum(m, scores.amax(-1))
+        m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = torch.exp(m - m_use)
+        p = torch.exp(scores - m_use.unsqueeze(-1))
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha.unsqueeze(-1) + (p.unsqueeze(3) * values.unsqueeze(2)).sum(-1)
+        m = m_new
+    out = acc / torch.where(l > 0, l, 1.0).unsqueeze(-1)
+    return out.view(rows, heads, dim).to(q.dtype)

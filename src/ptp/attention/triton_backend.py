@@ -20,12 +20,32 @@ def choose_splits(batch: int, kv_heads: int, max_tokens: int, device: torch.devi
     return max(1, min(wanted, max_tokens // 256, 64))
 
 
+ROWS_PER_LAUNCH = 2048  # prompt rows per launch in deterministic mode: bounds the splits' partial results
+
+
 def paged_decode(q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, scale: float,
-                 cos_sin=None, splits: int | None = None) -> torch.Tensor:
+                 cos_sin=None, splits: int | None = None, split_tokens: int | None = None,
+                 seq_index=None) -> torch.Tensor:
     """Rotate q and k (given cos_sin), write the step's k, v into the cache and attend: one kernel
-    does it all (and, given more than one split, a second merges them; the count is chosen here)."""
+    does it all (and, given more than one split, a second merges them; the count is chosen here).
+
+    split_tokens (deterministic mode): splits of that many context tokens each, merged in order,
+    whatever the batch. seq_index: rows are query tokens of prompts (meta.rows_meta); every row's
+    key and value are written into the cache first (one launch), then the rows attend."""
     from ptp.kernels.paged_attention import paged_decode as kernel
 
+    if split_tokens is not None:
+        args = (k_cache, v_cache, block_tables)
+        if seq_index is None:
+            return kernel(q, k_new, v_new, slots, *args, seq_lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens)
+        kernel(q, k_new, v_new, slots, *args, seq_lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens,
+               seq_index=seq_index, write_only=True)
+        parts = []
+        for r in range(0, q.shape[0], ROWS_PER_LAUNCH):
+            rows = slice(r, r + ROWS_PER_LAUNCH)
+            parts.append(kernel(q[rows], k_new[rows], v_new[rows], slots[rows], *args, seq_lens[rows], scale, 1,
+                                cos_sin=cos_sin, split_tokens=split_tokens, seq_index=seq_index[rows]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
     max_tokens = block_tables.shape[1] * k_cache.shape[1]
     if splits is None:
         splits = choose_splits(q.shape[0], k_cache.shape[2], max_tokens, q.device)
@@ -46,4 +66,4 @@ class TritonAttention(TorchAttention):
             return super().forward(meta, layer, q, k, v, cos_sin)
         k_cache, v_cache = self.kv_cache.layer(layer)
         return paged_decode(q, k, v, meta.slot_mapping, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                            q.shape[-1] ** -0.5, cos_sin)
+                            q.shape[-1] ** -0.5, cos_sin, split_tokens=self.split_tokens, seq_index=meta.seq_index)

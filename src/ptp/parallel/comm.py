@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 log = logging.getLogger("ptp")
 SIZES = [1 << k for k in range(10, 27, 2)]  # 1 KiB .. 64 MiB
-_state = {"group": None, "size": 1, "symm": None}
+_state = {"group": None, "size": 1, "symm": None, "fixed_order": False}
 
 
 def set_tp_group(group: dist.ProcessGroup | None) -> None:
@@ -66,8 +66,29 @@ class SymmetricAllReduce:
         return out.view(x.shape)
 
 
+def set_fixed_order(on: bool) -> None:
+    """Deterministic mode: sum the ranks' partials in rank order (see `_sum_in_rank_order`)."""
+    _state["fixed_order"] = bool(on)
+
+
+def _sum_in_rank_order(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x gathered, then summed rank 0 first, rank 1 next, ...: each element is the same
+    chain of additions whatever the message size (ring and two-shot all-reduces start each chunk's
+    sum at another rank, and pick their algorithm by size), so repeated runs give the same bits."""
+    group, size = _state["group"], _state["size"]
+    flat = x.contiguous().reshape(-1)
+    parts = [torch.empty_like(flat) for _ in range(size)]
+    dist.all_gather(parts, flat, group=group)
+    out = parts[0].clone()
+    for part in parts[1:]:
+        out += part
+    return out.view(x.shape)
+
+
 @torch.library.custom_op("ptp::all_reduce", mutates_args=())
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _state["fixed_order"]:
+        return _sum_in_rank_order(x)
     symm = _state["symm"]
     if symm is not None:
         return symm.run(x, symm.method(x.numel() * x.element_size(), x.dtype))
