@@ -32,7 +32,7 @@ def load_model(config: ModelConfig, files: ModelFiles | None, *, dtype: torch.dt
     if stage is not None and stage.count > 1:
         model.keep_stage(stage.layers, stage.first, stage.last)
     if tp > 1:
-        apply_tp(model, tp_mesh, _stage_plan(model, plan(config)))
+        apply_tp(model, tp_mesh, plan(config) if stage is None or stage.count == 1 else _stage_plan(model, plan(config)))
     model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.tie_weights()  # .to() and to_empty() make a new tensor per module
@@ -133,11 +133,13 @@ def _read_shard(source, config: ModelConfig, name: str, param, local_shape, rank
 
 
 def _stage_plan(model: nn.Module, plan: dict) -> dict:
-    """The plan's entries for the modules this (pipeline stage's) model holds."""
+    """The plan for the modules a pipeline stage's model holds, by their full names (a pattern would also
+    reach the places of the layers other stages hold)."""
     from fnmatch import fnmatch
 
     names = [name for name, _ in model.named_modules()]
-    return {key: style for key, style in plan.items() if any(fnmatch(name, key) for name in names)}
+    return {name: style for key, style in plan.items() for name in names
+            if fnmatch(name, key) and name.count(".") == key.count(".")}
 
 
 def _tied_head(source, config: ModelConfig, name: str) -> str:

@@ -76,6 +76,7 @@ class ModelRunner:
         # One block more than the scheduler hands out: padded rows of a graph write their K/V there.
         self.kv_cache = KVCache(layers, blocks + 1, block_size, kv_heads, config.head_dim, dtype, d.device)
         self.num_blocks = blocks
+        self.rank_kv_bytes = self._gather_all(self.kv_cache.data.nbytes)
         # The greedy token of each sampled row of the last step, on the device, on every rank. A step's
         # token id -(j + 1) stands for row j of it: the previous step's token, which the host has not
         # seen yet (the engine queues decode steps one ahead of their results).
