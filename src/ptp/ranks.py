@@ -27,6 +27,7 @@ from ptp.parallel.mesh import Dist, StepChannel, init_distributed, teardown_toge
 
 log = logging.getLogger("ptp")
 HANG_GRACE_SECONDS = 20.0
+LOCAL_START_SECONDS = 60.0
 
 
 def build_runner(args, rank: int, init_method: str | None, before_join=None):
@@ -157,6 +158,7 @@ class SpawnedRanks:
         self.closing = False
         self.failure: str | None = None
         self.acknowledged = threading.Event()
+        self.describing = threading.Lock()
         self.procs = [
             ctx.Process(target=_worker_main, args=(args, r, self.init_method, self.errors, ready, os.getpid()),
                         name=f"ptp-rank{r}", daemon=True)
@@ -164,7 +166,8 @@ class SpawnedRanks:
         ]
         for p in self.procs:
             p.start()
-        self._wait_until_ready(args.dist_timeout)
+        # starting python and torch is local work, not joining: a short --dist-timeout does not cut it short
+        self._wait_until_ready(max(args.dist_timeout, LOCAL_START_SECONDS))
         threading.Thread(target=self._watch, daemon=True, name="ptp-watchdog").start()
 
     def _wait_until_ready(self, timeout: float) -> None:
@@ -176,7 +179,7 @@ class SpawnedRanks:
                 raise RankFailedError(self.describe_failure())
             if time.time() > deadline:
                 self.stop(timeout=1.0)
-                raise RankFailedError(f"the other ranks did not start within {timeout:.0f} s (--dist-timeout).")
+                raise RankFailedError(f"this node's other ranks did not start within {timeout:.0f} s.")
             time.sleep(0.05)
 
     def _watch(self) -> None:
@@ -199,7 +202,14 @@ class SpawnedRanks:
 
     def describe_failure(self) -> str:
         """The first cause: a rank that died without a word (killed), else the first error a rank reported
-        (ranks that failed only because a peer died report too, after it)."""
+        (ranks that failed only because a peer died report too, after it). Made once: the watchdog and the
+        main thread may both ask, and the reports can be read only once."""
+        with self.describing:
+            if self.failure is None:
+                self.failure = self._describe_failure()
+            return self.failure
+
+    def _describe_failure(self) -> str:
         deadline = time.time() + 3.0
         while time.time() < deadline and all(p.exitcode is None for p in self.procs):
             time.sleep(0.05)
