@@ -23,12 +23,18 @@ class EngineArgs:
     load_balance_method: str = flag("shortest_queue", "how requests are spread over --dp-size replicas: "
                                     "shortest_queue (fewest running + waiting, from the replicas' load reports) "
                                     "or round_robin", choices=("shortest_queue", "round_robin"))
-    pp_size: int = flag(1, "pipeline-parallel stages (only 1 is supported yet)")
+    pp_size: int = flag(1, "pipeline-parallel stages: the layers split into this many contiguous stages, each a --tp "
+                        "group (the embedding on the first, the final norm and lm_head on the last)")
+    pp_layer_partition: str | None = flag(None, "layers per pipeline stage, comma-separated (e.g. 10,12,10; default: "
+                                          "even, the remainder one each to the first stages)")
     ep: int = flag(1, "expert-parallel size for MoE models (only 1 is supported yet)", aliases=("--ep-size",))
-    nnodes: int = flag(1, "number of nodes (only 1 is supported yet)")
+    nnodes: int = flag(1, "number of nodes; every node runs the same command with its own --node-rank (node n holds "
+                       "global ranks n·world/nnodes …, its GPU i being its local rank i; node 0 schedules and serves)")
     node_rank: int = flag(0, "this node's rank among --nnodes")
-    dist_init_addr: str | None = flag(None, "HOST:PORT where ranks meet (default: a free local port)")
-    dist_timeout: float = flag(300.0, "seconds to wait for every rank to join, and for any one collective")
+    dist_init_addr: str | None = flag(None, "HOST:PORT where ranks meet: node 0's address, the same on every node "
+                                      "(default: a free local port)")
+    dist_timeout: float = flag(120.0, "seconds to wait for every rank to join (then start-up ends naming the ranks "
+                               "that did not), and for any one collective")
     dtype: str = flag("auto", "weight and activation dtype", choices=("auto", "bfloat16", "float16", "float32"))
     load_format: str = flag("auto", "'dummy' builds random weights of the real shapes", choices=("auto", "safetensors", "gguf", "dummy"))
     max_model_len: int | None = flag(None, "context window in tokens (default: the model's)")
@@ -65,17 +71,11 @@ class EngineArgs:
     def validate(self) -> "EngineArgs":
         if self.dp_size < 1:
             raise ConfigError(f"--dp-size must be >= 1, got {self.dp_size}.")
-        for name in ("pp_size", "ep", "nnodes"):
-            value = getattr(self, name)
-            if value != 1:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} {value} is not supported yet: ptp runs tensor parallelism "
-                    "on one node only; use --tp to spread a model over this node's GPUs."
-                )
-        if self.node_rank != 0:
-            raise ConfigError("--node-rank must be 0 with a single node (--nnodes 1).")
+        if self.ep != 1:
+            raise ConfigError(f"--ep {self.ep} is not supported yet; use --tp to spread a model over the GPUs.")
         if self.tp < 1:
             raise ConfigError(f"--tp must be >= 1, got {self.tp}.")
+        self._validate_scale_out()
         if not 0.05 <= self.mem_fraction_static <= 0.99:
             raise ConfigError(f"--mem-fraction-static must be in [0.05, 0.99], got {self.mem_fraction_static}.")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -93,6 +93,46 @@ class EngineArgs:
         if self.dist_init_addr is not None and ":" not in self.dist_init_addr:
             raise ConfigError(f"--dist-init-addr must be HOST:PORT, got {self.dist_init_addr!r}.")
         return self
+
+    def _validate_scale_out(self) -> None:
+        """--pp-size, --pp-layer-partition, --nnodes and --node-rank, each refusal naming the numbers."""
+        import os
+
+        if self.pp_size < 1:
+            raise ConfigError(f"--pp-size must be >= 1, got {self.pp_size}.")
+        partition = self.layer_partition()
+        if partition is not None and (len(partition) != self.pp_size or min(partition) < 1):
+            raise ConfigError(
+                f"--pp-layer-partition {self.pp_layer_partition} must give {self.pp_size} layer counts of at least 1 "
+                f"each, one per stage of --pp-size {self.pp_size}."
+            )
+        if self.nnodes < 1:
+            raise ConfigError(f"--nnodes must be >= 1, got {self.nnodes}.")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank must be in [0, {self.nnodes - 1}] with --nnodes {self.nnodes}, "
+                              f"got {self.node_rank}.")
+        world = self.dp_size * self.pp_size * self.tp
+        if world % self.nnodes:
+            raise ConfigError(
+                f"--dp-size {self.dp_size} × --pp-size {self.pp_size} × --tp {self.tp} = {world} ranks cannot be "
+                f"spread evenly over --nnodes {self.nnodes}; make the product a multiple of the node count."
+            )
+        under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+        if self.nnodes > 1 and self.dist_init_addr is None and not under_torchrun:
+            raise ConfigError(f"--nnodes {self.nnodes} needs --dist-init-addr HOST:PORT: node 0's address, "
+                              "the same on every node.")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}.")
+
+    def layer_partition(self) -> list[int] | None:
+        """--pp-layer-partition as a list of layer counts (None: even split)."""
+        if self.pp_layer_partition is None:
+            return None
+        try:
+            return [int(part) for part in str(self.pp_layer_partition).split(",")]
+        except ValueError:
+            raise ConfigError(f"--pp-layer-partition must be comma-separated layer counts such as 10,12,10, "
+                              f"got {self.pp_layer_partition!r}.") from None
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

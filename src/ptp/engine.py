@@ -21,6 +21,7 @@ from ptp.kv_cache import BlockAllocator
 from ptp.outputs import ModelLimits, SeqUpdate
 from ptp.parallel.mesh import (StepChannel, check_world, release_process_group, shutdown, teardown_together,
                                under_torchrun)
+from ptp.parallel.p2p import stage_layers
 from ptp.parallel.plans import check_tp
 from ptp.step import StepBatch
 from ptp.sampling import Sampler, SampleRow, SamplingParams
@@ -109,18 +110,20 @@ class Engine:
                 f"an Engine runs one replica; --dp-size {args.dp_size} starts one per replica: use ptp.LLM(dp_size=...), "
                 "ptp.serve, or torchrun with dp × tp processes."
             )
-        elif args.tp > 1:
+        elif args.tp * args.pp_size > 1 or args.nnodes > 1:
             import multiprocessing
             if multiprocessing.current_process().name.startswith("ptp-rank"):
                 raise ConfigError(
-                    f"ptp.LLM(tp={args.tp}) ran again inside the spawned {multiprocessing.current_process().name}: "
+                    f"ptp.LLM(tp={args.tp}, pp_size={args.pp_size}) ran again inside the spawned "
+                    f"{multiprocessing.current_process().name}: "
                     "starting a rank re-imports your script, and the script builds the LLM at import time. "
                     "Build it under `if __name__ == \"__main__\":`."
                 )
-            # Check the split before starting processes, so a bad tp fails at once.
+            # Check the split before starting processes, so a bad tp or layer partition fails at once.
             _, config, _ = resolve_model(args, torch.device("cpu"))
+            stage_layers(config.num_layers, args.pp_size, args.layer_partition())
             self.spawned = SpawnedRanks(args)
-            init_method = self.spawned.init_method
+            init_method, rank = self.spawned.init_method, self.spawned.base_rank
         self.rank = rank
         try:
             self.d, self.runner, self.config, self.files = build_runner(args, rank, init_method)
@@ -136,7 +139,10 @@ class Engine:
         self.channel = StepChannel(self.d) if self.d.world_size > 1 else None
         self.is_leader = self.d.is_leader
         if not self.is_leader:
-            return  # under torchrun the other ranks of a replica only follow; see follow()
+            if self.d.rank % self.d.ranks_per_node == 0 and self.d.node_rank > 0:
+                log.info("node %d of %d: ranks %d-%d follow node 0, which schedules and serves", self.d.node_rank,
+                         args.nnodes, self.d.rank, self.d.rank + self.d.ranks_per_node - 1)
+            return  # the other ranks of a replica only follow; see follow()
         self.tokenizer = load_tokenizer(args, self.files)
         self.eos_ids = _eos_ids(self.tokenizer, self.config, self.files)
         # runner.num_blocks, not the cache's: the cache has one more, the scratch block of padded rows
@@ -157,8 +163,8 @@ class Engine:
         self._closed = False
         atexit.register(self.shutdown)
         log.info(
-            "model %s: %s, tp=%d, %s on %s, weights %.2f GiB per rank loaded in %.1f s, KV cache %d tokens",
-            self.files.name, self.config.architecture, args.tp, self.runner.model.lm_head.weight.dtype,
+            "model %s: %s, tp=%d, pp=%d, %s on %s, weights %.2f GiB per rank loaded in %.1f s, KV cache %d tokens",
+            self.files.name, self.config.architecture, args.tp, args.pp_size, self.runner.dtype,
             self.d.device, self.runner.weight_bytes / 2**30, self.runner.load_seconds, self.kv_capacity_tokens,
         )
 
@@ -166,7 +172,7 @@ class Engine:
     def follow(self) -> None:
         """Ranks > 0 under torchrun: run rank 0's steps until it shuts down."""
         from ptp.ranks import follow
-        follow(self.d, self.runner)  # does not return
+        follow(self.d, self.runner, self.spawned.stop if self.spawned is not None else None)  # does not return
 
     # --- requests ------------------------------------------------------------------------------
     @property

@@ -22,14 +22,17 @@ log = logging.getLogger("ptp")
 
 
 def load_model(config: ModelConfig, files: ModelFiles | None, *, dtype: torch.dtype, device: torch.device,
-               tp_mesh, load_format: str, max_positions: int, seed: int = 0) -> nn.Module:
+               tp_mesh, load_format: str, max_positions: int, seed: int = 0, stage=None) -> nn.Module:
+    """stage (parallel/p2p.Stage): under pipeline parallelism, only that stage's layers are built and read."""
     tp = 1 if tp_mesh is None else tp_mesh.size()
     rank = 0 if tp_mesh is None else tp_mesh.get_local_rank()
     cls, plan = model_class(config)
     with torch.device("meta"):
         model = cls(config, num_kv_heads=kv_heads_per_model(config, tp), max_positions=max_positions).to(dtype)
+    if stage is not None and stage.count > 1:
+        model.keep_stage(stage.layers, stage.first, stage.last)
     if tp > 1:
-        apply_tp(model, tp_mesh, plan(config))
+        apply_tp(model, tp_mesh, plan(config) if stage is None or stage.count == 1 else _stage_plan(model, plan(config)))
     model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.tie_weights()  # .to() and to_empty() make a new tensor per module
@@ -129,7 +132,25 @@ def _read_shard(source, config: ModelConfig, name: str, param, local_shape, rank
     return tensor
 
 
+def _stage_plan(model: nn.Module, plan: dict) -> dict:
+    """The plan for the modules a pipeline stage's model holds, by their full names (a pattern would also
+    reach the places of the layers other stages hold)."""
+    from fnmatch import fnmatch
+
+    names = [name for name, _ in model.named_modules()]
+    return {name: style for key, style in plan.items() for name in names
+            if fnmatch(name, key) and name.count(".") == key.count(".")}
+
+
+def _tied_head(source, config: ModelConfig, name: str) -> str:
+    """A tied lm_head on a last pipeline stage that has no embedding reads the embedding's tensor."""
+    if name == "lm_head.weight" and config.tie_word_embeddings and not source.has(name):
+        return "model.embed_tokens.weight"
+    return name
+
+
 def _read_part(source, config: ModelConfig, name: str, dim: int | None, rank: int, tp: int) -> torch.Tensor:
+    name = _tied_head(source, config, name)
     if not source.has(name):
         raise UnsupportedModelError(f"the checkpoint has no tensor {name!r}, which {config.architecture} needs.")
     if dim is None:

@@ -1,10 +1,12 @@
-"""Starting, following and stopping the tensor-parallel ranks.
+"""Starting, following and stopping the ranks of a replica (pp × tp of them).
 
-Rank 0 runs the engine; ranks 1..tp-1 run `follow`: receive each step's batch, run the same
-forward, repeat until rank 0 sends None. Under torchrun the ranks are torchrun's; otherwise
-rank 0 spawns the others and watches them: a rank that dies surfaces on rank 0 as a
-RankFailedError naming it, and if rank 0 is stuck in a collective with the dead rank, the
-watchdog ends the process with an error after a grace period rather than hang.
+Rank 0 runs the engine; the other ranks run `follow`: receive each step's batch, run their part
+of it (the same forward, or their pipeline stage's), repeat until rank 0 sends None. Under
+torchrun the ranks are torchrun's; otherwise each node's main process spawns that node's other
+ranks and watches them (node n's main process is global rank n · ranks-per-node and, for n > 0,
+only follows): a rank that dies surfaces as a RankFailedError naming it and its stage, and if the
+main process is stuck in a collective with the dead rank, the watchdog ends the process with an
+error after a grace period rather than hang.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from ptp.parallel.mesh import Dist, StepChannel, init_distributed, teardown_toge
 
 log = logging.getLogger("ptp")
 HANG_GRACE_SECONDS = 20.0
+LOCAL_START_SECONDS = 60.0
 
 
 def build_runner(args, rank: int, init_method: str | None, before_join=None):
@@ -33,11 +36,13 @@ def build_runner(args, rank: int, init_method: str | None, before_join=None):
     from ptp.runner import ModelRunner
 
     cpus = os.cpu_count() or 1
-    if args.tp > 1 and args.device != "cuda":
-        torch.set_num_threads(max(1, cpus // args.tp))
+    local_ranks = args.tp * args.pp_size * args.dp_size // args.nnodes
+    if local_ranks > 1 and args.device != "cuda":
+        torch.set_num_threads(max(1, cpus // local_ranks))
     if before_join is not None:
         before_join()
-    d = init_distributed(args.tp, rank, args.device, init_method, args.dist_timeout, dp=args.dp_size, pp=args.pp_size)
+    d = init_distributed(args.tp, rank, args.device, init_method, args.dist_timeout, dp=args.dp_size, pp=args.pp_size,
+                         nnodes=args.nnodes, flags=agreed_flags(args))
     if args.enable_deterministic_inference:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -57,8 +62,19 @@ def build_runner(args, rank: int, init_method: str | None, before_join=None):
         compile_prefill=args.torch_compile_prefill == "on" or (args.torch_compile_prefill == "auto" and compile_decode)
         or (args.enable_deterministic_inference and compile_decode),  # one compiler for every step's layers
         deterministic=args.enable_deterministic_inference,
+        pp_partition=args.layer_partition(),
     )
     return d, runner, config, files
+
+
+def agreed_flags(args) -> dict:
+    """What every node must agree on (checked when the ranks meet), by flag name."""
+    import ptp
+
+    return {"--model": args.model, "--revision": args.revision, "--tp": args.tp, "--pp-size": args.pp_size,
+            "--pp-layer-partition": args.pp_layer_partition, "--dp-size": args.dp_size, "--nnodes": args.nnodes,
+            "--dtype": args.dtype, "--load-format": args.load_format, "--max-model-len": args.max_model_len,
+            "ptp version": ptp.__version__}
 
 
 def resolve_dtype(name: str, config, files, device) -> torch.dtype:
@@ -70,8 +86,9 @@ def resolve_dtype(name: str, config, files, device) -> torch.dtype:
     return dtype
 
 
-def follow(d: Dist, runner) -> None:
-    """The loop of ranks 1..tp-1. When rank 0 says stop, the process ends here with status 0.
+def follow(d: Dist, runner, before_exit=None) -> None:
+    """The loop of the ranks other than rank 0. When rank 0 says stop, the process ends here with
+    status 0 (after `before_exit()`, given: a node's main process waits for the ranks it spawned).
 
     First every rank releases its memory and destroys the process group together with rank 0
     (parallel/mesh.teardown_together); then the process ends with os._exit, skipping interpreter
@@ -83,12 +100,15 @@ def follow(d: Dist, runner) -> None:
         if batch is None:
             break
         runner.execute(batch)
-        if batch.share_tokens:  # rank 0 drew this step's tokens on the device: they feed the next step
+        # rank 0 drew this step's tokens on the device: they feed the next step on the first stage's ranks
+        if batch.share_tokens and runner.stage.first and d.tp_size > 1:
             runner.receive_last_tokens(sum(batch.sample))
     try:  # rank 0 tears down at the same time (Engine.shutdown)
         teardown_together(d, runner)
     except Exception as e:
         logging.getLogger("ptp").warning("rank %d: process-group teardown failed: %s", d.rank, e)
+    if before_exit is not None:
+        before_exit()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -135,25 +155,34 @@ def free_port() -> int:
 
 
 class SpawnedRanks:
-    """Ranks 1..tp-1 as child processes of this one, and a watchdog over them."""
+    """This node's ranks other than its main process, as child processes of it, and a watchdog over them.
+
+    Node n (of --nnodes) holds global ranks n · per_node … (n + 1) · per_node − 1; its main process is
+    the first of them (`base_rank`), and the rank with local index i uses the node's GPU i."""
 
     def __init__(self, args):
         host, port = (args.dist_init_addr or f"127.0.0.1:{free_port()}").rsplit(":", 1)
         self.init_method = f"tcp://{host}:{port}"
+        self.tp, self.pp = args.tp, args.pp_size
+        per_node = args.dp_size * args.pp_size * args.tp // args.nnodes
+        self.base_rank = args.node_rank * per_node
+        self.ranks = list(range(self.base_rank + 1, self.base_rank + per_node))
         ctx = mp.get_context("spawn")
         self.errors = ctx.Queue()
-        self.ready = [ctx.Event() for _ in range(1, args.tp)]
+        self.ready = [ctx.Event() for _ in self.ranks]
         self.closing = False
         self.failure: str | None = None
         self.acknowledged = threading.Event()
+        self.describing = threading.Lock()
         self.procs = [
-            ctx.Process(target=_worker_main, args=(args, r, self.init_method, self.errors, self.ready[r - 1], os.getpid()),
+            ctx.Process(target=_worker_main, args=(args, r, self.init_method, self.errors, ready, os.getpid()),
                         name=f"ptp-rank{r}", daemon=True)
-            for r in range(1, args.tp)
+            for r, ready in zip(self.ranks, self.ready)
         ]
         for p in self.procs:
             p.start()
-        self._wait_until_ready(args.dist_timeout)
+        # starting python and torch is local work, not joining: a short --dist-timeout does not cut it short
+        self._wait_until_ready(max(args.dist_timeout, LOCAL_START_SECONDS))
         threading.Thread(target=self._watch, daemon=True, name="ptp-watchdog").start()
 
     def _wait_until_ready(self, timeout: float) -> None:
@@ -165,13 +194,13 @@ class SpawnedRanks:
                 raise RankFailedError(self.describe_failure())
             if time.time() > deadline:
                 self.stop(timeout=1.0)
-                raise RankFailedError(f"the other ranks did not start within {timeout:.0f} s (--dist-timeout).")
+                raise RankFailedError(f"this node's other ranks did not start within {timeout:.0f} s.")
             time.sleep(0.05)
 
     def _watch(self) -> None:
         while not self.closing:
             time.sleep(0.25)
-            dead = [(r, p.exitcode) for r, p in enumerate(self.procs, 1) if p.exitcode not in (None, 0)]
+            dead = [(r, p.exitcode) for r, p in zip(self.ranks, self.procs) if p.exitcode not in (None, 0)]
             if dead and not self.closing:
                 self.failure = self.describe_failure()
                 if not self.acknowledged.wait(HANG_GRACE_SECONDS) and not self.closing:
@@ -180,7 +209,22 @@ class SpawnedRanks:
                     os._exit(1)
                 return
 
+    def name(self, rank: int) -> str:
+        """'rank r', with its pipeline stage under pipeline parallelism."""
+        if self.pp == 1:
+            return f"rank {rank}"
+        return f"rank {rank} (pipeline stage {rank // self.tp % self.pp} of {self.pp}, tp rank {rank % self.tp})"
+
     def describe_failure(self) -> str:
+        """The first cause: a rank that died without a word (killed), else the first error a rank reported
+        (ranks that failed only because a peer died report too, after it). Made once: the watchdog and the
+        main thread may both ask, and the reports can be read only once."""
+        with self.describing:
+            if self.failure is None:
+                self.failure = self._describe_failure()
+            return self.failure
+
+    def _describe_failure(self) -> str:
         deadline = time.time() + 3.0
         while time.time() < deadline and all(p.exitcode is None for p in self.procs):
             time.sleep(0.05)
@@ -190,12 +234,14 @@ class SpawnedRanks:
                 reported.append(self.errors.get(timeout=0.5 if not reported else 0.05))
             except Exception:
                 break
+        dead = [(r, p.exitcode) for r, p in zip(self.ranks, self.procs) if p.exitcode not in (None, 0)]
+        silent = [(r, code) for r, code in dead if r not in {rank for rank, _, _ in reported}]
+        if silent:
+            return "; ".join(f"{self.name(r)} exited with code {code} (its own output above says why)"
+                             for r, code in silent)
         if reported:
             rank, message, tb = reported[0]
-            return f"rank {rank} failed: {message}\n--- traceback of rank {rank} ---\n{tb}"
-        dead = [(r, p.exitcode) for r, p in enumerate(self.procs, 1) if p.exitcode not in (None, 0)]
-        if dead:
-            return "; ".join(f"rank {r} exited with code {code} (its own output above says why)" for r, code in dead)
+            return f"{self.name(rank)} failed: {message}\n--- traceback of rank {rank} ---\n{tb}"
         return "a peer rank stopped answering"
 
     def peer_failed(self, wait: float = 3.0) -> bool:

@@ -117,7 +117,7 @@ def run_replica(engine, index: int, sockets: ReplicaSockets, pids: list[int]) ->
 
 # --- replicas as processes of their own --------------------------------------------------------------
 
-def _replica_main(args, index: int, addresses, parent_pid: int, warm: bool) -> None:
+def _replica_main(args, index: int, addresses, parent_pid: int, warm: bool, slice_gpus: bool) -> None:
     from ptp.log import setup_logging
     from ptp.ranks import exit_with_parent
 
@@ -125,7 +125,7 @@ def _replica_main(args, index: int, addresses, parent_pid: int, warm: bool) -> N
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the front end stops the replicas
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging()
-    if args.device != "cpu":  # replica r owns GPUs r·tp … r·tp+tp−1 (its ranks count from 0 inside them)
+    if slice_gpus and args.device != "cpu":  # replica r owns GPUs r·tp … r·tp+tp−1 (its ranks count from 0 there)
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         gpus = visible.split(",") if visible else None
         per = args.tp * args.pp_size
@@ -164,7 +164,7 @@ class ReplicaProcesses:
             )
         ctx = mp.get_context("spawn")
         one = dataclasses.replace(args, dp_size=1)
-        self.procs = [ctx.Process(target=_replica_main, args=(one, r, addresses, os.getpid(), warm),
+        self.procs = [ctx.Process(target=_replica_main, args=(one, r, addresses, os.getpid(), warm, args.dp_size > 1),
                                   name=f"ptp-replica{r}", daemon=False)
                       for r in range(args.dp_size)]
         for p in self.procs:

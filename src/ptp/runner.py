@@ -6,6 +6,11 @@ bucket, the batch padded to the next bucket. Every other step (prefill, mixed) r
 decoder layer compiled with dynamic shapes that every layer of the model reuses (a whole-model
 compile per kind of step would cost minutes of start-up), or eagerly (--torch-compile-prefill off,
 or where the decode step is not compiled either).
+
+Under pipeline parallelism each rank runs its stage's layers only (parallel/p2p.py): the first stage
+embeds, the others start from the previous stage's hidden state and residual, received before the
+step (into the decode graphs' static inputs when the step replays one); the last stage computes
+the logits and sends the sampled rows' back to the first stage.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from ptp.kv_cache import KVCache, slot
 from ptp.loader import load_model
 from ptp.parallel.comm import broadcast_from_first, gather_vocab, set_fixed_order
 from ptp.parallel.mesh import Dist
+from ptp.parallel.p2p import Stage, StageLink, stage_layers
 from ptp.parallel.plans import kv_heads_per_model
 from ptp.sampling import argmax_rows
 from ptp.step import StepBatch
@@ -43,35 +49,40 @@ class ModelRunner:
                  compile_decode: bool = False, compile_tuned: bool = False, cuda_graphs: bool = False,
                  cuda_graph_max_bs: int = 160, max_seqs: int = 256,
                  custom_all_reduce: bool = True, p2p_check: bool = False, max_step_tokens: int = 8192,
-                 compile_prefill: bool = False, deterministic: bool = False):
-        self.config, self.d, self.device = config, d, d.device
+                 compile_prefill: bool = False, deterministic: bool = False, pp_partition: list[int] | None = None):
+        self.config, self.d, self.device, self.dtype = config, d, d.device, dtype
         self.max_model_len = max_model_len
         self.deterministic = deterministic
         if deterministic:
             check_deterministic(config, attention_backend, d.device)
         ops.set_deterministic(deterministic)
         set_fixed_order(deterministic)
+        self.stage = Stage(d.pp_rank, d.pp_size, stage_layers(config.num_layers, d.pp_size, pp_partition)[d.pp_rank])
+        self.link = StageLink(d.rank, d.tp_rank, d.tp_size, self.stage) if d.pp_size > 1 else None
         start = time.perf_counter()
         self.model = load_model(config, files, dtype=dtype, device=d.device, tp_mesh=d.tp_mesh,
-                                load_format=load_format, max_positions=max_model_len, seed=seed)
+                                load_format=load_format, max_positions=max_model_len, seed=seed, stage=self.stage)
         self.load_seconds = time.perf_counter() - start
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.rank_weight_bytes = self._gather_all(self.weight_bytes)
         kv_heads = kv_heads_per_model(config, d.tp_size) // d.tp_size  # this rank's
-        per_block = KVCache.bytes_per_block(config.num_layers, block_size, kv_heads, config.head_dim, dtype)
+        layers = len(self.stage.layers)  # this stage's: the KV cache holds only those
+        per_block = KVCache.bytes_per_block(layers, block_size, kv_heads, config.head_dim, dtype)
         blocks = num_kv_blocks or self._blocks_that_fit(per_block, max_model_len, block_size, mem_fraction_static)
         blocks = min(self._gather_all(blocks))
         if blocks < 1:
             raise ConfigError(
                 f"no memory is left for the KV cache after the weights ({self.weight_bytes / 2**30:.1f} GiB per rank) "
-                f"under --mem-fraction-static {mem_fraction_static}; raise it, or spread the model over more GPUs (--tp)."
+                f"under --mem-fraction-static {mem_fraction_static}; raise it, or spread the model over more GPUs "
+                "(--tp, --pp-size)."
             )
         if blocks * block_size < max_model_len:
             log.warning("the KV cache holds %d tokens, less than one sequence of --max-model-len %d",
                         blocks * block_size, max_model_len)
         # One block more than the scheduler hands out: padded rows of a graph write their K/V there.
-        self.kv_cache = KVCache(config.num_layers, blocks + 1, block_size, kv_heads, config.head_dim, dtype, d.device)
+        self.kv_cache = KVCache(layers, blocks + 1, block_size, kv_heads, config.head_dim, dtype, d.device)
         self.num_blocks = blocks
+        self.rank_kv_bytes = self._gather_all(self.kv_cache.data.nbytes)
         # The greedy token of each sampled row of the last step, on the device, on every rank. A step's
         # token id -(j + 1) stands for row j of it: the previous step's token, which the host has not
         # seen yet (the engine queues decode steps one ahead of their results).
@@ -81,7 +92,10 @@ class ModelRunner:
             self.attention.split_tokens = split_size(max_model_len, block_size)
             if d.device.type == "cuda":  # every kernel writes what it returns: no NaN fill of torch.empty
                 torch.utils.deterministic.fill_uninitialized_memory = False
-        if custom_all_reduce and d.tp_size > 1 and d.device.type == "cuda" and not deterministic:
+        if custom_all_reduce and d.tp_size > 1 and d.device.type == "cuda" and not d.tp_group_in_one_node:
+            log.info("custom all-reduce off: the tensor-parallel group spans nodes (symmetric memory works only "
+                     "inside one); NCCL reduces")
+        elif custom_all_reduce and d.tp_size > 1 and d.device.type == "cuda" and not deterministic:
             from ptp.parallel.comm import setup_custom_all_reduce
             largest = max(max_step_tokens, cuda_graph_max_bs) * config.hidden_size * torch.finfo(dtype).bits // 8
             setup_custom_all_reduce(d.tp_mesh.get_group(), d.device, d.rank, d.cpu_group,
@@ -102,9 +116,10 @@ class ModelRunner:
             self.decode = DecodeGraphs(self, compile_decode, cuda_graphs, cuda_graph_max_bs, compile_tuned)
         self.prefill = None
         # with CUDA graphs; on CPU (no graphs) with the compiled step too, where the tests check the padding
-        # (not in deterministic mode: a prompt's rows attend through its real block table there)
+        # not in deterministic mode (a prompt's rows attend through its real block table there), nor with
+        # pipeline stages (its graphs take token ids: no hidden-state inputs for later stages)
         if ((cuda_graphs or (compile_decode and d.device.type == "cpu")) and config.sliding_window is None
-                and not deterministic):
+                and not deterministic and d.pp_size == 1):
             self.prefill = PrefillGraphs(self, cuda_graphs, min(max_step_tokens, max_model_len))
 
     def compile_prefill(self) -> None:
@@ -142,7 +157,7 @@ class ModelRunner:
         """Rank 0: the tokens it drew for the step's sampled rows replace their argmax in last_tokens;
         with broadcast, every rank receives them (each calls receive_last_tokens)."""
         self.last_tokens[: tokens.shape[0]].copy_(tokens)
-        if broadcast:
+        if broadcast and self.d.tp_size > 1:  # only the first stage's ranks embed tokens
             broadcast_from_first(self.last_tokens[: tokens.shape[0]])
 
     def receive_last_tokens(self, rows: int) -> None:
@@ -152,12 +167,16 @@ class ModelRunner:
     def scratch_slot(self) -> int:
         return self.num_blocks * self.kv_cache.block_size
 
-    def forward_logits(self, input_ids, positions, meta, logit_rows=None, run_layer=None) -> torch.Tensor:
+    def forward_logits(self, input_ids, positions, meta, logit_rows=None, run_layer=None, hidden=None):
         """float32 logits of the chosen rows; their greedy tokens go to last_tokens. Input ids below 0
-        are taken from last_tokens (see there)."""
+        are taken from last_tokens (see there). A pipeline stage after the first starts from `hidden`
+        (the previous stage's hidden state and residual); one before the last returns them."""
         last = self.last_tokens
-        input_ids = torch.where(input_ids < 0, last[(-1 - input_ids).clamp(min=0)], input_ids)
-        hidden = self.model(input_ids, positions, Bound(self.attention, meta), run_layer)
+        if hidden is None:
+            input_ids = torch.where(input_ids < 0, last[(-1 - input_ids).clamp(min=0)], input_ids)
+        hidden = self.model(input_ids, positions, Bound(self.attention, meta), run_layer, hidden)
+        if not self.stage.last:
+            return hidden
         if logit_rows is not None:
             hidden = hidden[logit_rows]
         logits = gather_vocab(self.model.logits(hidden), self.config.vocab_size).float()
@@ -166,10 +185,42 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor | None:
-        """Run the batch; return float32 logits [sequences to sample, vocab] (same on every rank)."""
+        """Run the batch; return float32 logits [sequences to sample, vocab] (same on every rank; under
+        pipeline parallelism on the first stage's tensor-parallel rank 0 and the last stage's ranks)."""
+        if self.link is None:
+            return self._execute(batch)
+        link, rows = self.link, sum(batch.sample)
+        hidden = None if self.stage.first else self._receive_hidden(batch)
+        out = self._execute(batch, hidden)
+        if not self.stage.last:
+            link.send_hidden(*out)
+        elif rows:
+            link.send_back(out, self.last_tokens[:rows])
+            return out
+        if self.stage.first and rows:
+            return link.receive_back(rows, self.config.vocab_size, self.last_tokens)
+        return None
+
+    def _takes_decode(self, batch: StepBatch) -> bool:
+        return self.decode is not None and batch.is_decode and len(batch.token_ids) <= self.decode.max_bs
+
+    def _receive_hidden(self, batch: StepBatch):
+        """The previous stage's (hidden, residual) for this step: into the decode graphs' inputs (padded
+        to the batch bucket, as the sender's graph output is) or into new tensors."""
+        if self._takes_decode(batch):
+            bs = self.decode.bucket(len(batch.token_ids))
+            x, residual = (h[:bs] for h in self.decode.hidden)
+        else:
+            shape = (sum(len(t) for t in batch.token_ids), self.config.hidden_size)
+            x, residual = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+        self.link.receive_hidden(x, residual)
+        return x, residual
+
+    def _execute(self, batch: StepBatch, hidden=None):
+        """This stage's part of the step (the whole step without pipeline parallelism)."""
         if self.profiler is not None and batch.is_decode:
             self.profiler.tick()
-        if self.decode is not None and batch.is_decode and len(batch.token_ids) <= self.decode.max_bs:
+        if self._takes_decode(batch):
             return self.decode.run(batch)
         if self.prefill is not None and self.prefill.takes(batch):
             return self.prefill.run(batch)
@@ -192,25 +243,25 @@ class ModelRunner:
                              self.config.sliding_window, device)
         if not logit_rows and min(ids) < 0:
             raise AssertionError("a step that samples nothing cannot use the previous step's tokens")
-        return self.forward_step(input_ids, pos_t, meta, as_tensor(logit_rows) if logit_rows else None)
+        return self.forward_step(input_ids, pos_t, meta, as_tensor(logit_rows) if logit_rows else None, hidden)
 
-    def forward_step(self, input_ids, positions, meta, logit_rows) -> torch.Tensor | None:
+    def forward_step(self, input_ids, positions, meta, logit_rows, hidden=None) -> torch.Tensor | None:
         """A step that does not replay a decode graph: through the compiled layer (run_layer) if there
         is one, else eagerly. Without logit rows (a prompt chunk that completes no sequence) nothing is
         sampled and None is returned."""
         run_layer = self.run_layer
         if run_layer is None:
-            return self._forward(input_ids, positions, meta, logit_rows)
+            return self._forward(input_ids, positions, meta, logit_rows, None, hidden)
         mark_unbacked(meta)
         # no "duck sizing" of equal sizes: a 4096-token chunk must not tie the token count to the hidden size
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return self._forward(input_ids, positions, meta, logit_rows, run_layer)
+            return self._forward(input_ids, positions, meta, logit_rows, run_layer, hidden)
 
-    def _forward(self, input_ids, positions, meta, logit_rows, run_layer=None) -> torch.Tensor | None:
-        if logit_rows is None:
-            self.model(input_ids, positions, Bound(self.attention, meta), run_layer)
+    def _forward(self, input_ids, positions, meta, logit_rows, run_layer=None, hidden=None):
+        if logit_rows is None and self.stage.last:
+            self.model(input_ids, positions, Bound(self.attention, meta), run_layer, hidden)
             return None
-        return self.forward_logits(input_ids, positions, meta, logit_rows, run_layer)
+        return self.forward_logits(input_ids, positions, meta, logit_rows, run_layer, hidden)
 
 
 def split_size(max_model_len: int, block_size: int) -> int:
@@ -272,6 +323,9 @@ class DecodeGraphs:
         self.slots = torch.full((max_bs,), runner.scratch_slot, dtype=torch.long, device=device)
         self.tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=device)
         self.lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        # a pipeline stage after the first: the previous stage's hidden state and residual, received here
+        self.hidden = () if runner.stage.first else tuple(
+            torch.zeros(max_bs, runner.config.hidden_size, dtype=runner.dtype, device=device) for _ in range(2))
         # host staging: one pinned buffer for ids, positions, slots, lengths; one for block tables
         pin = device.type == "cuda"
         self.host_vec = torch.zeros(4, max_bs, dtype=torch.long, pin_memory=pin)
@@ -292,11 +346,15 @@ class DecodeGraphs:
         if self.graphs_on:
             self._capture()
 
-    def _step(self, ids, pos, slots, tables, lens):
-        return self.runner.forward_logits(ids, pos, DecodeMeta(slots, tables, lens))
+    def _step(self, ids, pos, slots, tables, lens, *hidden):
+        return self.runner.forward_logits(ids, pos, DecodeMeta(slots, tables, lens), hidden=hidden or None)
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
 
     def _inputs(self, bs: int):
-        args = (self.ids[:bs], self.pos[:bs], self.slots[:bs], self.tables[:bs], self.lens[:bs])
+        args = (self.ids[:bs], self.pos[:bs], self.slots[:bs], self.tables[:bs], self.lens[:bs],
+                *(h[:bs] for h in self.hidden))
         if bs > 1:
             for a in args:
                 torch._dynamo.maybe_mark_dynamic(a, 0)
@@ -315,7 +373,7 @@ class DecodeGraphs:
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         n = len(batch.token_ids)
-        bs = next(b for b in self.buckets if b >= n)
+        bs = self.bucket(n)
         block_size = self.runner.kv_cache.block_size
         starts = batch.starts
         slots = [slot(table, p, block_size) for table, p in zip(batch.block_tables, starts)]
@@ -340,8 +398,10 @@ class DecodeGraphs:
         if self.graphs_on:
             graph, out = self.graphs[bs]
             graph.replay()
-            return out[:n]
-        return self.step(*self._inputs(bs))[:n]
+        else:
+            out = self.step(*self._inputs(bs))
+        # a stage before the last passes all bs rows on: the next stage's graph takes them as they are
+        return out[:n] if self.runner.stage.last else out
 
 
 def prefill_buckets(largest: int) -> list[int]:

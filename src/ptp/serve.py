@@ -561,6 +561,13 @@ def main(argv=None) -> int:
         args = EngineArgs.from_cli(ns)
         if under_torchrun():
             return serve_under_torchrun(ns, args)
+        if args.node_rank > 0:  # nodes other than 0 run follower ranks only; node 0 serves
+            from ptp.engine import Engine
+
+            engine = Engine(args)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # node 0's leader decides when the ranks stop
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            engine.follow()  # does not return
         return run_frontend(ns, args, spawn=True)
     except PtpError as e:
         print(f"error: {e}", file=sys.stderr)

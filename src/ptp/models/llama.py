@@ -154,25 +154,45 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+class LayerElsewhere(nn.Module):
+    """The place of a decoder layer that another pipeline stage holds (parameter names keep the
+    checkpoint's layer numbers)."""
+
+    def forward(self, *args):
+        raise RuntimeError("this decoder layer is held by another pipeline stage")
+
+
 class LlamaModel(nn.Module):
+    """The decoder stack. A pipeline stage runs `layer_range` only (see LlamaForCausalLM.keep_stage):
+    it takes the previous stage's (hidden, residual) instead of embedding tokens, and a stage before
+    the last returns them instead of the normed hidden state."""
+
     def __init__(self, config: ModelConfig, num_kv_heads: int, max_positions: int):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, num_kv_heads) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config, max_positions)
+        self.layer_range = range(config.num_layers)
 
-    def forward(self, input_ids, positions, attn, run_layer=None):
+    def forward(self, input_ids, positions, attn, run_layer=None, hidden=None):
         """run_layer(layer, x, residual, positions, rotary, attn, index), given, runs each layer (the
-        runner's compiled prefill passes one compiled function that every layer goes through)."""
-        x, residual = self.embed_tokens(input_ids), None
-        if run_layer is not None:
-            residual = torch.zeros_like(x)  # x + 0 is x: the first layer compiles as the others do
-        for i, layer in enumerate(self.layers):
+        runner's compiled prefill passes one compiled function that every layer goes through). Each
+        layer is given its index in this stage's KV cache."""
+        if hidden is None:
+            x, residual = self.embed_tokens(input_ids), None
+            if run_layer is not None:
+                residual = torch.zeros_like(x)  # x + 0 is x: the first layer compiles as the others do
+        else:
+            x, residual = hidden
+        for i in range(len(self.layer_range)):
+            layer = self.layers[self.layer_range.start + i]
             if run_layer is None:
-                x, residual = layer(x, residual, positions, self.rotary, attn)
+                x, residual = layer(x, residual, positions, self.rotary, attn, i)
             else:
                 x, residual = run_layer(layer, x, residual, positions, self.rotary, attn, i)
+        if self.norm is None:
+            return x, residual
         return self.norm(x, residual)[0]
 
 
@@ -193,10 +213,24 @@ class LlamaForCausalLM(nn.Module):
             self.tie_weights()
 
     def tie_weights(self) -> None:
-        self.lm_head.weight = self.model.embed_tokens.weight
+        if self.lm_head is not None and self.model.embed_tokens is not None:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, positions, attn, run_layer=None):
-        return self.model(input_ids, positions, attn, run_layer)
+    def keep_stage(self, layers: range, first: bool, last: bool) -> None:
+        """Keep only what one pipeline stage runs: `layers`, the embedding on the first stage, the final
+        norm and lm_head on the last (a tied lm_head stays, loaded from the embedding). Called on the
+        meta device, before any weight is loaded."""
+        for i in range(len(self.model.layers)):
+            if i not in layers:
+                self.model.layers[i] = LayerElsewhere()
+        self.model.layer_range = layers
+        if not first:
+            self.model.embed_tokens = None
+        if not last:
+            self.model.norm = self.lm_head = None
+
+    def forward(self, input_ids, positions, attn, run_layer=None, hidden=None):
+        return self.model(input_ids, positions, attn, run_layer, hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the vocabulary under tensor parallelism; all of it on one device."""

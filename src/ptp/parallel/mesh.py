@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -22,7 +24,8 @@ class Dist:
 
     The world is a dp × pp × tp mesh, numbered tp-fastest: global rank = (dp_rank · pp + pp_rank) · tp
     + tp_rank. A data-parallel replica is one pp × tp block of it; its first rank (the leader) runs
-    the scheduler. `cpu_group` (gloo) spans the replica and carries the per-step broadcasts."""
+    the scheduler. `cpu_group` (gloo) spans the replica and carries the per-step broadcasts. Across
+    nodes the numbering is node-major: node n holds global ranks n · ranks_per_node onwards."""
     rank: int = 0
     world_size: int = 1
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
@@ -31,6 +34,17 @@ class Dist:
     dp_size: int = 1
     pp_size: int = 1
     tp_size: int = 1
+    ranks_per_node: int = 1
+
+    @property
+    def node_rank(self) -> int:
+        return self.rank // self.ranks_per_node
+
+    @property
+    def tp_group_in_one_node(self) -> bool:
+        """Whether this rank's tensor-parallel group lies inside one node (symmetric memory needs that)."""
+        first = self.rank - self.tp_rank
+        return first // self.ranks_per_node == (first + self.tp_size - 1) // self.ranks_per_node
 
     @property
     def tp_mesh(self):
@@ -96,10 +110,15 @@ def check_world(world: int, dp: int, pp: int, tp: int) -> None:
 
 
 def init_distributed(tp: int, rank: int, device_name: str, init_method: str | None, timeout_s: float,
-                     dp: int = 1, pp: int = 1) -> Dist:
-    """Join (or, for a world of one, skip) the process group and build the dp × pp × tp mesh."""
+                     dp: int = 1, pp: int = 1, nnodes: int = 1, flags: dict | None = None) -> Dist:
+    """Join (or, for a world of one, skip) the process group and build the dp × pp × tp mesh.
+
+    Every rank first registers at the meeting point (a TCP store hosted by global rank 0, or
+    torchrun's) with `flags`; a rank whose flags differ from rank 0's is refused, naming both values,
+    and a group that is not complete after `timeout_s` ends with a message naming who joined."""
     world = dp * pp * tp
-    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", rank)))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world // nnodes))
+    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", rank % per_node)))
     if world == 1:
         comm.set_tp_group(None)
         return Dist(device=device)
@@ -111,17 +130,19 @@ def init_distributed(tp: int, rank: int, device_name: str, init_method: str | No
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     kwargs = {"device_id": device} if device.type == "cuda" else {}
+    store = Join(init_method, rank, world, per_node, timeout_s).meet(flags or {})
     try:
-        dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world,
+        dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
                                 timeout=timeout, **kwargs)
-    except Exception as e:  # a peer that never joins ends here after `timeout`
+    except Exception as e:  # every rank registered, but one vanished before the group formed
         raise RankFailedError(
             f"rank {rank} could not join a group of {world} ranks within {timeout_s:.0f} s "
             f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}). Every rank must start "
             "and reach the same --dist-init-addr; check that all of them are running."
         ) from e
     mesh = init_device_mesh(device.type, (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
-    d = Dist(rank=rank, world_size=world, device=device, mesh=mesh, dp_size=dp, pp_size=pp, tp_size=tp)
+    d = Dist(rank=rank, world_size=world, device=device, mesh=mesh, dp_size=dp, pp_size=pp, tp_size=tp,
+             ranks_per_node=per_node)
     if backend == "gloo" and dp == 1:
         d.cpu_group = dist.group.WORLD
     else:  # every rank creates every replica's group, in the same order
@@ -129,8 +150,101 @@ def init_distributed(tp: int, rank: int, device_name: str, init_method: str | No
             group = dist.new_group(list(range(r * pp * tp, (r + 1) * pp * tp)), backend="gloo", timeout=timeout)
             if r == d.dp_rank:
                 d.cpu_group = group
+    if pp > 1 and backend == "nccl":  # NCCL: a group's first operation must involve all of it, not one pair
+        dist.all_reduce(torch.zeros(1, device=device))
     comm.set_tp_group(mesh["tp"].get_group() if tp > 1 else None)
     return d
+
+
+JOIN_CAUSES = ("Usual causes: a node not started (or started after the others gave up), a firewall between the "
+               "nodes (the port of --dist-init-addr and the ports gloo/NCCL open), a --dist-init-addr that is not "
+               "node 0's address, or --nnodes / --tp / --pp-size differing between the nodes.")
+
+
+class Join:
+    """Meeting the other ranks before the process group forms, so that start-up can say who is missing.
+
+    Global rank 0 hosts a TCP store at --dist-init-addr (under torchrun the agent's store is used);
+    each rank writes its flags under its own key and bumps a counter; each waits until the counter
+    reaches the world size or `timeout_s` passes."""
+
+    def __init__(self, init_method: str | None, rank: int, world: int, per_node: int, timeout_s: float):
+        self.rank, self.world, self.per_node, self.timeout_s = rank, world, per_node, timeout_s
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        if init_method and init_method.startswith("tcp://"):
+            self.host, port = init_method[len("tcp://"):].rsplit(":", 1)
+        else:
+            if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+                raise ConfigError("ranks started by hand need MASTER_ADDR and MASTER_PORT (or run under torchrun).")
+            self.host, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+        self.port, self.hosts_store = int(port), rank == 0 and not agent
+        self.prefix = f"ptp/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+
+    def node(self, rank: int) -> int:
+        return rank // self.per_node
+
+    def meet(self, flags: dict):
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        try:
+            store = dist.TCPStore(self.host, self.port, self.world, is_master=self.hosts_store, timeout=timeout,
+                                  wait_for_workers=False, multi_tenant=True)
+        except Exception as e:
+            raise RankFailedError(self._unreachable(e)) from e
+        store.set(self._key(self.rank), json.dumps(flags))
+        store.add(self.prefix + "joined", 1)
+        deadline, checked = time.monotonic() + self.timeout_s, {self.rank}
+        while True:
+            for peer in range(self.world) if self.rank == 0 else [0]:
+                if peer not in checked and store.check([self._key(peer)]):
+                    checked.add(peer)
+                    self._compare(flags, json.loads(store.get(self._key(peer))), peer)
+            if store.add(self.prefix + "joined", 0) >= self.world:
+                return store
+            if time.monotonic() > deadline:
+                raise RankFailedError(self._incomplete(store))
+            time.sleep(0.05)
+
+    def _key(self, rank: int) -> str:
+        return f"{self.prefix}rank/{rank}"
+
+    def _where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _unreachable(self, e: Exception) -> str:
+        why = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        return (f"rank {self.rank} could not join a group of {self.world} ranks within {self.timeout_s:.0f} s "
+                f"(--dist-timeout): node {self.node(self.rank)} could not reach the meeting point {self._where()} "
+                f"(--dist-init-addr), which node 0's rank 0 hosts ({why}). Joined: none seen; not joined: node 0 at "
+                f"least. Start node 0 too, with the same flags. {JOIN_CAUSES}")
+
+    def _incomplete(self, store) -> str:
+        joined = [r for r in range(self.world) if store.check([self._key(r)])]
+        missing = [r for r in range(self.world) if r not in joined]
+        return (f"rank {self.rank} could not join a group of {self.world} ranks within {self.timeout_s:.0f} s "
+                f"(--dist-timeout) at {self._where()} (--dist-init-addr). Joined: {self._by_node(joined)}; "
+                f"not joined: {self._by_node(missing)}. {JOIN_CAUSES}")
+
+    def _by_node(self, ranks: list[int]) -> str:
+        if not ranks:
+            return "none"
+        nodes: dict[int, list[int]] = {}
+        for r in ranks:
+            nodes.setdefault(self.node(r), []).append(r)
+        return ", ".join(f"node {n} (rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})"
+                         for n, rs in nodes.items())
+
+    def _compare(self, mine: dict, theirs: dict, peer: int) -> None:
+        for name in [*mine, *(k for k in theirs if k not in mine)]:
+            if mine.get(name) != theirs.get(name):
+                if self.rank == 0:
+                    mine, theirs, me, other = theirs, mine, peer, 0
+                else:
+                    me, other = self.rank, 0
+                raise ConfigError(
+                    f"node {self.node(me)} (rank {me}) was started with {name} {mine.get(name)} but node "
+                    f"{self.node(other)} (rank {other}) with {name} {theirs.get(name)}: every node must run the "
+                    "same command (only --node-rank differs). Restart them with the same flags."
+                )
 
 
 class StepChannel:

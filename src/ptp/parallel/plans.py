@@ -70,6 +70,7 @@ def localize(model: nn.Module, rank: int, tp: int) -> None:
                 setattr(module, name, nn.Parameter(param.to_local(), requires_grad=False))
     vocab = model.config.vocab_size
     start = min(rank * -(-vocab // tp), vocab)
-    model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens.weight, start)
+    if model.model.embed_tokens is not None:  # a later pipeline stage has none
+        model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens.weight, start)
     if model.config.tie_word_embeddings:
         model.tie_weights()
