@@ -21,7 +21,8 @@ class EngineArgs:
     tp: int = flag(1, "tensor-parallel size: ranks that each hold a slice of every layer", aliases=("--tp-size",))
     dp_size: int = flag(1, "data-parallel replicas (only 1 is supported yet)")
     pp_size: int = flag(1, "pipeline-parallel stages (only 1 is supported yet)")
-    ep: int = flag(1, "expert-parallel size for MoE models (only 1 is supported yet)", aliases=("--ep-size",))
+    ep: int = flag(1, "expert-parallel size for MoE models: the experts are placed whole on groups of tp / ep "
+                   "ranks (each group holds 1/ep of them, sliced over its ranks); must divide --tp", aliases=("--ep-size",))
     nnodes: int = flag(1, "number of nodes (only 1 is supported yet)")
     node_rank: int = flag(0, "this node's rank among --nnodes")
     dist_init_addr: str | None = flag(None, "HOST:PORT where ranks meet (default: a free local port)")
@@ -57,7 +58,7 @@ class EngineArgs:
     device: str = flag("auto", "'cuda', 'cpu' or 'auto' (CUDA when available)")
 
     def validate(self) -> "EngineArgs":
-        for name in ("dp_size", "pp_size", "ep", "nnodes"):
+        for name in ("dp_size", "pp_size", "nnodes"):
             value = getattr(self, name)
             if value != 1:
                 raise ConfigError(
@@ -68,6 +69,10 @@ class EngineArgs:
             raise ConfigError("--node-rank must be 0 with a single node (--nnodes 1).")
         if self.tp < 1:
             raise ConfigError(f"--tp must be >= 1, got {self.tp}.")
+        if self.ep < 1 or self.tp % self.ep:
+            raise ConfigError(f"--ep {self.ep} must divide --tp {self.tp}: each of the ep expert groups is "
+                              f"made of tp / ep ranks. Use an --ep among "
+                              f"{', '.join(str(e) for e in range(1, self.tp + 1) if self.tp % e == 0)}.")
         if not 0.05 <= self.mem_fraction_static <= 0.99:
             raise ConfigError(f"--mem-fraction-static must be in [0.05, 0.99], got {self.mem_fraction_static}.")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
