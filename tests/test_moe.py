@@ -55,8 +55,8 @@ def test_moe_in_the_compiled_decode_step(reference):
 def test_moe_tp_and_ep_equal_transformers(reference, arch, tp, ep):
     with ptp.LLM(str(reference[arch][0]), dtype="float32", device="cpu", tp=tp, ep=ep) as llm:
         _check_against_transformers(llm, reference[arch])
-        per_rank = llm.engine.runner.rank_weight_bytes
-        assert len(per_rank) == tp and len(set(per_rank)) == 1, per_rank
+        per_rank = llm.engine.runner.rank_weight_bytes  # equal but for the uneven vocabulary shards
+        assert len(per_rank) == tp and max(per_rank) - min(per_rank) <= 0.01 * max(per_rank), per_rank
 
 
 class CountingSource:
