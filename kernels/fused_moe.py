@@ -73,6 +73,57 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     return sorted_ids[:cap], expert_ids
 
 
+ALIGN_MAX_SLOTS = 8192  # beyond (prefill), the torch align: one program walking the slots would be slow
+
+
+@triton.jit
+def _align_kernel(IDS, SORTED, EXPERTS, S, E, CAP, NUM_BLOCKS,
+                  BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
+    """moe_align in one program: count the slots of each expert, pad the counts to BLOCK_M, lay the
+    experts' runs end to end, then write each slot into its expert's run (in slot order)."""
+    experts = tl.arange(0, E_P2)
+    counts = tl.zeros([E_P2], dtype=tl.int32)
+    for c0 in range(0, S, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(IDS + offs, mask=offs < S, other=E)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    counts = tl.where(experts < E, counts, 0)  # slots held elsewhere take no room
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    for p0 in range(0, CAP, CHUNK):
+        p = p0 + tl.arange(0, CHUNK)
+        tl.store(SORTED + p, tl.zeros([CHUNK], dtype=tl.int32) + S, mask=p < CAP)
+    for b0 in range(0, NUM_BLOCKS, CHUNK):
+        b = b0 + tl.arange(0, CHUNK)
+        owner = tl.sum(((ends[None, :] <= (b * BLOCK_M)[:, None]) & (experts < E)[None, :]).to(tl.int32), axis=1)
+        tl.store(EXPERTS + b, tl.where(owner < E, owner, -1), mask=b < NUM_BLOCKS)
+    tl.debug_barrier()  # the padding above is written before the slots below land on it
+    seen = tl.zeros([E_P2], dtype=tl.int32)
+    for c0 in range(0, S, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(IDS + offs, mask=offs < S, other=E)
+        hit = (ids[:, None] == experts[None, :]).to(tl.int32)
+        before = tl.cumsum(hit, axis=0) - hit  # earlier slots of the same expert in this chunk
+        dest = tl.sum(hit * (starts + seen)[None, :] + hit * before, axis=1)
+        tl.store(SORTED + dest, offs, mask=(offs < S) & (ids < E))
+        seen += tl.sum(hit, axis=0)
+
+
+def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe_align in one kernel launch (the decode step: tens of small torch ops per layer otherwise)."""
+    flat = topk_ids.reshape(-1).to(torch.int32)
+    slots = flat.numel()
+    cap = align_capacity(slots, num_experts, block_m)
+    sorted_ids = torch.empty(cap, dtype=torch.int32, device=flat.device)
+    expert_ids = torch.empty(cap // block_m, dtype=torch.int32, device=flat.device)
+    e_p2 = triton.next_power_of_2(num_experts + 1)
+    chunk = max(16, min(64, 4096 // e_p2))
+    _align_kernel[(1,)](flat, sorted_ids, expert_ids, slots, num_experts, cap, cap // block_m,
+                        BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, num_warps=4)
+    return sorted_ids, expert_ids
+
+
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:  # float32 models: full precision (tf32 would lose the 1e-4 agreement with the reference)
@@ -154,7 +205,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         config = INTERPRET_CONFIG if not x.is_cuda else default_config(slots)
     bm, bn, bk, warps, stages = config
     x = x.contiguous()
-    sorted_ids, expert_ids = moe_align(topk_ids, experts, bm)
+    align = moe_align_triton if slots <= ALIGN_MAX_SLOTS else moe_align
+    sorted_ids, expert_ids = align(topk_ids, experts, bm)
     act = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
     out = torch.zeros(slots, hidden, dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32
