@@ -55,14 +55,16 @@ class Experts(nn.Module):
     def __init__(self, config: ModelConfig, placement: ExpertPlacement):
         super().__init__()
         width = config.moe_intermediate_size // placement.slices
-        self.placement = placement
+        self.placement, self.num_experts = placement, config.num_experts
         self.w13 = nn.Parameter(torch.empty(placement.count, 2 * width, config.hidden_size))
         self.w2 = nn.Parameter(torch.empty(placement.count, config.hidden_size, width))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         first, count = self.placement.first, self.placement.count
-        local = topk_ids - first
-        local = torch.where((local >= 0) & (local < count), local, count)  # count: held by another rank
+        local = topk_ids
+        if count != self.num_experts:
+            local = topk_ids - first
+            local = torch.where((local >= 0) & (local < count), local, count)  # count: held by another rank
         if x.is_cuda and FUSED:
             return fused_experts(x, self.w13, self.w2, topk_weights, local)
         from ptp.kernels.fused_moe import fused_moe_torch
