@@ -59,7 +59,7 @@ def test_moe_tp_and_ep_equal_transformers(reference, arch, tp, ep):
 
 
 class CountingSource:
-    """A checkpoint source that counts the bytes of the expert tensors it hands out, per tensor name."""
+    """A checkpoint source that counts the bytes it hands out, per (tensor name, dim, first row)."""
 
     def __init__(self, inner):
         self.inner, self.read = inner, {}
@@ -69,7 +69,7 @@ class CountingSource:
 
     def rows(self, name, dim, start, stop):
         out = self.inner.rows(name, dim, start, stop)
-        self.read[name] = self.read.get(name, 0) + out.numel() * out.element_size()
+        self.read[name, dim, start] = self.read.get((name, dim, start), 0) + out.numel() * out.element_size()
         return out
 
 
@@ -100,10 +100,11 @@ def test_each_rank_reads_only_its_experts(reference, tp, ep):
             held = (w13.numel() + w2.numel()) * 4
             assert sum(source.read.values()) == held == all_bytes // tp, (rank, source.read, held)
             mine = {f".experts.{e}." for e in range(placement.first, placement.first + placement.count)}
-            assert all(any(m in name for m in mine) for name in source.read), (rank, placement, sorted(source.read))
-            for name, n in source.read.items():
-                seen[name] = seen.get(name, 0) + n
-    assert len(seen) == experts * 3 and sum(seen.values()) == all_bytes
+            assert all(any(m in key[0] for m in mine) for key in source.read), (rank, placement, sorted(source.read))
+            for key, n in source.read.items():
+                assert key not in seen, f"rank {rank} reads {key}, which another rank read"
+                seen[key] = n
+    assert len({key[0] for key in seen}) == experts * 3 and sum(seen.values()) == all_bytes
 
 
 def test_stacked_expert_tensors_load_too(reference, tmp_path):
