@@ -160,10 +160,13 @@ def _(x, w13, w2, topk_weights, topk_ids):
     return torch.empty_like(x)
 
 
+TUNE_MAX_TOKENS = 256  # decode batches (a few buckets) are timed; prefill lengths vary: they take default_config
+
+
 def _config(x, w13, w2, top_k: int) -> tuple | None:
     from ptp.kernels.fused_moe import configs_for
 
-    if not x.is_cuda:
+    if not x.is_cuda or x.shape[0] > TUNE_MAX_TOKENS:
         return None
     key = f"{x.shape[0]}x{top_k} {tuple(w13.shape)} {tuple(w2.shape)} {str(x.dtype).removeprefix('torch.')}"
     if not _CHOICE:
