@@ -141,7 +141,7 @@ def check(ns) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
-    k = sub.add_parser("kernel", help="the fused kernel alone: error, time, % of bandwidth")
+    k = sub.add_parser("kernel", help="the fused kernel alone: error, time, %% of bandwidth")
     k.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     k.add_argument("--tiny", action="store_true", help="a small shape under TRITON_INTERPRET=1 on CPU")
     c = sub.add_parser("check", help="compiled + graphed greedy tokens equal eager and transformers")
