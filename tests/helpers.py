@@ -47,13 +47,24 @@ ARCHS = {
     "qwen2": dict(cls="Qwen2Config"),
     "qwen3": dict(cls="Qwen3Config", head_dim=16),
 }
+# Mixtures of experts (tests/test_moe.py): 8 experts, so that --ep 2 and 4 place them evenly; expert
+# widths divisible by 4; Qwen2-MoE with a dense layer (mlp_only_layers) beside its sparse one.
+MOE_ARCHS = {
+    "mixtral": dict(cls="MixtralConfig", num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                    sliding_window=None),
+    "qwen2_moe": dict(cls="Qwen2MoeConfig", num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, num_hidden_layers=3, mlp_only_layers=[1],
+                      norm_topk_prob=False),
+    "qwen3_moe": dict(cls="Qwen3MoeConfig", num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24,
+                      head_dim=16, norm_topk_prob=True),
+}
 
 
 def make_checkpoint(root: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a tiny random `arch` model (4 heads, 2 KV heads unless overridden) with its tokenizer."""
     import transformers
 
-    spec = dict(ARCHS[arch])
+    spec = dict(ARCHS[arch] if arch in ARCHS else MOE_ARCHS[arch])
     cls = getattr(transformers, spec.pop("cls"))
     tok = tokenizer()
     fields = dict(

@@ -27,7 +27,8 @@ class EngineArgs:
                         "group (the embedding on the first, the final norm and lm_head on the last)")
     pp_layer_partition: str | None = flag(None, "layers per pipeline stage, comma-separated (e.g. 10,12,10; default: "
                                           "even, the remainder one each to the first stages)")
-    ep: int = flag(1, "expert-parallel size for MoE models (only 1 is supported yet)", aliases=("--ep-size",))
+    ep: int = flag(1, "expert-parallel size for MoE models: the experts are placed whole on groups of tp / ep "
+                   "ranks (each group holds 1/ep of them, sliced over its ranks); must divide --tp", aliases=("--ep-size",))
     nnodes: int = flag(1, "number of nodes; every node runs the same command with its own --node-rank (node n holds "
                        "global ranks n·world/nnodes …, its GPU i being its local rank i; node 0 schedules and serves)")
     node_rank: int = flag(0, "this node's rank among --nnodes")
@@ -71,10 +72,12 @@ class EngineArgs:
     def validate(self) -> "EngineArgs":
         if self.dp_size < 1:
             raise ConfigError(f"--dp-size must be >= 1, got {self.dp_size}.")
-        if self.ep != 1:
-            raise ConfigError(f"--ep {self.ep} is not supported yet; use --tp to spread a model over the GPUs.")
         if self.tp < 1:
             raise ConfigError(f"--tp must be >= 1, got {self.tp}.")
+        if self.ep < 1 or self.tp % self.ep:
+            raise ConfigError(f"--ep {self.ep} must divide --tp {self.tp}: each of the ep expert groups is "
+                              f"made of tp / ep ranks. Use an --ep among "
+                              f"{', '.join(str(e) for e in range(1, self.tp + 1) if self.tp % e == 0)}.")
         self._validate_scale_out()
         if not 0.05 <= self.mem_fraction_static <= 0.99:
             raise ConfigError(f"--mem-fraction-static must be in [0.05, 0.99], got {self.mem_fraction_static}.")

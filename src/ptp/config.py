@@ -6,12 +6,16 @@ from typing import Any
 
 from ptp.errors import UnsupportedModelError
 
-# Architectures ptp implements, mapped to the options of the one decoder in models/llama.py.
+# Architectures ptp implements, mapped to the options of their decoder: models/llama.py for the dense
+# ones, models/moe.py for the mixtures of experts (whose attention is llama.py's).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": {},
     "MistralForCausalLM": {},
     "Qwen2ForCausalLM": {"qkv_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
+    "MixtralForCausalLM": {"moe": True},
+    "Qwen2MoeForCausalLM": {"moe": True, "qkv_bias": True},
+    "Qwen3MoeForCausalLM": {"moe": True, "qk_norm": True},
 }
 
 
@@ -36,6 +40,28 @@ class ModelConfig:
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Mixture of experts (num_experts == 0: a dense model). intermediate_size is then the width of
+    # the dense MLP layers (mlp_only_layers, and those off the decoder_sparse_step), if any.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one more expert that every token goes through
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    # Router weights rounded to the model's dtype before they scale the experts' outputs (Qwen) or
+    # kept in float32 (Mixtral), as transformers does.
+    router_weights_in_model_dtype: bool = True
+    # How this run places experts (--ep): ranks in groups of tp / ep_size hold the same experts.
+    ep_size: int = 1
+
+    def is_moe_layer(self, index: int) -> bool:
+        return (self.num_experts > 0 and index not in self.mlp_only_layers
+                and (index + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def has_dense_layers(self) -> bool:
+        return any(not self.is_moe_layer(i) for i in range(self.num_layers))
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> "ModelConfig":
@@ -82,11 +108,29 @@ class ModelConfig:
             rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=options.get("qkv_bias", False) or bool(raw.get("attention_bias", False)),
+            qkv_bias=bool(raw.get("qkv_bias", options.get("qkv_bias", False))) or bool(raw.get("attention_bias", False)),
             qk_norm=options.get("qk_norm", False),
             rope_scaling=rope_scaling,
             sliding_window=sliding,
             dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos,
+            **(_moe_fields(arch, raw) if options.get("moe") else {}),
         )
+
+
+def _moe_fields(arch: str, raw: dict[str, Any]) -> dict[str, Any]:
+    if arch == "MixtralForCausalLM":  # every layer sparse, experts as wide as intermediate_size, always renormalised
+        return dict(num_experts=raw["num_local_experts"], num_experts_per_tok=raw["num_experts_per_tok"],
+                    moe_intermediate_size=raw["intermediate_size"], norm_topk_prob=True,
+                    router_weights_in_model_dtype=False)
+    return dict(
+        num_experts=raw.get("num_experts") or raw["num_local_experts"],
+        num_experts_per_tok=raw["num_experts_per_tok"],
+        moe_intermediate_size=raw["moe_intermediate_size"],
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
+        if arch == "Qwen2MoeForCausalLM" else 0,
+        decoder_sparse_step=int(raw.get("decoder_sparse_step") or 1),
+        mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
+    )

@@ -39,6 +39,7 @@ def resolve_model(args: EngineArgs, device: torch.device) -> tuple[ModelFiles, M
         config = GGUFFile(files.gguf_file).config()
     else:
         config = ModelConfig.from_hf(files.hf_config())
+    config = dataclasses.replace(config, ep_size=args.ep)  # where the experts go (models/moe.py)
     check_tp(config, args.tp)
     max_len = args.max_model_len or config.max_position_embeddings
     if max_len > config.max_position_embeddings and not config.rope_scaling:

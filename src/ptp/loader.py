@@ -15,6 +15,7 @@ from ptp.config import ModelConfig
 from ptp.errors import ModelNotFoundError, UnsupportedModelError
 from ptp.hub import ModelFiles
 from ptp.models.llama import MERGED
+from ptp.models.moe import EXPERT_TENSORS, EXPERT_TENSORS_DEFAULT, ExpertPlacement
 from ptp.models.registry import model_class
 from ptp.parallel.plans import apply_tp, kv_heads_per_model, localize
 
@@ -27,8 +28,9 @@ def load_model(config: ModelConfig, files: ModelFiles | None, *, dtype: torch.dt
     tp = 1 if tp_mesh is None else tp_mesh.size()
     rank = 0 if tp_mesh is None else tp_mesh.get_local_rank()
     cls, plan = model_class(config)
+    extra = {"placement": ExpertPlacement.for_rank(config, rank, tp)} if config.num_experts else {}
     with torch.device("meta"):
-        model = cls(config, num_kv_heads=kv_heads_per_model(config, tp), max_positions=max_positions).to(dtype)
+        model = cls(config, num_kv_heads=kv_heads_per_model(config, tp), max_positions=max_positions, **extra).to(dtype)
     if stage is not None and stage.count > 1:
         model.keep_stage(stage.layers, stage.first, stage.last)
     if tp > 1:
@@ -39,13 +41,19 @@ def load_model(config: ModelConfig, files: ModelFiles | None, *, dtype: torch.dt
     model.model.rotary.init_buffers()
     with ExitStack() as stack:
         source = _source(files, load_format, stack, device)
+        checkpoint_name = getattr(model, "checkpoint_name", lambda n: n)
         for name, param in model.named_parameters():
             local = param.to_local() if hasattr(param, "to_local") else param.data
+            module, _, leaf = name.rpartition(".")
             with torch.no_grad():
                 if source is None:
                     _fill_dummy(name, local, seed * 1000 + rank)
+                elif module.endswith(".experts"):
+                    placement = model.get_submodule(module).placement
+                    local.copy_(_checked(_read_experts(source, config, checkpoint_name(module), leaf, placement),
+                                         name, local.shape))
                 else:
-                    local.copy_(_read_shard(source, config, name, param, local.shape, rank, tp))
+                    local.copy_(_read_shard(source, config, checkpoint_name(name), param, local.shape, rank, tp))
     if tp > 1:
         localize(model, rank, tp)
     model.eval().requires_grad_(False)
@@ -89,6 +97,9 @@ class SafetensorsSource:
         index[dim] = slice(start, stop)
         return piece[tuple(index)]
 
+    def block(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        return self.handles[name].get_slice(name)[index]
+
 
 class GGUFSource:
     def __init__(self, gguf):
@@ -103,6 +114,9 @@ class GGUFSource:
     def rows(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
         full = self.gguf.tensor(name)
         return full if dim is None else full.narrow(dim, start, stop - start)
+
+    def block(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        return self.gguf.tensor(name)[index]
 
 
 def _shard_dim(param) -> int | None:
@@ -124,6 +138,10 @@ def _read_shard(source, config: ModelConfig, name: str, param, local_shape, rank
                             for part in MERGED[short]], dim=0)
     else:
         tensor = _read_part(source, config, name, dim, rank, tp)
+    return _checked(tensor, name, local_shape)
+
+
+def _checked(tensor: torch.Tensor, name: str, local_shape) -> torch.Tensor:
     if tuple(tensor.shape) != tuple(local_shape):
         raise UnsupportedModelError(
             f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint (this rank's slice) but the "
@@ -147,6 +165,37 @@ def _tied_head(source, config: ModelConfig, name: str) -> str:
     if name == "lm_head.weight" and config.tie_word_embeddings and not source.has(name):
         return "model.embed_tokens.weight"
     return name
+
+
+def _read_experts(source, config: ModelConfig, prefix: str, leaf: str, placement: ExpertPlacement) -> torch.Tensor:
+    """This rank's experts (placement.first ...) and its slice of their width, for `w13` (gate rows
+    then up rows) or `w2`, from one tensor per expert (the Hub's layout: `{prefix}.E.gate_proj.weight`)
+    or from stacked ones (`{prefix}.gate_up_proj` [experts, 2 * width, hidden], `{prefix}.down_proj`).
+    Other ranks' experts are never read."""
+    width = config.moe_intermediate_size // placement.slices
+    lo, hi = placement.slice_index * width, (placement.slice_index + 1) * width
+    experts = range(placement.first, placement.first + placement.count)
+    gate, up, down = EXPERT_TENSORS.get(config.architecture, EXPERT_TENSORS_DEFAULT)
+    if source.has(f"{prefix}.{placement.first}.{gate}.weight"):
+        def one(e: int, part: str, dim: int) -> torch.Tensor:
+            name = f"{prefix}.{e}.{part}.weight"
+            if not source.has(name):
+                raise UnsupportedModelError(f"the checkpoint has no tensor {name!r}, which {config.architecture} needs.")
+            return source.rows(name, dim, lo, hi)
+        if leaf == "w13":
+            return torch.stack([torch.cat([one(e, gate, 0), one(e, up, 0)]) for e in experts])
+        return torch.stack([one(e, down, 1) for e in experts])
+    stacked = f"{prefix}.gate_up_proj" if leaf == "w13" else f"{prefix}.down_proj"
+    if not source.has(stacked):
+        raise UnsupportedModelError(
+            f"the checkpoint has neither {prefix}.{placement.first}.{gate}.weight (one tensor per expert) nor "
+            f"{stacked} (experts stacked), which {config.architecture} needs.")
+    span = slice(experts.start, experts.stop)
+    if leaf == "w13":
+        full = config.moe_intermediate_size
+        return torch.cat([source.block(stacked, (span, slice(lo, hi))),
+                          source.block(stacked, (span, slice(full + lo, full + hi)))], dim=1)
+    return source.block(stacked, (span, slice(None), slice(lo, hi)))
 
 
 def _read_part(source, config: ModelConfig, name: str, dim: int | None, rank: int, tp: int) -> torch.Tensor:

@@ -122,16 +122,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU; gate and up come from one projection (`gate_up_proj`, merged at load time)."""
+    """SwiGLU; gate and up come from one projection (`gate_up_proj`, merged at load time).
 
-    def __init__(self, config: ModelConfig):
+    reduce=False leaves the row-parallel partial sum to the caller (a MoE layer's shared expert
+    joins the experts' partial sums in one all-reduce)."""
+
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None, reduce: bool = True):
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = intermediate_size or config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * width, bias=False)
+        self.down_proj = Linear(width, config.hidden_size, bias=False)
+        self.reduce = reduce
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return all_reduce(self.down_proj(F.silu(gate) * up))  # one fused kernel for the activation, compiled
+        out = self.down_proj(F.silu(gate) * up)  # one fused kernel for the activation, compiled
+        return all_reduce(out) if self.reduce else out
 
 
 class DecoderLayer(nn.Module):

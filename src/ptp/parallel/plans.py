@@ -12,14 +12,30 @@ log = logging.getLogger("ptp")
 
 
 def tp_problem(config: ModelConfig, tp: int) -> str | None:
-    """Why `tp` cannot split this model, or None when it can."""
+    """Why `tp` (with config.ep_size) cannot split this model, or None when it can."""
     if config.num_heads % tp:
         return f"{config.num_heads} attention heads are not divisible by tp={tp}"
     kv = config.num_kv_heads
     if kv % tp and tp % kv:
         return f"{kv} KV heads can neither be split over nor replicated across tp={tp} ranks"
-    if config.intermediate_size % tp:
+    if config.has_dense_layers and config.intermediate_size % tp:
         return f"the MLP width {config.intermediate_size} is not divisible by tp={tp}"
+    if config.num_experts:
+        return _expert_problem(config, tp)
+    return None
+
+
+def _expert_problem(config: ModelConfig, tp: int) -> str | None:
+    ep = config.ep_size
+    if tp % ep:
+        return f"--ep {ep} does not divide tp={tp} (expert-parallel groups are made of tensor-parallel ranks)"
+    if config.num_experts % ep:
+        return f"{config.num_experts} experts cannot be placed evenly on --ep {ep} ranks"
+    if config.moe_intermediate_size % (tp // ep):
+        return (f"the expert width {config.moe_intermediate_size} is not divisible by tp / ep = {tp // ep} "
+                f"(the ranks that share each expert)")
+    if config.shared_expert_intermediate_size % tp:
+        return f"the shared expert's width {config.shared_expert_intermediate_size} is not divisible by tp={tp}"
     return None
 
 
@@ -28,11 +44,15 @@ def valid_tp_values(config: ModelConfig, limit: int = 64) -> list[int]:
 
 
 def check_tp(config: ModelConfig, tp: int) -> None:
+    if config.ep_size > 1 and not config.num_experts:
+        raise ConfigError(f"--ep {config.ep_size} places the experts of a mixture-of-experts model on ranks, but "
+                          f"{config.architecture} has no experts; leave --ep at 1.")
     problem = tp_problem(config, tp)
     if problem:
+        ep = f" with --ep {config.ep_size}" if config.ep_size > 1 else ""
         raise ConfigError(
-            f"tp={tp} cannot split this model: {problem}. Valid tp values for it: "
-            f"{', '.join(map(str, valid_tp_values(config)))}."
+            f"tp={tp}{ep} cannot split this model: {problem}. Valid tp values for it{ep}: "
+            f"{', '.join(map(str, valid_tp_values(config))) or 'none'}."
         )
 
 

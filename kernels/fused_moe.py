@@ -1,0 +1,238 @@
+"""The experts of a mixture-of-experts layer in two Triton kernels, and the same in torch.
+
+Each token goes to top_k experts; a (token, k) pair is a "slot" (slot = token * top_k + k). The
+kernels read each expert's weights once per block of its slots:
+
+1. `moe_align` sorts the slots by expert and pads every expert's run to a multiple of BLOCK_M, into
+   a buffer sized by an upper bound (every expert that could get a slot padded by BLOCK_M - 1): no
+   shape depends on the routing, so the step runs inside torch.compile and CUDA graphs. Blocks past
+   the last used one are marked with expert -1 and return at once.
+2. gate_up: for each block, the grouped GEMM x[tokens] @ w13[e].T, SiLU(gate) * up, stored per slot.
+3. down: act[slots] @ w2[e].T, scaled by the slot's router weight, stored per slot in float32;
+   the sum over top_k is one reduction in torch.
+
+Slots routed to experts another rank holds (expert id == the number of local experts) take no
+part: their rows stay zero, and that rank's output carries them into the all-reduce.
+The tile is chosen per shape by `choose_config` (timed on the GPU and cached, like the skinny GEMM).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the tiles timed for each shape (both kernels use one).
+CONFIGS = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 64, 4, 4), (16, 128, 64, 4, 3),
+           (16, 32, 256, 4, 3), (32, 64, 64, 4, 4), (32, 128, 64, 4, 3), (64, 64, 64, 4, 3),
+           (64, 128, 64, 4, 4), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3)]
+INTERPRET_CONFIG = (16, 16, 32, 4, 1)  # under TRITON_INTERPRET: small tiles, so that masks are exercised
+
+
+def configs_for(slots: int) -> list[tuple[int, int, int, int, int]]:
+    """Tiles worth timing for `slots` (tokens x top_k) slots: blocks no taller than the slots."""
+    return [c for c in CONFIGS if c[0] <= max(16, triton.next_power_of_2(slots))]
+
+
+def default_config(slots: int) -> tuple[int, int, int, int, int]:
+    if slots <= 64:
+        return (16, 64, 128, 4, 4)
+    return (64, 128, 64, 4, 4) if slots >= 2048 else (32, 64, 64, 4, 4)
+
+
+def align_capacity(slots: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on the padded slot count: every slot, plus BLOCK_M - 1 for each expert that can
+    get one (at most min(experts, slots)), rounded up to whole blocks."""
+    bound = slots + min(num_experts, slots) * (block_m - 1)
+    return -(-bound // block_m) * block_m
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted slot ids [capacity], expert of each block [capacity / block_m]) for local expert ids
+    in [0, num_experts], num_experts meaning "held elsewhere". Padding slots hold the slot count
+    (out of range); blocks past the used ones hold expert -1. Static shapes, no host sync."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    slots = flat.numel()
+    cap = align_capacity(slots, num_experts, block_m)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded[num_experts] = 0  # slots held elsewhere take no room
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    order = torch.sort(flat, stable=True).indices  # slots grouped by expert, in slot order
+    sorted_experts = flat[order]
+    first_of_expert = torch.cumsum(counts, 0) - counts
+    dest = starts[sorted_experts] + torch.arange(slots, device=flat.device) - first_of_expert[sorted_experts]
+    dest = torch.where(sorted_experts == num_experts, cap, dest)  # one trash entry past the end
+    sorted_ids = torch.full((cap + 1,), slots, dtype=torch.int32, device=flat.device)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    block_starts = torch.arange(0, cap, block_m, device=flat.device)
+    experts = torch.searchsorted(ends[:num_experts].contiguous(), block_starts, right=True)
+    expert_ids = torch.where(experts < num_experts, experts, -1).to(torch.int32)
+    return sorted_ids[:cap], expert_ids
+
+
+ALIGN_MAX_SLOTS = 8192  # beyond (prefill), the torch align: one program walking the slots would be slow
+
+
+@triton.jit
+def _align_kernel(IDS, SORTED, EXPERTS, S, E, CAP, NUM_BLOCKS,
+                  BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
+    """moe_align in one program: count the slots of each expert, pad the counts to BLOCK_M, lay the
+    experts' runs end to end, then write each slot into its expert's run (in slot order)."""
+    experts = tl.arange(0, E_P2)
+    counts = tl.zeros([E_P2], dtype=tl.int32)
+    for c0 in range(0, S, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(IDS + offs, mask=offs < S, other=E)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    counts = tl.where(experts < E, counts, 0)  # slots held elsewhere take no room
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    for p0 in range(0, CAP, CHUNK):
+        p = p0 + tl.arange(0, CHUNK)
+        tl.store(SORTED + p, tl.zeros([CHUNK], dtype=tl.int32) + S, mask=p < CAP)
+    for b0 in range(0, NUM_BLOCKS, CHUNK):
+        b = b0 + tl.arange(0, CHUNK)
+        owner = tl.sum(((ends[None, :] <= (b * BLOCK_M)[:, None]) & (experts < E)[None, :]).to(tl.int32), axis=1)
+        tl.store(EXPERTS + b, tl.where(owner < E, owner, -1), mask=b < NUM_BLOCKS)
+    tl.debug_barrier()  # the padding above is written before the slots below land on it
+    seen = tl.zeros([E_P2], dtype=tl.int32)
+    for c0 in range(0, S, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(IDS + offs, mask=offs < S, other=E)
+        hit = (ids[:, None] == experts[None, :]).to(tl.int32)
+        before = tl.cumsum(hit, axis=0) - hit  # earlier slots of the same expert in this chunk
+        dest = tl.sum(hit * (starts + seen)[None, :] + hit * before, axis=1)
+        tl.store(SORTED + dest, offs, mask=(offs < S) & (ids < E))
+        seen += tl.sum(hit, axis=0)
+
+
+def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe_align in one kernel launch (the decode step: tens of small torch ops per layer otherwise)."""
+    flat = topk_ids.reshape(-1).to(torch.int32)
+    slots = flat.numel()
+    cap = align_capacity(slots, num_experts, block_m)
+    sorted_ids = torch.empty(cap, dtype=torch.int32, device=flat.device)
+    expert_ids = torch.empty(cap // block_m, dtype=torch.int32, device=flat.device)
+    e_p2 = triton.next_power_of_2(num_experts + 1)
+    chunk = max(16, min(64, 4096 // e_p2))
+    _align_kernel[(1,)](flat, sorted_ids, expert_ids, slots, num_experts, cap, cap // block_m,
+                        BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, num_warps=4)
+    return sorted_ids, expert_ids
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:  # float32 models: full precision (tf32 would lose the 1e-4 agreement with the reference)
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gate_up_kernel(X, W13, ACT, SORTED, EXPERTS, S, N, K, s_xt, s_we, s_wn, s_at,
+                    TOP_K: tl.constexpr, IEEE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ACT[slot, n] = SiLU(x[token] . w13[e, n]) * (x[token] . w13[e, N + n]) for this block's slots."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(EXPERTS + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    slots = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    ok = slots < S
+    tokens = (slots // TOP_K).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    kk = tl.arange(0, BLOCK_K)
+    x_ptrs = X + tokens[:, None] * s_xt + kk[None, :]
+    g_ptrs = W13 + e * s_we + n[None, :].to(tl.int64) * s_wn + kk[:, None]  # [BLOCK_K, BLOCK_N]
+    u_ptrs = g_ptrs + N * s_wn
+    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + kk) < K
+        a = tl.load(x_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        gate = _dot(a, tl.load(g_ptrs + k0, mask=w_mask, other=0.0), gate, IEEE)
+        up = _dot(a, tl.load(u_ptrs + k0, mask=w_mask, other=0.0), up, IEEE)
+    act = gate * tl.sigmoid(gate) * up
+    tl.store(ACT + slots[:, None].to(tl.int64) * s_at + n[None, :], act.to(ACT.dtype.element_ty),
+             mask=ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(ACT, W2, OUT, SORTED, EXPERTS, TOPW, S, N, K, s_at, s_we, s_wn, s_ot,
+                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT[slot, n] = weight[slot] * (act[slot] . w2[e, n]) in float32 for this block's slots."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(EXPERTS + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    slots = tl.load(SORTED + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    ok = slots < S
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = ACT + slots[:, None].to(tl.int64) * s_at + kk[None, :]
+    w_ptrs = W2 + e * s_we + n[None, :].to(tl.int64) * s_wn + kk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + kk) < K
+        a = tl.load(a_ptrs + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _dot(a, tl.load(w_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc, IEEE)
+    acc *= tl.load(TOPW + slots, mask=ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(OUT + slots[:, None].to(tl.int64) * s_ot + n[None, :], acc, mask=ok[:, None] & n_ok[None, :])
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) -> [T, H] in x's dtype.
+
+    x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_ids [T, k] local expert
+    ids, E for an expert held elsewhere (it adds nothing here). config: (BLOCK_M, BLOCK_N, BLOCK_K,
+    warps, stages), default_config's without one.
+    """
+    tokens, hidden = x.shape
+    experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    slots = tokens * top_k
+    if config is None:
+        config = INTERPRET_CONFIG if not x.is_cuda else default_config(slots)
+    bm, bn, bk, warps, stages = config
+    x = x.contiguous()
+    align = moe_align_triton if slots <= ALIGN_MAX_SLOTS else moe_align
+    sorted_ids, expert_ids = align(topk_ids, experts, bm)
+    act = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
+    out = torch.zeros(slots, hidden, dtype=torch.float32, device=x.device)
+    ieee = x.dtype == torch.float32
+    blocks = expert_ids.shape[0]
+    _gate_up_kernel[(blocks, triton.cdiv(inter, bn))](
+        x, w13, act, sorted_ids, expert_ids, slots, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1),
+        act.stride(0), TOP_K=top_k, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages)
+    _down_kernel[(blocks, triton.cdiv(hidden, bn))](
+        act, w2, out, sorted_ids, expert_ids, topk_weights.reshape(-1).contiguous(), slots, hidden, inter,
+        act.stride(0), w2.stride(0), w2.stride(1), out.stride(0), IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return out.view(tokens, top_k, hidden).sum(1).to(x.dtype)
+
+
+def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                    topk_ids: torch.Tensor) -> torch.Tensor:
+    """The same as `fused_moe` in torch, with static shapes: every local expert runs over every token
+    and its output is scaled by that token's router weight for it (zero where not chosen). The
+    work grows with the number of local experts: this is the CPU path (tests, small models)."""
+    tokens, hidden = x.shape
+    experts = w13.shape[0]
+    combine = torch.zeros(tokens, experts + 1, dtype=torch.float32, device=x.device)
+    combine.scatter_add_(1, topk_ids.to(torch.int64), topk_weights.float())  # a token picks an expert once
+    out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
+    for e in range(experts):
+        gate, up = F.linear(x, w13[e]).chunk(2, dim=-1)
+        out += combine[:, e:e + 1] * F.linear(F.silu(gate) * up, w2[e]).float()
+    return out.to(x.dtype)
