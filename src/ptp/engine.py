@@ -138,7 +138,8 @@ class Engine:
         self.eos_ids = _eos_ids(self.tokenizer, self.config, self.files)
         # runner.num_blocks, not the cache's: the cache has one more, the scratch block of padded rows
         self.scheduler = Scheduler(BlockAllocator(self.runner.num_blocks, self.runner.kv_cache.block_size),
-                                   args.chunked_prefill_size, args.max_running_requests, mix=args.enable_mixed_chunk)
+                                   args.chunked_prefill_size, args.max_running_requests, mix=args.enable_mixed_chunk,
+                                   prefix_cache=not args.disable_radix_cache)
         self.sampler = Sampler(self.d.device, args.seed)
         self.overlap = not args.disable_overlap_schedule
         self.inflight: _Launched | None = None
@@ -237,7 +238,7 @@ class Engine:
                              list(s.logprobs) if s.params.logprobs is not None else None,
                              s.stop_reason)
             for s in seqs
-        ], finished=done)
+        ], finished=done, num_cached_tokens=seqs[0].num_cached_tokens or 0)
         if done:
             del self.requests[request_id], self.prompts[request_id]
         return out
@@ -396,7 +397,7 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
         return SeqUpdate(seq.request_id, seq.index, seq.text[before:], [token],
-                         [logprob] if logprob is not None else None, reason)
+                         [logprob] if logprob is not None else None, reason, seq.num_cached_tokens or 0)
 
     @staticmethod
     def _find_stop(text: str, before: int, p: SamplingParams):

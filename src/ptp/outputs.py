@@ -21,6 +21,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = True
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache (the first sample's)
 
     # The first sample's fields, for the common n=1 case.
     @property
@@ -49,3 +50,4 @@ class SeqUpdate:
     token_ids: list[int]
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None
+    num_cached_tokens: int = 0  # prompt tokens of this sample taken from the prefix cache
