@@ -251,18 +251,24 @@ def test_greedy_tokens_with_the_cache_equal_those_without(folder, reference, kwa
     _no_leak(llm)
 
 
-def test_a_prefix_evicted_while_its_request_waits_is_recomputed(folder, reference):
+def _evicted_while_waiting(llm, reference):
     """A request waits (one running at a time) while others take the blocks of its cached prefix;
-    admitted, it finds less (or nothing) cached and computes the rest: the same tokens."""
-    prompts = _prompts()
-    llm = _checked(ptp.LLM(str(folder), dtype="float32", device="cpu", block_size=4, num_kv_blocks=24,
-                           max_running_requests=1))
+    admitted, it finds less cached and computes the rest: the same tokens."""
+    prompts, sched = _prompts(), llm.engine.scheduler
+    assert sched.allocator.num_blocks == 24
+    running, sched.max_running = sched.max_running, 1
     assert _generate(llm, prompts[:1]) == reference["one"][:1]
     rng = random.Random(7)
     fill = [[rng.randrange(3, 380) for _ in range(40)] for _ in range(2)]  # 2 x 12 blocks: all 24
     outs = llm.generate(fill + [prompts[4]], GREEDY, use_tqdm=False)
+    sched.max_running = running
     assert outs[2].token_ids == reference["one"][4]
     assert outs[2].num_cached_tokens < 36  # its 36-token prefix was cached when it arrived
+
+
+def test_a_prefix_evicted_while_its_request_waits_is_recomputed(folder, reference):
+    llm = _checked(ptp.LLM(str(folder), dtype="float32", device="cpu", block_size=4, num_kv_blocks=24))
+    _evicted_while_waiting(llm, reference)
     _no_leak(llm)
 
 
@@ -329,4 +335,5 @@ def test_tp2_with_the_cache_equals_tp1_without(folder, reference):
         assert _generate(llm, prompts) == reference["one"]
         assert _generate(llm, _prompts(1), one_by_one=False) == reference["batch"]
         assert llm.engine.scheduler.prefix_hit_tokens > 100
+        _evicted_while_waiting(llm, reference)
         _no_leak(llm)
