@@ -211,4 +211,13 @@ pair-b)  # two GPUs, part two: greedy checks of every fast path, serving at tp=2
   serving serving_tp2 170 "--torch-compile off --tp 2" "--request-rates 2,8,32,inf --num-prompts 128 --input-len 512 --output-len 128 --label tp2"
   step latency_tp2_profile 100 env PTP_PROFILE=1 python -X faulthandler bench/latency.py $M8 --tp 2 --torch-compile off --batch-sizes 1 --input-len 128 --output-len 128 --repeat 1 --label graphs-no-compile --json "$OUT/latency.jsonl"
   ;;
+prefix)  # one GPU: the prefix cache on and off, on a shared-prefix chat load and on random prompts (no hits)
+  litestar
+  SP="--request-rates inf --shared-prefix 64,8,2000 --input-len 64 --output-len 128"
+  RP="--request-rates 16 --num-prompts 256 --input-len 512 --output-len 128"
+  serving serving_prefix_on 400 "" "$SP --label prefix-cache-on"
+  serving serving_prefix_off 500 "--disable-radix-cache" "$SP --label prefix-cache-off"
+  serving serving_random_on 250 "" "$RP --label random-cache-on"
+  serving serving_random_off 250 "--disable-radix-cache" "$RP --label random-cache-off"
+  ;;
 esac

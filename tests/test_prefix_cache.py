@@ -93,6 +93,7 @@ def _run_fake_step(seqs, batch, kv, block_size):
     """Write each row's 'keys and values' and check that it reads those of its own tokens."""
     for seq, toks, start, table in zip(seqs, batch.token_ids, batch.starts, batch.block_tables):
         ids = seq.all_ids
+        assert toks, "a row with no tokens to compute (its logits need at least its last token)"
         assert toks == ids[start: start + len(toks)]
         for p in range(start, start + len(toks)):
             kv[slot(table, p, block_size)] = _kv_of(ids, p)
