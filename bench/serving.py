@@ -3,6 +3,11 @@ SGLang's bench_serving: throughput, time to first token and inter-token latency 
 
     python -m ptp.serve --model bench/configs/llama-3.1-8b --load-format dummy --tp 2 &
     python bench/serving.py --url http://127.0.0.1:30000 --request-rates 1,4,16,inf --num-prompts 128
+
+With --shared-prefix C,T,S the load is C chat conversations of T turns over one S-token system
+prompt (bench/workloads.py; user messages of --input-len tokens, earlier answers of --output-len):
+the rate paces the conversations' starts, each sends its turns one after another, and TTFT is also
+given for the first turns and the later ones (whose history a prefix cache holds) apart.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import time
 import httpx
 
 from common import print_table, random_prompts, write_json
+from workloads import shared_prefix
 
 
 async def one(client, model, prompt, max_tokens, result):
@@ -39,24 +45,36 @@ async def one(client, model, prompt, max_tokens, result):
     result["tokens"] += len(stamps)
 
 
-async def run_rate(url, model, prompts, max_tokens, rate, seed):
+async def conversation(client, model, prompts, max_tokens, result):
+    """The prompts one after another (turns of one conversation); TTFT of the first and later turns apart."""
+    for turn, prompt in enumerate(prompts):
+        before = len(result["ttft"])
+        await one(client, model, prompt, max_tokens, result)
+        if len(result["ttft"]) > before:
+            result["ttft_first" if turn == 0 else "ttft_later"].append(result["ttft"][-1])
+
+
+async def run_rate(url, model, conversations, max_tokens, rate, seed):
+    """conversations: lists of prompts, each list sent in turn; the rate paces the lists' starts."""
     rng = random.Random(seed)
-    result = {"ttft": [], "itl": [], "tokens": 0, "errors": 0}
-    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
+    result = {"ttft": [], "ttft_first": [], "ttft_later": [], "itl": [], "tokens": 0, "errors": 0}
+    limits = httpx.Limits(max_connections=len(conversations), max_keepalive_connections=len(conversations))
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         start = time.perf_counter()
         tasks = []
-        for p in prompts:
-            tasks.append(asyncio.create_task(one(client, model, p, max_tokens, result)))
+        for prompts in conversations:
+            tasks.append(asyncio.create_task(conversation(client, model, prompts, max_tokens, result)))
             if rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(rate))
         await asyncio.gather(*tasks)
         seconds = time.perf_counter() - start
     q = lambda xs, f: statistics.quantiles(xs, n=100)[f - 1] * 1e3 if len(xs) >= 2 else None  # noqa: E731
+    requests = sum(map(len, conversations))
     return {
-        "rate": rate, "requests": len(prompts), "errors": result["errors"], "seconds": seconds,
-        "req_s": len(prompts) / seconds, "output_tok_s": result["tokens"] / seconds,
+        "rate": rate, "requests": requests, "errors": result["errors"], "seconds": seconds,
+        "req_s": requests / seconds, "output_tok_s": result["tokens"] / seconds,
         "ttft_p50_ms": q(result["ttft"], 50), "ttft_p99_ms": q(result["ttft"], 99),
+        "ttft_first_turn_p50_ms": q(result["ttft_first"], 50), "ttft_later_turns_p50_ms": q(result["ttft_later"], 50),
         "itl_p50_ms": q(result["itl"], 50), "itl_p99_ms": q(result["itl"], 99),
     }
 
@@ -69,19 +87,33 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=32000, help="token ids are drawn below this")
+    parser.add_argument("--shared-prefix", default=None, metavar="C,T,S",
+                        help="C conversations of T turns over an S-token system prompt, instead of random prompts")
     parser.add_argument("--json", default=None)
     parser.add_argument("--label", default="")
     ns = parser.parse_args()
     model = httpx.get(ns.url + "/v1/models").json()["data"][0]["id"]
     rows = []
     for i, rate in enumerate(float(r) for r in ns.request_rates.split(",")):
-        prompts = random_prompts(ns.num_prompts, ns.input_len, ns.vocab, seed=i)
-        row = asyncio.run(run_rate(ns.url, model, prompts, ns.output_len, rate, seed=i))
+        if ns.shared_prefix:
+            c, t, system = map(int, ns.shared_prefix.split(","))
+            # a new system prompt per rate: no rate finds the previous one's blocks cached
+            load = shared_prefix(c, t, system, ns.input_len, ns.output_len, ns.vocab, seed=i)
+        else:
+            load = [[p] for p in random_prompts(ns.num_prompts, ns.input_len, ns.vocab, seed=i)]
+        row = asyncio.run(run_rate(ns.url, model, load, ns.output_len, rate, seed=i))
         row["label"] = ns.label
+        row["workload"] = f"shared-prefix {ns.shared_prefix}" if ns.shared_prefix else "random"
         rows.append(row)
-    print_table(rows, ["label", "rate", "requests", "errors", "seconds", "req_s", "output_tok_s", "ttft_p50_ms",
-                       "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"])
-    print(f"{ns.num_prompts} requests per rate, {ns.input_len} prompt tokens, {ns.output_len} output tokens each")
+    columns = ["label", "rate", "requests", "errors", "seconds", "req_s", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms"]
+    if ns.shared_prefix:
+        columns += ["ttft_first_turn_p50_ms", "ttft_later_turns_p50_ms"]
+    print_table(rows, columns + ["itl_p50_ms", "itl_p99_ms"])
+    if ns.shared_prefix:
+        print(f"conversations, turns, system prompt tokens: {ns.shared_prefix}; user messages of {ns.input_len} "
+              f"tokens, answers of {ns.output_len}")
+    else:
+        print(f"{ns.num_prompts} requests per rate, {ns.input_len} prompt tokens, {ns.output_len} output tokens each")
     write_json(ns.json, rows)
 
 

@@ -50,6 +50,8 @@ class EngineArgs:
                                     "is either prefill or decode, so that decode steps replay CUDA graphs)")
     attention_backend: str = flag("auto", "attention over the paged KV cache: auto (triton on CUDA, torch "
                                   "on CPU), triton, flex (FlexAttention; its steps run eagerly), torch")
+    disable_radix_cache: bool = flag(False, "compute every prompt from scratch (by default a prefix cache, a radix "
+                                     "tree over full KV blocks, reuses the blocks of earlier requests' equal prefixes)")
     disable_cuda_graph: bool = flag(False, "run decode without CUDA graphs (same tokens, slower)")
     cuda_graph_max_bs: int = flag(160, "largest decode batch captured in a CUDA graph; larger batches run eagerly")
     torch_compile: str = flag("auto", "compile the decode step with torch.compile: auto (on with CUDA), on, off, "

@@ -47,6 +47,8 @@ class RequestText:
         s, p = self.samples[u.index], self.params
         if s.finish_reason is not None:  # a stop string ended it; the engine had a token in flight
             return dataclasses.replace(u, text="", token_ids=[], logprobs=None, finish_reason=None)
+        if u.index == 0 and u.num_cached_tokens:
+            self.num_cached_tokens = u.num_cached_tokens
         before = len(s.text)
         s.ids += u.token_ids
         s.token_ids += u.token_ids

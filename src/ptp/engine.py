@@ -148,7 +148,8 @@ class Engine:
         self.eos_ids = _eos_ids(self.tokenizer, self.config, self.files)
         # runner.num_blocks, not the cache's: the cache has one more, the scratch block of padded rows
         self.scheduler = Scheduler(BlockAllocator(self.runner.num_blocks, self.runner.kv_cache.block_size),
-                                   args.chunked_prefill_size, args.max_running_requests, mix=args.enable_mixed_chunk)
+                                   args.chunked_prefill_size, args.max_running_requests, mix=args.enable_mixed_chunk,
+                                   prefix_cache=not args.disable_radix_cache)
         self.sampler = Sampler(self.d.device, args.seed)
         self.overlap = not args.disable_overlap_schedule
         self.inflight: _Launched | None = None
@@ -370,7 +371,7 @@ class Engine:
             self.scheduler.finish(seq, reason)
             self.requests_done(seq)
         return SeqUpdate(seq.request_id, seq.index, "", [token], [logprob] if logprob is not None else None,
-                         reason, seq.stop_reason)
+                         reason, seq.stop_reason, seq.num_cached_tokens or 0)
 
     def requests_done(self, seq: Sequence) -> None:
         """Forget a request once every sample of it has finished."""

@@ -44,6 +44,8 @@ class Load(msgspec.Struct, array_like=True):
     kv_blocks: int = 1
     preemptions: int = 0
     finished: int = 0           # requests this replica has finished since it started
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache since start
+    prefix_hit_tokens: int = 0    # of which found there
 
 
 class Ready(msgspec.Struct, tag=True, array_like=True):

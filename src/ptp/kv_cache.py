@@ -28,7 +28,12 @@ class KVCache:
 
 
 class BlockAllocator:
-    """Free list of block ids. Block tables live on the sequences; this only counts and hands out."""
+    """Block ids with reference counts. Block tables live on the sequences; this counts and hands out.
+
+    A block is held by each sequence whose table lists it, and by the prefix cache while the cache keeps
+    it (`refs` counts both); it is free when nobody holds it. Blocks that only the prefix cache holds
+    count as free: when the free list runs dry, `grow` has the cache give up its least recently used
+    ones."""
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1:
@@ -36,22 +41,46 @@ class BlockAllocator:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.refs = [0] * num_blocks
+        self.cache = None  # a PrefixCache registers itself here (see ptp.prefix_cache)
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        """Blocks that can be handed out: free ones, and those only the prefix cache holds."""
+        return len(self.free) + (self.cache.num_evictable if self.cache is not None else 0)
 
     def blocks_needed(self, table: list[int], num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(table))
 
     def can_grow(self, table: list[int], num_tokens: int) -> bool:
-        return self.blocks_needed(table, num_tokens) <= len(self.free)
+        return self.blocks_needed(table, num_tokens) <= self.num_free
 
     def grow(self, table: list[int], num_tokens: int) -> None:
         """Extend `table` so it holds `num_tokens` tokens (caller checked can_grow)."""
-        for _ in range(self.blocks_needed(table, num_tokens)):
-            table.append(self.free.pop())
+        needed = self.blocks_needed(table, num_tokens)
+        if needed > len(self.free):
+            self.cache.evict(needed - len(self.free))
+        for _ in range(needed):
+            block = self.free.pop()
+            self.refs[block] = 1
+            table.append(block)
+
+    def share(self, block: int) -> None:
+        """One more holder of an allocated block."""
+        self.refs[block] += 1
 
     def release(self, table: list[int]) -> None:
-        self.free.extend(reversed(table))
+        """The table's holder lets go of its blocks; those nobody else holds are free again."""
+        for block in reversed(table):
+            self.drop(block)
         table.clear()
+
+    def drop(self, block: int) -> None:
+        refs = self.refs[block] - 1
+        if refs < 0:
+            raise AssertionError(f"KV block {block} was released more often than it was handed out")
+        self.refs[block] = refs
+        if refs == 0:
+            self.free.append(block)
+        elif refs == 1 and self.cache is not None:
+            self.cache.unshared(block)

@@ -26,6 +26,10 @@ class ServerMetrics:
                                  labels, registry=r)
         self.replica_finished = Gauge("ptp:replica_requests_finished", "Requests the replica itself has finished.",
                                       labels, registry=r)
+        self.prefix_queries = Gauge("ptp:prefix_cache_queries", "Prompt tokens looked up in the prefix cache since "
+                                    "start.", labels, registry=r)
+        self.prefix_hits = Gauge("ptp:prefix_cache_hits", "Prompt tokens found in the prefix cache since start.",
+                                 labels, registry=r)
         self.prompt_tokens = Counter("ptp:prompt_tokens", "Prompt tokens of admitted requests.", labels, registry=r)
         self.generation_tokens = Counter("ptp:generation_tokens", "Tokens generated.", labels, registry=r)
         self.requests = Counter("ptp:request_success", "Finished requests by finish reason.",
@@ -42,6 +46,8 @@ class ServerMetrics:
             self.kv_usage.labels(str(i))
             self.preemptions.labels(str(i))
             self.replica_finished.labels(str(i))
+            self.prefix_queries.labels(str(i))
+            self.prefix_hits.labels(str(i))
             self.prompt_tokens.labels(str(i))
             self.generation_tokens.labels(str(i))
 
@@ -52,6 +58,8 @@ class ServerMetrics:
         self.kv_usage.labels(r).set(load.kv_blocks_used / max(1, load.kv_blocks))
         self.preemptions.labels(r).set(load.preemptions)
         self.replica_finished.labels(r).set(load.finished)
+        self.prefix_queries.labels(r).set(load.prefix_query_tokens)
+        self.prefix_hits.labels(r).set(load.prefix_hit_tokens)
 
     def finished(self, replica: int, reason: str | None, seconds: float) -> None:
         self.requests.labels(str(replica), reason or "abort").inc()

@@ -54,6 +54,7 @@ class SeqUpdate:
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None
     stop_reason: str | int | None = None
+    num_cached_tokens: int = 0  # prompt tokens of this sample taken from the prefix cache
 
 
 @dataclasses.dataclass

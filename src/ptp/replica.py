@@ -31,7 +31,7 @@ def load_of(engine) -> ipc.Load:
     s = engine.scheduler
     a = s.allocator
     return ipc.Load(len(s.running), len(s.waiting), a.num_blocks - a.num_free, a.num_blocks, s.num_preemptions,
-                    engine.num_finished)
+                    engine.num_finished, s.prefix_query_tokens, s.prefix_hit_tokens)
 
 
 class ReplicaSockets:

@@ -9,6 +9,12 @@ By default (as SGLang) a step is either a prefill step — prompt chunks of runn
 newly admitted ones, whenever there are any — or a decode step of every running sequence, so that
 decode steps replay their CUDA graphs; a step that mixes both runs eagerly. With mix
 (`--enable-mixed-chunk`) prompt chunks share steps with the running decodes.
+
+With the prefix cache (ptp.prefix_cache; on unless `--disable-radix-cache`), an admitted sequence
+starts from the longest run of whole blocks the cache holds for its tokens (never all of them: the
+last token is computed, for its logits); the blocks a sequence computes join the cache as they fill,
+and stay there when it finishes or is preempted. Blocks held by the cache alone are reused, least
+recently used first, before any running sequence is preempted.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from collections import deque
 import torch
 
 from ptp.kv_cache import BlockAllocator
+from ptp.prefix_cache import Node, PrefixCache, check_blocks
 from ptp.step import StepBatch
 from ptp.sampling import SamplingParams
 
@@ -50,24 +57,40 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     first_token_time: float | None = None
+    cache_node: Node | None = None  # the deepest prefix-cache node whose chain begins block_table (None: none)
+    num_cached_tokens: int | None = None  # prompt tokens taken from the prefix cache at its first admission
 
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end] without building all_ids."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p: end - p]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_tokens_per_step: int, max_running: int, mix: bool = False):
+    def __init__(self, allocator: BlockAllocator, max_tokens_per_step: int, max_running: int, mix: bool = False,
+                 prefix_cache: bool = True):
         self.allocator = allocator
         self.max_tokens_per_step = max_tokens_per_step  # <= 0: no limit
         self.max_running = max_running
         self.mix = mix
+        self.cache = PrefixCache(allocator) if prefix_cache else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # prefix-cache counters, over every admission (a preempted sequence is looked up again)
+        self.prefix_query_tokens = 0  # tokens of admitted sequences
+        self.prefix_hit_tokens = 0    # of those, taken from the cache
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -109,10 +132,15 @@ class Scheduler:
                 budget -= n
         while admit and self.waiting and budget > 0 and not preempted and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            n = min(len(seq) - seq.num_computed, budget)
-            if not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+            hit = self._lookup(seq)
+            cached = len(hit) * self.allocator.block_size
+            n = min(len(seq) - cached, budget)
+            needed = -(-(cached + n) // self.allocator.block_size) - len(hit)
+            # cached blocks that only the cache holds count as free until this sequence takes them
+            if needed > self.allocator.num_free - (self.cache.evictable_among(hit) if hit else 0):
                 break
             self.waiting.popleft()
+            self._admit_cached(seq, hit, cached)
             self.allocator.grow(seq.block_table, seq.num_computed + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -129,11 +157,53 @@ class Scheduler:
         )
         for s, n in chosen:
             s.num_computed += n
+            if self.cache is not None:  # after the batch took its copy of the tables: insert may swap blocks
+                self._cache_computed(s)
         return seqs, batch
+
+    # --- prefix cache ----------------------------------------------------------------------------
+    def _lookup(self, seq: Sequence) -> list[Node]:
+        """The cached blocks a waiting sequence can start from: whole blocks, never its last token."""
+        if self.cache is None:
+            return []
+        tokens = seq.all_ids
+        return self.cache.match(tokens, (len(tokens) - 1) // self.allocator.block_size)
+
+    def _admit_cached(self, seq: Sequence, hit: list[Node], cached: int) -> None:
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = min(cached, len(seq.prompt_ids))
+        if self.cache is None:
+            return
+        self.prefix_query_tokens += len(seq)
+        self.prefix_hit_tokens += cached
+        if hit:
+            self.cache.acquire(hit, seq.block_table)
+            seq.cache_node = hit[-1]
+            seq.num_computed = cached
+
+    def _cache_computed(self, seq: Sequence) -> None:
+        """Put the sequence's full computed blocks into the cache (a step already queued, or the one
+        being built, computes their keys and values before any later step reads them)."""
+        bs = self.allocator.block_size
+        node = seq.cache_node or self.cache.root
+        full = seq.num_computed // bs
+        if full > node.depth:
+            seq.cache_node = self.cache.insert(node, seq.token_slice(node.depth * bs, full * bs), seq.block_table)
+
+    def _release(self, seq: Sequence) -> None:
+        """The sequence lets go of its blocks; those it computed stay in the prefix cache."""
+        if self.cache is not None and seq.block_table:
+            self._cache_computed(seq)
+        seq.cache_node = None
+        self.allocator.release(seq.block_table)
+
+    def check(self) -> None:
+        """Raise AssertionError if the block bookkeeping is inconsistent (see prefix_cache.check_blocks)."""
+        check_blocks(self.allocator, self.cache, [*self.running, *self.waiting])
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.allocator.release(seq.block_table)
+        self._release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -146,7 +216,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
-        self.allocator.release(seq.block_table)
+        self._release(seq)
 
     @property
     def kv_usage(self) -> float:

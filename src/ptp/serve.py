@@ -130,7 +130,7 @@ class Formatter:
         return {"content": content}
 
     @staticmethod
-    def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+    def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": cached}}
@@ -229,7 +229,8 @@ def _collect(updates, n: int):
     """Gather a non-streaming request's updates per choice."""
     choices = {}
     for i, u in updates:
-        c = choices.setdefault(i * n + u.index, {"text": "", "ids": [], "lps": [], "finish": None})
+        c = choices.setdefault(i * n + u.index, {"text": "", "ids": [], "lps": [], "finish": None, "cached": 0})
+        c["cached"] = max(c["cached"], u.num_cached_tokens)
         c["text"] += u.text
         c["ids"] += u.token_ids
         c["lps"] += u.logprobs or []
@@ -261,10 +262,11 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
         first = await _first(updates)  # errors before the first token are answered with a status
 
         async def events():
-            generated, offsets = 0, {}
+            generated, offsets, cached = 0, {}, {}
             async for i, u in _chain(first, updates):
                 index = i * n + u.index
                 generated += len(u.token_ids)
+                cached[index] = max(cached.get(index, 0), u.num_cached_tokens)
                 lp = None
                 if top is not None:
                     lp = fmt.completion_logprobs(u.logprobs, u.token_ids, top, offsets.get(index, 0))
@@ -272,7 +274,8 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
                 yield fmt.sse({**base, "choices": [{"index": index, "text": u.text, "logprobs": lp,
                                                      "finish_reason": u.finish_reason}]})
             if include_usage:
-                yield fmt.sse({**base, "choices": [], "usage": fmt.usage(prompt_tokens, generated)})
+                yield fmt.sse({**base, "choices": [], "usage": fmt.usage(prompt_tokens, generated,
+                                                                            sum(cached.values()))})
             yield "data: [DONE]\n\n"
 
         return Stream(_until_error(events(), fmt), media_type="text/event-stream")
@@ -282,7 +285,8 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
             "logprobs": fmt.completion_logprobs(c["lps"], c["ids"], top, 0) if top is not None else None}
            for k, c in sorted(choices.items())]
     generated = sum(len(c["ids"]) for c in choices.values())
-    return Response({**base, "choices": out, "usage": fmt.usage(prompt_tokens, generated)})
+    cached = sum(c["cached"] for c in choices.values())
+    return Response({**base, "choices": out, "usage": fmt.usage(prompt_tokens, generated, cached)})
 
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request, data: ChatCompletionRequest) -> Response:
@@ -316,9 +320,10 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
             for i in range(n):
                 yield fmt.sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                       "logprobs": None, "finish_reason": None}]})
-            generated = 0
+            generated, cached = 0, {}
             async for _, u in _chain(first, updates):
                 generated += len(u.token_ids)
+                cached[u.index] = max(cached.get(u.index, 0), u.num_cached_tokens)
                 lp = fmt.chat_logprobs(u.logprobs, u.token_ids, top) if top is not None else None
                 if u.text or lp:
                     yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": {"content": u.text},
@@ -327,7 +332,8 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
                     yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": {}, "logprobs": None,
                                                           "finish_reason": u.finish_reason}]})
             if include_usage:
-                yield fmt.sse({**chunk, "choices": [], "usage": fmt.usage(len(prompt) * n, generated)})
+                yield fmt.sse({**chunk, "choices": [], "usage": fmt.usage(len(prompt) * n, generated,
+                                                                           sum(cached.values()))})
             yield "data: [DONE]\n\n"
 
         return Stream(_until_error(events(), fmt), media_type="text/event-stream")
@@ -338,7 +344,7 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
            for k, c in sorted(choices.items())]
     generated = sum(len(c["ids"]) for c in choices.values())
     return Response({**base, "object": "chat.completion", "choices": out,
-                     "usage": fmt.usage(len(prompt) * n, generated)})
+                     "usage": fmt.usage(len(prompt) * n, generated, sum(c["cached"] for c in choices.values()))})
 
 @get("/v1/models")
 async def models(request: Request) -> dict:

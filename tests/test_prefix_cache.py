@@ -1,0 +1,340 @@
+"""Prefix caching: the radix tree over KV blocks, the scheduler around it (with a fake runner that
+checks every step reads the keys and values of its own tokens), and the engine's greedy tokens with
+and without the cache, at tp=1 and tp=2."""
+import random
+
+import pytest
+
+import ptp
+from helpers import make_checkpoint
+from ptp.kv_cache import BlockAllocator, slot
+from ptp.prefix_cache import PrefixCache, check_blocks
+from ptp.sampling import SamplingParams
+from ptp.scheduler import Scheduler, Sequence, Status
+
+GREEDY = ptp.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+# --- the tree alone ------------------------------------------------------------------------------
+def _cached_chain(alloc, cache, tokens):
+    """A sequence that computed `tokens` (whole blocks) and finished: its blocks left in the tree."""
+    table = []
+    alloc.grow(table, len(tokens))
+    node = cache.insert(cache.root, tokens, table)
+    blocks = list(table)
+    alloc.release(table)
+    return node, blocks
+
+
+def test_match_takes_whole_blocks_up_to_the_limit():
+    alloc = BlockAllocator(16, 4)
+    cache = PrefixCache(alloc)
+    _, blocks = _cached_chain(alloc, cache, list(range(1, 13)))
+    assert [n.block for n in cache.match(list(range(1, 13)), 3)] == blocks
+    assert [n.block for n in cache.match(list(range(1, 13)), 2)] == blocks[:2]  # the limit
+    assert [n.block for n in cache.match([1, 2, 3, 4, 5, 6, 0, 8, 9], 5)] == blocks[:1]  # diverges mid-block
+    assert cache.match([9, 2, 3, 4], 1) == []
+    assert alloc.num_free == 16 and len(alloc.free) == 13 and cache.num_evictable == 3
+    check_blocks(alloc, cache, [])
+
+
+def test_eviction_takes_least_recently_used_leaves_first():
+    alloc = BlockAllocator(6, 2)
+    cache = PrefixCache(alloc)
+    _, a = _cached_chain(alloc, cache, [1, 1, 2, 2, 3, 3])  # blocks a0 <- a1 <- a2
+    _, b = _cached_chain(alloc, cache, [1, 1, 5, 5])  # its first block's copy gives way to a0: only b1 is new
+    assert b[0] == a[0] and b[1] not in a and alloc.num_free == 6 and len(alloc.free) == 2
+    seq = []
+    hit = cache.match([1, 1, 2, 2, 3, 3, 4], 3)  # the longer chain is used again: b1 is now the oldest leaf
+    cache.acquire(hit, seq)
+    assert seq == a and cache.num_evictable == 1
+    table = []
+    alloc.grow(table, 6)  # 2 free blocks + the one evicted
+    assert cache.match([1, 1, 5, 5], 2) == cache.match([1, 1], 1)  # b1 went, a0 (held) stayed
+    assert alloc.num_free == 0
+    check_blocks(alloc, cache, [_Holder(seq, hit[-1], [1, 1, 2, 2, 3, 3]), _Holder(table, None, [])])
+    alloc.release(seq)
+    alloc.release(table)
+    table = []
+    alloc.grow(table, 12)  # everything: the tree gives its chain up leaf first
+    assert not cache.nodes and cache.num_evictable == 0 and sorted(table) == list(range(6))
+    alloc.release(table)
+    check_blocks(alloc, cache, [])
+
+
+class _Holder:
+    """The fields check_blocks reads from a sequence."""
+    _ids = iter(range(10**6))
+
+    def __init__(self, table, node, tokens):
+        self.block_table, self.cache_node, self.all_ids = table, node, tokens
+        self.num_computed, self.seq_id = len(tokens), next(self._ids)
+
+
+def test_check_blocks_names_what_is_wrong():
+    alloc = BlockAllocator(8, 2)
+    cache = PrefixCache(alloc)
+    _cached_chain(alloc, cache, [1, 2, 3, 4])
+    alloc.free.append(alloc.free[0])
+    with pytest.raises(AssertionError, match="twice"):
+        check_blocks(alloc, cache, [])
+    alloc.free.pop()
+    alloc.refs[next(iter(cache.nodes))] += 1
+    with pytest.raises(AssertionError, match="refs differ"):
+        check_blocks(alloc, cache, [])
+
+
+# --- the scheduler with a fake runner ------------------------------------------------------------
+def _kv_of(ids, p):
+    return hash(tuple(ids[: p + 1]))  # what the K/V at position p depends on: the tokens up to it
+
+
+def _run_fake_step(seqs, batch, kv, block_size):
+    """Write each row's 'keys and values' and check that it reads those of its own tokens."""
+    for seq, toks, start, table in zip(seqs, batch.token_ids, batch.starts, batch.block_tables):
+        ids = seq.all_ids
+        assert toks, "a row with no tokens to compute (its logits need at least its last token)"
+        assert toks == ids[start: start + len(toks)]
+        for p in range(start, start + len(toks)):
+            kv[slot(table, p, block_size)] = _kv_of(ids, p)
+        for p in range(start + len(toks)):
+            assert kv.get(slot(table, p, block_size)) == _kv_of(ids, p), f"seq {seq.seq_id} reads wrong K/V at {p}"
+
+
+def _simulate(requests, num_blocks, block_size, budget, mix, max_running, aborts=(), cache=True, check_each=True):
+    """Run requests [(arrival step, prompt, max_tokens)] through a Scheduler and a fake runner whose
+    'model' appends a token that depends on every token before it. Returns each request's tokens."""
+    alloc = BlockAllocator(num_blocks, block_size)
+    sched = Scheduler(alloc, budget, max_running, mix=mix, prefix_cache=cache)
+    kv, seqs, pending, step = {}, [], sorted(enumerate(requests), key=lambda r: r[1][0]), 0
+    while pending or sched.has_work():
+        while pending and pending[0][1][0] <= step:
+            i, (_, prompt, max_tokens) = pending.pop(0)
+            seq = Sequence(str(i), 0, list(prompt), SamplingParams(temperature=0), max_tokens)
+            seqs.append(seq)
+            sched.add(seq)
+        for i in aborts:
+            if step == 3 * i + 2 and i < len(seqs) and seqs[i].status is not Status.FINISHED:
+                sched.finish(seqs[i], "abort")
+        scheduled = sched.schedule()
+        if scheduled is not None:
+            chosen, batch = scheduled
+            _run_fake_step(chosen, batch, kv, block_size)
+            for seq, sample in zip(chosen, batch.sample):
+                if sample:
+                    seq.output_ids.append(1 + hash(tuple(seq.all_ids)) % 3)
+                    if len(seq.output_ids) >= seq.max_tokens:
+                        sched.finish(seq, "length")
+        if check_each:
+            sched.check()
+        step += 1
+        assert step < 5000, "the scheduler made no progress"
+    sched.check()
+    assert alloc.num_free == num_blocks and len(alloc.free) + (sched.cache.num_evictable if cache else 0) == num_blocks
+    # an aborted request's tokens are cut wherever it was: None
+    return [s.output_ids if s.finish_reason != "abort" else None
+            for s in sorted(seqs, key=lambda s: int(s.request_id))], sched
+
+
+def _workload(rng: random.Random) -> dict:
+    """A random workload: a few base prompts over 3 token ids (so that prefixes repeat), requests that
+    take part of one and add their own tokens, arriving over the first steps; a small cache."""
+    block_size = rng.choice([1, 2, 4])
+    num_blocks = rng.randint(4, 24)
+    capacity = num_blocks * block_size
+    tokens = lambda n: [rng.randint(1, 3) for _ in range(n)]  # noqa: E731
+    bases = [tokens(rng.randint(0, 12)) for _ in range(rng.randint(1, 3))]
+    requests = []
+    for _ in range(rng.randint(1, 8)):
+        base = rng.choice(bases)
+        prompt = (base[: rng.randint(0, len(base))] + tokens(rng.randint(0, 6)) or [1])[: capacity - 1]
+        requests.append((rng.randint(0, 6), prompt, rng.randint(1, max(1, min(6, capacity - len(prompt))))))
+    return dict(requests=requests, num_blocks=num_blocks, block_size=block_size, budget=rng.choice([-1, 3, 8]),
+                mix=rng.random() < 0.5, max_running=rng.randint(1, 4),
+                aborts=rng.sample(range(8), rng.randint(0, 2)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_scheduler_with_the_cache_reads_only_its_own_tokens(seed):
+    """Random mixes of shared prefixes, chunk budgets, small caches (eviction, preemption) and aborts:
+    every step reads the K/V of its own tokens, the bookkeeping holds after each step, nothing leaks,
+    and the tokens equal those without the cache."""
+    rng = random.Random(seed)
+    for _ in range(40):
+        work = _workload(rng)
+        with_cache, _ = _simulate(**work)
+        without, _ = _simulate(**work, cache=False, check_each=False)
+        assert all(a == b for a, b in zip(with_cache, without) if a is not None and b is not None), work
+
+
+def test_simulated_hits_evictions_and_preemptions_happen(monkeypatch):
+    """The workloads of the property test reach the cases it is about: hits, evictions, preemptions."""
+    evicted = []
+    evict = PrefixCache.evict
+    monkeypatch.setattr(PrefixCache, "evict", lambda self, n: evicted.append(n) or evict(self, n))
+    rng = random.Random(0)
+    system = [rng.randint(1, 3) for _ in range(10)]
+    requests = [(i, system + [rng.randint(1, 3) for _ in range(rng.randint(0, 5))], 5) for i in range(12)]
+    _, sched = _simulate(requests, num_blocks=10, block_size=2, budget=4, mix=False, max_running=3)
+    assert sched.prefix_hit_tokens > 0 and sched.num_preemptions > 0 and sum(evicted) > 0
+
+
+# --- the engine ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def folder(ckpt_root):
+    return make_checkpoint(ckpt_root, "llama", seed=5, max_position_embeddings=2048)
+
+
+def _prompts(seed=0):
+    """A 37-token prefix (9 blocks of 4 and one token), and prompts that share 0-100% of it, diverge
+    in the middle of a block, or repeat it exactly."""
+    rng = random.Random(seed)
+    draw = lambda n: [rng.randrange(3, 380) for _ in range(n)]  # noqa: E731
+    base = draw(37)
+    return [base, base[:10] + draw(20), base[:16] + draw(5), draw(25), base + draw(9), list(base),
+            base[:-1], base[:36] + draw(1), base[:2] + draw(3)]
+
+
+def _generate(llm, prompts, params=GREEDY, one_by_one=True):
+    if one_by_one:
+        return [o.token_ids for p in prompts for o in llm.generate(p, params, use_tqdm=False)]
+    return [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def _no_leak(llm):
+    sched = llm.engine.scheduler
+    sched.check()
+    assert not sched.has_work()
+    assert sched.allocator.num_free == sched.allocator.num_blocks
+    assert len(sched.allocator.free) + sched.cache.num_evictable == sched.allocator.num_blocks
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", block_size=4, disable_radix_cache=True)
+    assert llm.engine.scheduler.cache is None
+    return {"one": _generate(llm, _prompts()), "batch": _generate(llm, _prompts(1), one_by_one=False)}
+
+
+def _checked(llm):
+    """Check the bookkeeping after every scheduling decision of this engine."""
+    sched = llm.engine.scheduler
+    schedule = sched.schedule
+
+    def checked():
+        step = schedule()
+        sched.check()
+        return step
+    sched.schedule = checked
+    return llm
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"chunked_prefill_size": 7},
+    {"num_kv_blocks": 24},               # 96 slots: prompts evict each other's blocks
+    {"num_kv_blocks": 24, "disable_overlap_schedule": True},
+], ids=["plain", "chunked-prefill", "eviction", "eviction-synchronous"])
+def test_greedy_tokens_with_the_cache_equal_those_without(folder, reference, kwargs):
+    llm = _checked(ptp.LLM(str(folder), dtype="float32", device="cpu", block_size=4, **kwargs))
+    evicted = []
+    evict = llm.engine.scheduler.cache.evict
+    llm.engine.scheduler.cache.evict = lambda n: evicted.append(n) or evict(n)
+    assert _generate(llm, _prompts()) == reference["one"]
+    sched = llm.engine.scheduler
+    # prompts 1-8 find 8, 16, 0, 36, 36 (an exact repeat: all but its last token's block), 32, 36, 0
+    if "num_kv_blocks" in kwargs:
+        assert sched.prefix_hit_tokens > 0
+    else:
+        assert sched.prefix_hit_tokens == 8 + 16 + 36 + 36 + 32 + 36, sched.prefix_hit_tokens
+    assert _generate(llm, _prompts(1), one_by_one=False) == reference["batch"]  # side by side
+    assert (sum(evicted) > 0) == ("num_kv_blocks" in kwargs), evicted
+    _no_leak(llm)
+
+
+def _evicted_while_waiting(llm, reference):
+    """A request waits (one running at a time) while others take the blocks of its cached prefix;
+    admitted, it finds less cached and computes the rest: the same tokens."""
+    prompts, sched = _prompts(), llm.engine.scheduler
+    assert sched.allocator.num_blocks == 24
+    running, sched.max_running = sched.max_running, 1
+    assert _generate(llm, prompts[:1]) == reference["one"][:1]
+    rng = random.Random(7)
+    fill = [[rng.randrange(3, 380) for _ in range(40)] for _ in range(2)]  # 2 x 12 blocks: all 24
+    outs = llm.generate(fill + [prompts[4]], GREEDY, use_tqdm=False)
+    sched.max_running = running
+    assert outs[2].token_ids == reference["one"][4]
+    assert outs[2].num_cached_tokens < 36  # its 36-token prefix was cached when it arrived
+
+
+def test_a_prefix_evicted_while_its_request_waits_is_recomputed(folder, reference):
+    llm = _checked(ptp.LLM(str(folder), dtype="float32", device="cpu", block_size=4, num_kv_blocks=24))
+    _evicted_while_waiting(llm, reference)
+    _no_leak(llm)
+
+
+def test_the_second_prompt_computes_only_its_new_tokens(folder):
+    """Two prompts share a 1,000-token prefix: the runner computes all of the first, and of the
+    second only the tokens after the cached whole blocks."""
+    rng = random.Random(3)
+    shared = [rng.randrange(3, 380) for _ in range(1000)]
+    first, second = shared + [5, 6, 7], shared + [rng.randrange(3, 380) for _ in range(21)]
+    want = [o.token_ids for o in ptp.LLM(str(folder), dtype="float32", device="cpu", disable_radix_cache=True)
+            .generate([first, second], GREEDY, use_tqdm=False)]
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu")  # the default 16-token blocks
+    runner, computed = llm.engine.runner, []
+    execute = runner.execute
+    runner.execute = lambda batch: computed.append(sum(map(len, batch.token_ids))) or execute(batch)
+    out = llm.generate(first, GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0 and computed[0] == len(first)
+    computed.clear()
+    out2 = llm.generate(second, GREEDY, use_tqdm=False)[0]
+    cached = 1000 // 16 * 16
+    assert out2.num_cached_tokens == cached
+    assert computed[0] == len(second) - cached == 21 + 1000 - cached  # the prefill step: new tokens only
+    assert computed[1:] == [1] * (GREEDY.max_tokens - 1)
+    assert [out.token_ids, out2.token_ids] == want
+    sched = llm.engine.scheduler
+    assert (sched.prefix_query_tokens, sched.prefix_hit_tokens) == (len(first) + len(second), cached)
+    _no_leak(llm)
+
+
+def test_a_step_starting_mid_prompt_takes_the_general_path(folder, reference, monkeypatch):
+    """The padded whole-prompt path (PrefillGraphs) and the causal shortcut assume a prompt from
+    position 0: a prompt that starts after cached blocks must take neither, and gives the same tokens."""
+    import ptp.runner as runner_mod
+    from ptp.attention.meta import PrefillMeta
+
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", block_size=4)
+    runner = llm.engine.runner
+    runner.prefill = runner_mod.PrefillGraphs(runner, False, 64)  # as on CPU with the compiled step
+    padded, metas = [], []
+    run = runner.prefill.run
+    runner.prefill.run = lambda batch: padded.append(batch.starts[0]) or run(batch)
+    step_meta = runner_mod.step_meta
+
+    def spy(starts, *args):
+        meta = step_meta(starts, *args)
+        if isinstance(meta, PrefillMeta):
+            metas.append((starts, meta.causal))
+        return meta
+    monkeypatch.setattr(runner_mod, "step_meta", spy)
+    assert _generate(llm, _prompts()) == reference["one"]
+    assert padded and set(padded) == {0}  # whole prompts from 0 were padded; none that started later
+    later = [causal for starts, causal in metas if starts[0] > 0]
+    assert later and not any(later)
+    _no_leak(llm)
+
+
+@pytest.mark.slow
+def test_tp2_with_the_cache_equals_tp1_without(folder, reference):
+    """At tp=2 rank 0 decides and the block ids travel in the steps: hits, a small cache's evictions
+    and a prefix evicted while its request waits give tp=1's tokens without the cache."""
+    prompts = _prompts()
+    with ptp.LLM(str(folder), dtype="float32", device="cpu", block_size=4, tp=2, num_kv_blocks=24) as llm:
+        _checked(llm)
+        assert _generate(llm, prompts) == reference["one"]
+        assert _generate(llm, _prompts(1), one_by_one=False) == reference["batch"]
+        assert llm.engine.scheduler.prefix_hit_tokens > 100
+        _evicted_while_waiting(llm, reference)
+        _no_leak(llm)
