@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000, help="token ids are drawn below this")
     parser.add_argument("--shared-prefix", default=None, metavar="C,T,S",
                         help="C conversations of T turns over an S-token system prompt, instead of random prompts")
+    parser.add_argument("--max-ttft-p99-ms", type=float, default=1000.0,
+                        help="report the highest measured rate whose TTFT p99 stays within this")
     parser.add_argument("--json", default=None)
     parser.add_argument("--label", default="")
     ns = parser.parse_args()
@@ -114,6 +116,12 @@ def main() -> None:
               f"tokens, answers of {ns.output_len}")
     else:
         print(f"{ns.num_prompts} requests per rate, {ns.input_len} prompt tokens, {ns.output_len} output tokens each")
+    within = [r for r in rows if r["ttft_p99_ms"] is not None and r["ttft_p99_ms"] <= ns.max_ttft_p99_ms
+              and not r["errors"]]
+    if within:
+        best = max(within, key=lambda r: r["req_s"])
+        print(f"highest rate served with TTFT p99 <= {ns.max_ttft_p99_ms:.0f} ms: {best['rate']} requests/s offered, "
+              f"{best['req_s']:.2f} served")
     write_json(ns.json, rows)
 
 

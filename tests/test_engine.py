@@ -172,8 +172,8 @@ def test_chat_uses_the_template(folder):
 def test_unknown_llm_argument_and_bad_flags(folder):
     with pytest.raises(ptp.ConfigError, match="unknown arguments"):
         ptp.LLM(str(folder), tensor_parallel=2)
-    with pytest.raises(ptp.ConfigError, match="pp-size 2 is not supported"):
-        ptp.LLM(str(folder), pp_size=2)
+    with pytest.raises(ptp.ConfigError, match="--dp-size must be >= 1, got 0"):
+        ptp.LLM(str(folder), dp_size=0)
     with pytest.raises(ptp.ConfigError, match="'flashinfer' is not available here .ptp does not ship it.; available: torch, flex, auto"):
         ptp.LLM(str(folder), attention_backend="flashinfer", device="cpu")
     with pytest.raises(ptp.ConfigError, match="'triton' is not available here .it needs a CUDA GPU"):

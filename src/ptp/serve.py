@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
+import msgspec
 import logging
 import multiprocessing as mp
 import os
@@ -37,6 +37,7 @@ from ptp.log import setup_logging
 from ptp.protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("ptp")
+_json = msgspec.json.Encoder().encode
 MAX_BODY_BYTES = 8 << 20
 
 
@@ -136,8 +137,8 @@ class Formatter:
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
     @staticmethod
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    def sse(obj) -> bytes:
+        return b"data: " + _json(obj) + b"\n\n"
 
 
 # --- the front end ------------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
             if include_usage:
                 yield fmt.sse({**base, "choices": [], "usage": fmt.usage(prompt_tokens, generated,
                                                                             sum(cached.values()))})
-            yield "data: [DONE]\n\n"
+            yield b"data: [DONE]\n\n"
 
         return Stream(_until_error(events(), fmt), media_type="text/event-stream")
 
@@ -334,7 +335,7 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
             if include_usage:
                 yield fmt.sse({**chunk, "choices": [], "usage": fmt.usage(len(prompt) * n, generated,
                                                                            sum(cached.values()))})
-            yield "data: [DONE]\n\n"
+            yield b"data: [DONE]\n\n"
 
         return Stream(_until_error(events(), fmt), media_type="text/event-stream")
 
@@ -395,7 +396,7 @@ async def _until_error(events, fmt: Formatter):
             yield e
     except ApiError as err:
         yield fmt.sse(err.body())
-        yield "data: [DONE]\n\n"
+        yield b"data: [DONE]\n\n"
 
 
 def build_app(frontend: FrontEnd) -> Litestar:
