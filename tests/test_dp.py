@@ -120,3 +120,27 @@ def test_a_killed_rank_in_replica_1_gives_503_and_an_exit_naming_it(folder):
     finally:
         if s.proc.poll() is None:
             s.proc.kill()
+
+
+def test_prefix_aware_dispatch_sends_a_shared_prefix_to_one_replica():
+    """Unit test of the dispatcher alone: two conversations of six turns, each over its own long prefix."""
+    from ptp.args import EngineArgs
+    from ptp.frontend import Replicas
+    from ptp.sampling import SamplingParams
+
+    sent = []
+    for method in ("prefix_aware", "shortest_queue"):
+        reps = Replicas(EngineArgs(dp_size=2, load_balance_method=method), None, spawn=False)
+        reps._send = lambda r, msg: sent.append((method, r))
+        try:
+            a, b = list(range(100, 400)), list(range(500, 800))
+            for conv in (a, b):
+                for turn in range(6):
+                    reps.submit(f"{method}-{turn}-{conv[0]}", None, conv + [turn], SamplingParams(max_tokens=1),
+                                lambda item: None)
+        finally:
+            reps.close()
+    by_method = {m: [r for mm, r in sent if mm == m] for m in ("prefix_aware", "shortest_queue")}
+    aware = by_method["prefix_aware"]
+    assert len(set(aware[:6])) == len(set(aware[6:])) == 1 and aware[0] != aware[6], aware
+    assert len(set(by_method["shortest_queue"][:6])) == 2  # without it, a conversation's turns spread out

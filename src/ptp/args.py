@@ -21,8 +21,10 @@ class EngineArgs:
     tp: int = flag(1, "tensor-parallel size: ranks that each hold a slice of every layer", aliases=("--tp-size",))
     dp_size: int = flag(1, "data-parallel replicas, each a --tp group on its own GPUs (replica r: GPUs r·tp … r·tp+tp−1)")
     load_balance_method: str = flag("shortest_queue", "how requests are spread over --dp-size replicas: "
-                                    "shortest_queue (fewest running + waiting, from the replicas' load reports) "
-                                    "or round_robin", choices=("shortest_queue", "round_robin"))
+                                    "shortest_queue (fewest running + waiting, from the replicas' load reports), "
+                                    "round_robin, or prefix_aware (the replica that was sent the longest prefix of "
+                                    "the prompt, whose prefix cache likely holds it, unless it is much busier)",
+                                    choices=("shortest_queue", "round_robin", "prefix_aware"))
     pp_size: int = flag(1, "pipeline-parallel stages: the layers split into this many contiguous stages, each a --tp "
                         "group (the embedding on the first, the final norm and lm_head on the last)")
     pp_layer_partition: str | None = flag(None, "layers per pipeline stage, comma-separated (e.g. 10,12,10; default: "

@@ -11,6 +11,7 @@ on that one consuming thread.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -26,6 +27,19 @@ from ptp.errors import PtpError, RankFailedError
 from ptp.outputs import ModelLimits, SeqUpdate
 
 log = logging.getLogger("ptp")
+PREFIX_CHUNK = 16          # tokens per hashed piece of a prompt (prefix_aware dispatch)
+PREFIX_CHUNKS = 256        # pieces looked at per prompt (the first 4,096 tokens)
+PREFIX_MEMORY = 200_000    # pieces remembered per replica (least recently sent forgotten first)
+PREFIX_SLACK = 8           # a replica may carry this many more requests than the least loaded one and still win
+
+
+def prefix_keys(prompt_ids: list[int]) -> list[int]:
+    """Chained hashes of the prompt's whole 16-token pieces: key i stands for tokens [0, 16·(i+1))."""
+    keys, h = [], 0
+    for i in range(min(len(prompt_ids) // PREFIX_CHUNK, PREFIX_CHUNKS)):
+        h = hash((h, tuple(prompt_ids[i * PREFIX_CHUNK: (i + 1) * PREFIX_CHUNK])))
+        keys.append(h)
+    return keys
 
 
 class ReplicaFailed(RankFailedError):
@@ -69,6 +83,8 @@ class Replicas:
         self.limits: ModelLimits | None = None
         self.stopped: set[int] = set()
         self._rr = itertools.cycle(range(self.n))
+        # prefix_aware: which prompt prefixes each replica was sent (its prefix cache probably holds them)
+        self.sent_prefixes = [collections.OrderedDict() for _ in range(self.n)]
         self._reader: threading.Thread | None = None
         self._closing = False
 
@@ -128,16 +144,42 @@ class Replicas:
         self._reader.start()
 
     # --- requests (on the consuming thread) ----------------------------------------------------
-    def pick(self) -> int:
+    def pick(self, prompt_ids: list[int]) -> int:
+        """round_robin; shortest_queue (fewest running + waiting, from the replicas' load reports plus
+        what was sent since); prefix_aware (the replica that was sent the longest prefix of this prompt,
+        unless it carries more than PREFIX_SLACK requests beyond the least loaded one; else as
+        shortest_queue), approximating where each replica's prefix cache holds the prompt."""
         if self.method == "round_robin" or self.n == 1:
-            return next(self._rr)
-        scores = [lo.running + lo.waiting + sent for lo, sent in zip(self.loads, self.sent_since_load)]
-        return min(range(self.n), key=lambda r: (scores[r], self.served[r]))
+            r = next(self._rr)
+        else:
+            scores = [lo.running + lo.waiting + sent for lo, sent in zip(self.loads, self.sent_since_load)]
+            r = min(range(self.n), key=lambda i: (scores[i], self.served[i]))
+            if self.method == "prefix_aware":
+                keys = prefix_keys(prompt_ids)
+                best = max(range(self.n), key=lambda i: (self._matched(i, keys), -scores[i]))
+                if self._matched(best, keys) and scores[best] <= scores[r] + PREFIX_SLACK:
+                    r = best
+        if self.method == "prefix_aware":
+            memory = self.sent_prefixes[r]
+            for key in prefix_keys(prompt_ids):
+                memory[key] = None
+                memory.move_to_end(key)
+            while len(memory) > PREFIX_MEMORY:
+                memory.popitem(last=False)
+        return r
+
+    def _matched(self, replica: int, keys: list[int]) -> int:
+        memory, n = self.sent_prefixes[replica], 0
+        for key in keys:
+            if key not in memory:
+                break
+            n += 1
+        return n
 
     def submit(self, request_id: str, prompt: str | None, prompt_ids: list[int], params, sink: Callable) -> None:
         if self.error is not None:
             raise ReplicaFailed(self.error)
-        r = self.pick()
+        r = self.pick(prompt_ids)
         self.requests[request_id] = Tracked(r, RequestText(self.tokenizer, prompt, prompt_ids, params), sink,
                                             time.perf_counter())
         self.sent_since_load[r] += 1
