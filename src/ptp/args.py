@@ -177,6 +177,17 @@ ENVIRONMENT = (
 )
 
 
+# The server's own flags (python -m ptp.serve), beside EngineArgs: (name, argparse keywords).
+SERVER_FLAGS = (
+    ("--host", dict(default="127.0.0.1", help="address to listen on")),
+    ("--port", dict(type=int, default=30000, help="port to listen on")),
+    ("--served-model-name", dict(default=None, help="the model name clients send (default: --model, or the "
+                                                    "default model's name)")),
+    ("--graceful-timeout", dict(type=float, default=25.0, help="on SIGTERM or Ctrl-C, seconds to let requests in "
+                                                               "flight finish before stopping")),
+)
+
+
 def flags_markdown() -> str:
     """The flags and environment variables as markdown (docs/flags.md is this, kept current by a test)."""
     lines = ["# Flags", "", "Every entry point (`ptp.generate`, `ptp.serve`, the bench scripts) takes these; `ptp.LLM(...)`",
@@ -191,6 +202,9 @@ def flags_markdown() -> str:
               "For measurements and debugging; ptp runs as it should with none of them set.", "",
               "| variable | meaning |", "|---|---|"]
     lines += [f"| `{name}` | {meaning} |" for name, meaning in ENVIRONMENT]
+    lines += ["", "## Server flags", "", "`python -m ptp.serve` also takes these (the OpenAI request fields it "
+              "serves are in docs/openai.md).", "", "| flag | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{name}` | `{kw.get('default')}` | {kw['help']} |" for name, kw in SERVER_FLAGS]
     return "\n".join(lines) + "\n"
 
 

@@ -31,7 +31,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.response import Stream
 
-from ptp.args import EngineArgs
+from ptp.args import SERVER_FLAGS, EngineArgs
 from ptp.errors import ConfigError, PtpError
 from ptp.log import setup_logging
 from ptp.protocol import ChatCompletionRequest, CompletionRequest
@@ -49,28 +49,9 @@ def parse(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-SERVER_FLAGS = [
-    ("--host", dict(default="127.0.0.1", help="address to listen on")),
-    ("--port", dict(type=int, default=30000, help="port to listen on")),
-    ("--served-model-name", dict(default=None, help="the model name clients send (default: --model, or the "
-                                                    "default model's name)")),
-    ("--graceful-timeout", dict(type=float, default=25.0, help="on SIGTERM or Ctrl-C, seconds to let requests in "
-                                                               "flight finish before stopping")),
-]
-
-
 def add_server_args(group) -> None:
     for name, kwargs in SERVER_FLAGS:
         group.add_argument(name, **kwargs)
-
-
-def server_flags_markdown() -> str:
-    lines = ["| flag | default | meaning |", "|---|---|---|"]
-    for name, kwargs in SERVER_FLAGS:
-        choices = kwargs.get("choices")
-        meaning = kwargs["help"] + (f" (one of: {', '.join(choices)})" if choices else "")
-        lines.append(f"| `{name}` | `{kwargs.get('default')}` | {meaning} |")
-    return "\n".join(lines) + "\n"
 
 
 # --- OpenAI formatting --------------------------------------------------------------------------------
