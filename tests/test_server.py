@@ -294,3 +294,44 @@ def test_serve_with_no_model_serves_the_default_gguf():
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_every_response_is_a_valid_openai_object_with_the_asked_logprobs(server):
+    """Bodies and stream chunks validated by the official client's own types (strict), n > 1, logprobs:
+    as many top entries as asked, and the chosen (greedy) token among them."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    def chunks(path, body):
+        with httpx.stream("POST", server.url + path, json={**body, "stream": True}, timeout=60) as r:
+            assert r.status_code == 200
+            return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+    common = {"model": MODEL, "max_tokens": 6, "temperature": 0, "n": 2, "ignore_eos": True}
+    body = {**common, "prompt": "Paris is", "logprobs": 2}
+    whole = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    # the client's Completion type (which it also uses for stream chunks) has no null finish_reason, which
+    # OpenAI's own streams send before the last chunk: those chunks are checked with it filled in
+    streamed = [{**o, "choices": [{**c, "finish_reason": c["finish_reason"] or "length"} for c in o["choices"]]}
+                for o in chunks("/v1/completions", body)]
+    for obj in [whole, *streamed]:
+        c = Completion.model_validate(obj, strict=True)
+        for choice in c.choices:
+            lp = choice.logprobs
+            assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+            for chosen, tops in zip(lp.token_logprobs, lp.top_logprobs):
+                assert len(tops) == 2 and chosen == max(tops.values())
+    assert sorted(ch.index for ch in Completion.model_validate(whole).choices) == [0, 1]
+    assert whole["usage"]["completion_tokens"] == 12
+
+    body = {**common, "messages": QUESTION, "logprobs": True, "top_logprobs": 2}
+    whole = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    ChatCompletion.model_validate(whole, strict=True)
+    entries = [e for ch in whole["choices"] for e in ch["logprobs"]["content"]]
+    for obj in chunks("/v1/chat/completions", body):
+        chunk = ChatCompletionChunk.model_validate(obj, strict=True)
+        entries += [e.model_dump() for ch in chunk.choices if ch.logprobs for e in ch.logprobs.content]
+    assert len(entries) == 24
+    for e in entries:
+        assert len(e["top_logprobs"]) == 2
+        assert e["top_logprobs"][0]["logprob"] == e["logprob"]  # greedy: the chosen token is the most likely
