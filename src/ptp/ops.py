@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import os
 
@@ -128,26 +127,15 @@ def time_rotating(fn, weights: list[torch.Tensor], calls: int = 24) -> float:
 
 
 def _load_choices() -> dict:
-    from ptp.parallel.comm import machine_cache_file
+    from ptp.parallel.comm import load_machine_cache
 
-    path = machine_cache_file("skinny-gemm")
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        return {}
+    return load_machine_cache("skinny-gemm")
 
 
 def _save_choices() -> None:
-    from ptp.parallel.comm import machine_cache_file
+    from ptp.parallel.comm import save_machine_cache
 
-    path = machine_cache_file("skinny-gemm")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(_CHOICE, indent=1))
-        os.replace(tmp, path)  # ranks of one machine may write at once: each write is whole
-    except OSError as e:
-        log.warning("could not cache the skinny-GEMM choices in %s: %s", path, e)
+    save_machine_cache("skinny-gemm", _CHOICE)
 
 
 def _skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:

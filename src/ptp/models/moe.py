@@ -14,7 +14,6 @@ in the layer's one all-reduce, with the shared expert's row-parallel partial sum
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 
@@ -206,23 +205,12 @@ def tune_fused_moe(x, w13, w2, top_k: int, iters: int = 10) -> dict[tuple, float
 
 
 def _load_choices() -> dict:
-    from ptp.parallel.comm import machine_cache_file
+    from ptp.parallel.comm import load_machine_cache
 
-    path = machine_cache_file("fused-moe")
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        return {}
+    return load_machine_cache("fused-moe")
 
 
 def _save_choices() -> None:
-    from ptp.parallel.comm import machine_cache_file
+    from ptp.parallel.comm import save_machine_cache
 
-    path = machine_cache_file("fused-moe")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(_CHOICE, indent=1))
-        os.replace(tmp, path)  # ranks of one machine may write at once: each write is whole
-    except OSError as e:
-        log.warning("could not cache the fused-MoE tiles in %s: %s", path, e)
+    save_machine_cache("fused-moe", _CHOICE)

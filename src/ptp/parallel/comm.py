@@ -186,6 +186,27 @@ def machine_cache_file(kind: str) -> Path:
     return root / f"{kind}-{gpu}-torch{torch.__version__.split('+')[0]}.json"
 
 
+def load_machine_cache(kind: str) -> dict:
+    """What was measured and kept for this GPU model and torch version (`machine_cache_file`), or {}."""
+    path = machine_cache_file(kind)
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_machine_cache(kind: str, data: dict) -> None:
+    """Keep `data` in the machine's cache file; ranks of one machine may write at once: each write is whole."""
+    path = machine_cache_file(kind)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not keep the %s measurements in %s: %s", kind, path, e)
+
+
 def _cache_path(world: int) -> Path:
     return machine_cache_file(f"allreduce-x{world}")
 
