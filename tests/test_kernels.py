@@ -396,10 +396,11 @@ def test_decode_kernel_compiles_for_hopper_and_reads_ahead_only_with_prefetch(pr
 
     for dtype, rope, one_split in [("bf16", True, False), ("bf16", False, True), ("fp32", True, False)]:
         pointers = dict(Q=dtype, KN=dtype, VN=dtype, SLOTS="i64", K=dtype, V=dtype, BT="i32", LENS="i32",
-                        O="fp32", M="fp32", L="fp32", COS_SIN="fp32", OUT=dtype)
+                        O="fp32", M="fp32", L="fp32", COS_SIN="fp32", OUT=dtype, SEQ="i32")
         ptx = hopper_ptx(_decode_partial, pointers, dict(
             GROUP=4, GROUP_PAD=16, D=128, BLOCK_SIZE=16, TOKENS=32 if prefetch else 64, IEEE=dtype == "fp32",
-            ROPE=rope, USE_PDL=True, PREFETCH=prefetch, ONE_SPLIT=one_split), floats=("scale",))
+            ROPE=rope, USE_PDL=True, PREFETCH=prefetch, ONE_SPLIT=one_split, FIXED_SPLIT=False, HAS_SEQ=False,
+            WRITE_ONLY=False), floats=("scale",))
         # the first chunk's keys and values (vector loads) are requested before the wait, or none is
         wide_loads_before = _before_wait(ptx).count("ld.global.v4")
         assert (wide_loads_before >= 2) if prefetch else (wide_loads_before == 0), (dtype, rope, wide_loads_before)

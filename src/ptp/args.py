@@ -170,6 +170,8 @@ ENVIRONMENT = (
     ("PTP_DISABLE_PDL", "1: launch the batch-1 kernels without programmatic dependent launch (for A/B runs)"),
     ("PTP_DISABLE_SKINNY_GEMM", "1: every projection through cuBLAS, and inductor's norms instead of ptp's "
                                 "add+RMSNorm kernel (for A/B runs)"),
+    ("PTP_DISABLE_FUSED_MOE", "1: mixture-of-experts layers through the torch path on the GPU too, not the fused "
+                              "MoE kernel (for A/B runs)"),
     ("PTP_PROFILE", "1: rank 0 logs where each step's host time goes, at shutdown"),
     ("PTP_KERNEL_PROFILE", "N: every rank logs its kernels' GPU time over N decode steps, after 32 warm ones"),
     ("PTP_DEBUG_EXIT", "N: a process still alive N seconds after its engine's shutdown began prints every "

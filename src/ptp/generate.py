@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     for shown, out in zip(list(ns.prompt) + list(ns.chat), outputs):
         print(f"> {shown}\n{out.text}\n")
     tokens = sum(len(o.token_ids) for o in outputs)
-    print(f"[{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s, tp={args.tp}, dp={args.dp_size}]")
+    print(f"[{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s, tp={llm.engine.args.tp if llm.engine else args.tp}, dp={args.dp_size}]")
     llm.shutdown()
     return 0
 
