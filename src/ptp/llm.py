@@ -46,7 +46,7 @@ class LLM:
         self._tokenizer = self.engine.tokenizer
 
     def _start_replicas(self, args: EngineArgs) -> None:
-        from ptp.engine import load_tokenizer, resolve_model
+        from ptp.hub import load_tokenizer, resolve_model
         from ptp.frontend import Replicas
 
         files, _, _ = resolve_model(args, None)  # a bad model or tp fails here, before any process starts

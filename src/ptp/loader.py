@@ -13,7 +13,7 @@ from torch import nn
 
 from ptp.config import ModelConfig
 from ptp.errors import ModelNotFoundError, UnsupportedModelError
-from ptp.hub import ModelFiles
+from ptp.hub import ModelFiles, open_gguf
 from ptp.models.llama import MERGED
 from ptp.models.moe import EXPERT_TENSORS, EXPERT_TENSORS_DEFAULT, ExpertPlacement
 from ptp.models.registry import model_class
@@ -64,8 +64,7 @@ def _source(files: ModelFiles | None, load_format: str, stack: ExitStack, device
     if load_format == "dummy":
         return None
     if files.gguf_file is not None:
-        from ptp.gguf_file import GGUFFile
-        return GGUFSource(GGUFFile(files.gguf_file))
+        return GGUFSource(open_gguf(files.gguf_file))
     if load_format == "gguf":
         raise ModelNotFoundError(f"--load-format gguf needs a .gguf file, got the folder {files.folder}.")
     return SafetensorsSource(files, stack, device)

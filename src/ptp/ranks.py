@@ -32,7 +32,7 @@ LOCAL_START_SECONDS = 60.0
 
 def build_runner(args, rank: int, init_method: str | None, before_join=None):
     """Join the group as `rank`, load this rank's shard, build its KV cache. Returns (Dist, runner, config, files)."""
-    from ptp.engine import resolve_model
+    from ptp.hub import resolve_model
     from ptp.runner import ModelRunner
 
     cpus = os.cpu_count() or 1

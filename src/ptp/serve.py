@@ -463,7 +463,7 @@ def run_frontend(ns: argparse.Namespace, args: EngineArgs, spawn: bool, addresse
     """The front end: start (or meet) the replicas, serve HTTP until told to stop, stop the replicas."""
     import uvicorn
 
-    from ptp.engine import load_tokenizer, resolve_model
+    from ptp.hub import load_tokenizer, resolve_model
     from ptp.frontend import Replicas, ReplicaFailed
     from ptp.metrics import ServerMetrics
 
