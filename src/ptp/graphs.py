@@ -82,7 +82,11 @@ class DecodeGraphs:
             self.step = torch.compile(self._step, fullgraph=True, dynamic=None, options=options)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.graphs_on:
+            log.info("%scapturing the decode step's CUDA graphs for %d batch sizes up to %d",
+                     "compiling and " if compile_ else "", len(self.buckets), max_bs)
             self._capture()
+        elif compile_:
+            log.info("the decode step compiles on its first step")
 
     def _step(self, ids, pos, slots, tables, lens, *hidden):
         return self.runner.forward_logits(ids, pos, DecodeMeta(slots, tables, lens), hidden=hidden or None)
@@ -173,6 +177,8 @@ class PrefillGraphs:
         self.copied = torch.cuda.Event() if device.type == "cuda" else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.graphs_on and self.buckets:
+            log.info("capturing the prefill's CUDA graphs for %d prompt lengths up to %d tokens", len(self.buckets),
+                     self.buckets[-1])
             self._capture()
 
     def takes_length(self, n: int) -> bool:

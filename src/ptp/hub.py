@@ -35,6 +35,7 @@ HUB_PATTERNS = [
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 ]
+_FETCHED: set[tuple[str, str | None]] = set()  # Hub ids announced in the log already (resolve runs once per role)
 
 
 @dataclasses.dataclass
@@ -102,6 +103,10 @@ def _download(repo_id: str, revision: str | None, need_weights: bool) -> Path:
 
     patterns = HUB_PATTERNS if need_weights else [p for p in HUB_PATTERNS if "safetensors" not in p]
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if (repo_id, revision) not in _FETCHED:
+        _FETCHED.add((repo_id, revision))
+        log.info("fetching %s from the Hugging Face Hub%s", repo_id,
+                 " cache (HF_HUB_OFFLINE=1)" if offline else " (files already in its cache are not downloaded again)")
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except errors.GatedRepoError as e:

@@ -10,6 +10,7 @@ from ptp.args import EngineArgs
 from ptp.detokenize import RequestText
 from ptp.engine import Engine
 from ptp.errors import ConfigError
+from ptp.log import setup_library_logging
 from ptp.outputs import RequestOutput
 from ptp.parallel.mesh import under_torchrun
 from ptp.sampling import SamplingParams
@@ -28,6 +29,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs):
+        setup_library_logging()
         names = {f.name for f in dataclasses.fields(EngineArgs)}
         unknown = sorted(set(kwargs) - names - {"tp_size"})
         if unknown:

@@ -77,6 +77,8 @@ class ModelRunner:
         if blocks * block_size < max_model_len:
             log.warning("the KV cache holds %d tokens, less than one sequence of --max-model-len %d",
                         blocks * block_size, max_model_len)
+        log.info("building the KV cache: %d tokens in blocks of %d, %.2f GiB per rank", blocks * block_size,
+                 block_size, (blocks + 1) * per_block / 2**30)
         # One block more than the scheduler hands out: padded rows of a graph write their K/V there.
         self.kv_cache = KVCache(layers, blocks + 1, block_size, kv_heads, config.head_dim, dtype, d.device)
         self.num_blocks = blocks
@@ -126,6 +128,7 @@ class ModelRunner:
         are inputs; the layer index is an argument), so each kind of step compiles once, not per layer."""
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
         self.run_layer = torch.compile(_run_layer, dynamic=True)
+        log.info("prefill and mixed steps run through one compiled decoder layer: each kind compiles on its first step")
 
     def _blocks_that_fit(self, per_block: int, max_model_len: int, block_size: int, fraction: float) -> int:
         if self.device.type == "cuda":
