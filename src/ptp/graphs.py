@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,9 +18,6 @@ from ptp.attention.meta import PrefillMeta
 from ptp.kernels import pdl_enabled
 from ptp.kv_cache import slot
 from ptp.step import StepBatch
-
-if TYPE_CHECKING:
-    from ptp.runner import ModelRunner
 
 log = logging.getLogger("ptp")
 
@@ -50,7 +46,7 @@ def graph_buckets(max_bs: int) -> list[int]:
 class DecodeGraphs:
     """The decode step, compiled once and replayed from a CUDA graph per batch-size bucket."""
 
-    def __init__(self, runner: ModelRunner, compile_: bool, graphs: bool, max_bs: int, tuned: bool = False):
+    def __init__(self, runner, compile_: bool, graphs: bool, max_bs: int, tuned: bool = False):
         self.runner, self.graphs_on = runner, graphs and runner.device.type == "cuda"
         device = runner.device
         self.max_bs = max_bs
@@ -163,7 +159,7 @@ class PrefillGraphs:
     the real ones, and their keys and values go to the scratch slot. On CPU (no graphs) the padded step
     runs as it is, which the tests use to check the padding."""
 
-    def __init__(self, runner: ModelRunner, graphs: bool, largest: int):
+    def __init__(self, runner, graphs: bool, largest: int):
         self.runner, self.graphs_on = runner, graphs and runner.device.type == "cuda"
         device = runner.device
         self.buckets = prefill_buckets(min(512, largest))
