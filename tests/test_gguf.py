@@ -87,3 +87,26 @@ def test_tp3_matches_tp1_and_other_tp_are_refused(llm):
         assert max(rel_err(a, b) for a, b in zip(ptp_logits(tp3, prompt, ref.token_ids[:4]), ref_logits)) <= 1e-4
         out = tp3.generate([prompt], greedy)[0]
         assert out.token_ids == ref.token_ids and "Paris" in out.text
+
+
+def test_the_file_is_parsed_once_per_process(monkeypatch):
+    """The config, the tokenizer and the weights of the GGUF file come from one reader of it."""
+    import gguf
+
+    from ptp import hub
+    from ptp.gguf_file import GGUFFile
+    from ptp.loader import load_model
+
+    opened = []
+    reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, *a, **k: opened.append(path) or reader(path, *a, **k))
+    # the weights read as zeros of their shapes: this test counts the file's parsing, not its de-quantizing
+    monkeypatch.setattr(GGUFFile, "tensor", lambda self, name: torch.zeros(
+        [int(d) for d in reversed(self.tensors[name].shape)]))
+    hub._open_gguf.cache_clear()
+    args = ptp.EngineArgs(device="cpu", dtype="float32", max_model_len=64)
+    files, config, max_len = hub.resolve_model(args, torch.device("cpu"))
+    assert hub.load_tokenizer(args, files) is not None
+    load_model(config, files, dtype=torch.float32, device=torch.device("cpu"), tp_mesh=None,
+               load_format=args.load_format, max_positions=max_len)
+    assert len(opened) == 1, f"the GGUF file was parsed {len(opened)} times: {opened}"

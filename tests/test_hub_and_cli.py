@@ -34,8 +34,12 @@ def test_hub_id_resolves_from_the_offline_cache(ckpt_root, tmp_path):
     (repo / "refs" / "main").write_text(commit)
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PTP_LOG_LEVEL": "WARNING"}
 
-    from_hub = _run(SNIPPET.format(model="tiny-org/tiny-qwen"), env)
+    # ptp.LLM in a program that configured no logging says what start-up is doing, as the command lines do
+    from_hub = _run(SNIPPET.format(model="tiny-org/tiny-qwen"), {**env, "PTP_LOG_LEVEL": "INFO"})
     assert from_hub.returncode == 0, from_hub.stderr
+    for step in ("fetching tiny-org/tiny-qwen from the Hugging Face Hub", "loading", "GiB of weights",
+                 "building the KV cache"):
+        assert step in from_hub.stderr, f"{step!r} not logged:\n{from_hub.stderr}"
     from_folder = _run(SNIPPET.format(model=str(folder)), env)
     assert from_hub.stdout.strip() == from_folder.stdout.strip() != ""
 
@@ -81,6 +85,39 @@ def test_sharded_checkpoint_with_index(ckpt_root, tmp_path):
     a = ptp.LLM(str(folder), dtype="float32", device="cpu").generate("Paris", greedy)[0].token_ids
     b = ptp.LLM(str(sharded), dtype="float32", device="cpu").generate("Paris", greedy)[0].token_ids
     assert a == b
+
+
+def _broken_checkpoint(ckpt_root, tmp_path) -> Path:
+    """A checkpoint that resolves but cannot load: its weights lack the final norm."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(make_checkpoint(ckpt_root, "llama", seed=9), broken)
+    weights = next(broken.glob("*.safetensors"))
+    tensors = load_file(weights)
+    del tensors["model.norm.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return broken
+
+
+@pytest.mark.parametrize("where", ["generate", "generate in a spawned rank", "serve in a replica"])
+def test_cli_errors_are_one_line(ckpt_root, tmp_path, where):
+    """An error ptp raises reaches the command line as its message (exit status 2), not as a traceback
+    through the libraries below, also where it is raised in a rank or replica process of its own."""
+    common = ["--device", "cpu", "--dtype", "float32"]
+    if where == "generate":
+        cmd = ["ptp.generate", "--model", str(tmp_path / "no-such-folder")]
+        expected = "is neither a folder"
+    else:
+        broken = str(_broken_checkpoint(ckpt_root, tmp_path))
+        cmd = (["ptp.generate", "--model", broken, "--tp", "2"] if where == "generate in a spawned rank"
+               else ["ptp.serve", "--model", broken, "--port", "0"])
+        expected = "the checkpoint has no tensor 'model.norm.weight'"
+    out = subprocess.run([sys.executable, "-m", *cmd, *common], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PTP_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"})
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2, out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr
 
 
 @pytest.mark.slow

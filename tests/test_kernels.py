@@ -346,8 +346,8 @@ def test_skinny_choices_round_trip_through_the_machine_cache(tmp_path, monkeypat
     monkeypatch.setattr(ops, "_CHOICE", {"(1, 4096)x(4096, 4096) bfloat16 pdl": {
         "config": [8, 512, 4, 1], "skinny_us": 7.6, "skinny_tile": [8, 512, 4, 1], "torch_us": 9.5,
         "tiles": {"8x512x4x1": 7.6}, "offered": offered}})
-    ops._save_choices()
-    assert ops._load_choices() == ops._CHOICE
+    comm.save_machine_cache("skinny-gemm", ops._CHOICE)
+    assert comm.load_machine_cache("skinny-gemm") == ops._CHOICE
     # entries another version of ptp wrote (other fields, a tile of another length, a choice among
     # other tiles) are measured again
     assert ops._valid_choice(ops._CHOICE["(1, 4096)x(4096, 4096) bfloat16 pdl"], 1)
@@ -357,7 +357,7 @@ def test_skinny_choices_round_trip_through_the_machine_cache(tmp_path, monkeypat
                   {"config": [8, 512, 4, 1], "offered": offered[:-1]}]:
         assert not ops._valid_choice(stale, 1)
     (tmp_path / "skinny-gemm.json").write_text("{not json")
-    assert ops._load_choices() == {}  # a damaged cache is measured again, not an error
+    assert comm.load_machine_cache("skinny-gemm") == {}  # a damaged cache is measured again, not an error
 
 
 def hopper_ptx(fn, pointers: dict, constexprs: dict, floats=(), num_warps=4, num_stages=3) -> str:

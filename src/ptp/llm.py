@@ -10,6 +10,7 @@ from ptp.args import EngineArgs
 from ptp.detokenize import RequestText
 from ptp.engine import Engine
 from ptp.errors import ConfigError
+from ptp.log import setup_library_logging
 from ptp.outputs import RequestOutput
 from ptp.parallel.mesh import under_torchrun
 from ptp.sampling import SamplingParams
@@ -28,6 +29,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs):
+        setup_library_logging()
         names = {f.name for f in dataclasses.fields(EngineArgs)}
         unknown = sorted(set(kwargs) - names - {"tp_size"})
         if unknown:
@@ -46,7 +48,7 @@ class LLM:
         self._tokenizer = self.engine.tokenizer
 
     def _start_replicas(self, args: EngineArgs) -> None:
-        from ptp.engine import load_tokenizer, resolve_model
+        from ptp.hub import load_tokenizer, resolve_model
         from ptp.frontend import Replicas
 
         files, _, _ = resolve_model(args, None)  # a bad model or tp fails here, before any process starts

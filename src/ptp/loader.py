@@ -13,7 +13,7 @@ from torch import nn
 
 from ptp.config import ModelConfig
 from ptp.errors import ModelNotFoundError, UnsupportedModelError
-from ptp.hub import ModelFiles
+from ptp.hub import ModelFiles, open_gguf
 from ptp.models.llama import MERGED
 from ptp.models.moe import EXPERT_TENSORS, EXPERT_TENSORS_DEFAULT, ExpertPlacement
 from ptp.models.registry import model_class
@@ -35,6 +35,12 @@ def load_model(config: ModelConfig, files: ModelFiles | None, *, dtype: torch.dt
         model.keep_stage(stage.layers, stage.first, stage.last)
     if tp > 1:
         apply_tp(model, tp_mesh, plan(config) if stage is None or stage.count == 1 else _stage_plan(model, plan(config)))
+    local_bytes = sum(_local(p).numel() * p.element_size() for p in model.parameters())
+    if load_format == "dummy":
+        log.info("filling %.2f GiB of random weights per rank (--load-format dummy)", local_bytes / 2**30)
+    else:
+        log.info("loading %.2f GiB of weights per rank from %s%s", local_bytes / 2**30, files.name,
+                 " (de-quantizing the GGUF tensors)" if files.gguf_file is not None else "")
     model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.tie_weights()  # .to() and to_empty() make a new tensor per module
@@ -64,8 +70,7 @@ def _source(files: ModelFiles | None, load_format: str, stack: ExitStack, device
     if load_format == "dummy":
         return None
     if files.gguf_file is not None:
-        from ptp.gguf_file import GGUFFile
-        return GGUFSource(GGUFFile(files.gguf_file))
+        return GGUFSource(open_gguf(files.gguf_file))
     if load_format == "gguf":
         raise ModelNotFoundError(f"--load-format gguf needs a .gguf file, got the folder {files.folder}.")
     return SafetensorsSource(files, stack, device)
@@ -117,6 +122,10 @@ class GGUFSource:
 
     def block(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
         return self.gguf.tensor(name)[index]
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param
 
 
 def _shard_dim(param) -> int | None:

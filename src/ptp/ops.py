@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptp.kernels import pdl_for
+from ptp.parallel.comm import load_machine_cache, save_machine_cache
 
 # Set PTP_DISABLE_SKINNY_GEMM=1 to send every projection to cuBLAS (for A/B measurements).
 SKINNY = os.environ.get("PTP_DISABLE_SKINNY_GEMM", "0") != "1"
@@ -56,14 +57,14 @@ def _skinny_config(x, weight, bias) -> tuple | None:
     key = (f"{tuple(x.shape)}x{tuple(weight.shape)} {str(x.dtype).removeprefix('torch.')}"
            f"{' bias' if bias is not None else ''}{' pdl' if pdl_for(x) else ''}")
     if not _CHOICE:
-        _CHOICE.update(_load_choices())
+        _CHOICE.update(load_machine_cache("skinny-gemm"))
     entry = _CHOICE.get(key)
     if not _valid_choice(entry, x.shape[0]):  # not measured yet, or by another version of ptp
         if torch.cuda.is_current_stream_capturing():
             return None  # cannot measure inside a capture; warm-up runs come first, so this is rare
         entry = _CHOICE[key] = tune_skinny(x, weight, bias)
         log.debug("%s: %s", key, entry)
-        _save_choices()
+        save_machine_cache("skinny-gemm", _CHOICE)
     return tuple(entry["config"]) if entry["config"] else None
 
 
@@ -124,18 +125,6 @@ def time_rotating(fn, weights: list[torch.Tensor], calls: int = 24) -> float:
 
     turn = itertools.count()
     return time_in_graph(lambda: fn(weights[next(turn) % len(weights)]), calls)
-
-
-def _load_choices() -> dict:
-    from ptp.parallel.comm import load_machine_cache
-
-    return load_machine_cache("skinny-gemm")
-
-
-def _save_choices() -> None:
-    from ptp.parallel.comm import save_machine_cache
-
-    save_machine_cache("skinny-gemm", _CHOICE)
 
 
 def _skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:

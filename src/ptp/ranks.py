@@ -22,7 +22,7 @@ import traceback
 
 import torch
 
-from ptp.errors import RankFailedError
+from ptp.errors import PtpError, RankFailedError
 from ptp.parallel.mesh import Dist, StepChannel, init_distributed, teardown_together
 
 log = logging.getLogger("ptp")
@@ -32,7 +32,7 @@ LOCAL_START_SECONDS = 60.0
 
 def build_runner(args, rank: int, init_method: str | None, before_join=None):
     """Join the group as `rank`, load this rank's shard, build its KV cache. Returns (Dist, runner, config, files)."""
-    from ptp.engine import resolve_model
+    from ptp.hub import resolve_model
     from ptp.runner import ModelRunner
 
     cpus = os.cpu_count() or 1
@@ -123,7 +123,8 @@ def _worker_main(args, rank: int, init_method: str, errors, ready, parent_pid: i
         d, runner, _, _ = build_runner(args, rank, init_method, before_join=ready.set)
         follow(d, runner)
     except BaseException as e:  # report to rank 0, then die so its collectives fail fast
-        errors.put((rank, f"{e.__class__.__name__}: {e}", traceback.format_exc()))
+        # a PtpError is a message for people: its traceback through the libraries below would bury it
+        errors.put((rank, f"{e.__class__.__name__}: {e}", "" if isinstance(e, PtpError) else traceback.format_exc()))
         time.sleep(0.2)
         os._exit(1)
 
@@ -241,7 +242,7 @@ class SpawnedRanks:
                              for r, code in silent)
         if reported:
             rank, message, tb = reported[0]
-            return f"{self.name(rank)} failed: {message}\n--- traceback of rank {rank} ---\n{tb}"
+            return f"{self.name(rank)} failed: {message}" + (f"\n--- traceback of rank {rank} ---\n{tb}" if tb else "")
         return "a peer rank stopped answering"
 
     def peer_failed(self, wait: float = 3.0) -> bool:

@@ -1,6 +1,6 @@
 """One per rank: the sharded model, its KV cache and attention backend; runs one step's batch.
 
-Steps where every sequence brings one token (decode) go through `DecodeGraphs`: the forward is
+Steps where every sequence brings one token (decode) go through `DecodeGraphs` (graphs.py): the forward is
 compiled once (torch.compile, dynamic batch size) and captured in a CUDA graph per batch-size
 bucket, the batch padded to the next bucket. Every other step (prefill, mixed) runs through one
 decoder layer compiled with dynamic shapes that every layer of the model reuses (a whole-model
@@ -14,8 +14,6 @@ the logits and sends the sampled rows' back to the first stage.
 """
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import logging
 import os
 import time
@@ -24,12 +22,12 @@ import torch
 import torch.distributed as dist
 
 from ptp import ops
-from ptp.attention import Bound, DecodeMeta, make_backend, rows_meta, step_meta
-from ptp.attention.meta import PrefillMeta, mark_unbacked
+from ptp.attention import Bound, make_backend, rows_meta, step_meta
+from ptp.attention.meta import mark_unbacked
 from ptp.config import ModelConfig
 from ptp.errors import ConfigError
+from ptp.graphs import DecodeGraphs, PrefillGraphs
 from ptp.hub import ModelFiles
-from ptp.kernels import pdl_enabled
 from ptp.kv_cache import KVCache, slot
 from ptp.loader import load_model
 from ptp.parallel.comm import broadcast_from_first, gather_vocab, set_fixed_order
@@ -79,6 +77,8 @@ class ModelRunner:
         if blocks * block_size < max_model_len:
             log.warning("the KV cache holds %d tokens, less than one sequence of --max-model-len %d",
                         blocks * block_size, max_model_len)
+        log.info("building the KV cache: %d tokens in blocks of %d, %.2f GiB per rank", blocks * block_size,
+                 block_size, (blocks + 1) * per_block / 2**30)
         # One block more than the scheduler hands out: padded rows of a graph write their K/V there.
         self.kv_cache = KVCache(layers, blocks + 1, block_size, kv_heads, config.head_dim, dtype, d.device)
         self.num_blocks = blocks
@@ -128,6 +128,7 @@ class ModelRunner:
         are inputs; the layer index is an argument), so each kind of step compiles once, not per layer."""
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
         self.run_layer = torch.compile(_run_layer, dynamic=True)
+        log.info("prefill and mixed steps run through one compiled decoder layer: each kind compiles on its first step")
 
     def _blocks_that_fit(self, per_block: int, max_model_len: int, block_size: int, fraction: float) -> int:
         if self.device.type == "cuda":
@@ -286,210 +287,3 @@ def check_deterministic(config: ModelConfig, attention_backend: str, device: tor
 
 def _run_layer(layer, x, residual, positions, rotary, attn, index):
     return layer(x, residual, positions, rotary, attn, index)
-
-
-def capture_graph(step, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """step() run twice on a side stream (compiling it, if it is compiled, and warming it up), then
-    captured into a CUDA graph in `pool`; returns the graph and the output tensor it refills."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = step()
-    return graph, out
-
-
-def graph_buckets(max_bs: int) -> list[int]:
-    """Batch sizes to capture: 1, 2, 4, 8, then every 8 up to max_bs (as SGLang does)."""
-    sizes = [b for b in (1, 2, 4) if b < max_bs] + list(range(8, max_bs + 1, 8))
-    return sorted(set(sizes + [max_bs]))
-
-
-class DecodeGraphs:
-    """The decode step, compiled once and replayed from a CUDA graph per batch-size bucket."""
-
-    def __init__(self, runner: ModelRunner, compile_: bool, graphs: bool, max_bs: int, tuned: bool = False):
-        self.runner, self.graphs_on = runner, graphs and runner.device.type == "cuda"
-        device = runner.device
-        self.max_bs = max_bs
-        self.buckets = graph_buckets(max_bs)
-        self.max_blocks = -(-runner.max_model_len // runner.kv_cache.block_size)
-        self.ids = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.pos = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.slots = torch.full((max_bs,), runner.scratch_slot, dtype=torch.long, device=device)
-        self.tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=device)
-        self.lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
-        # a pipeline stage after the first: the previous stage's hidden state and residual, received here
-        self.hidden = () if runner.stage.first else tuple(
-            torch.zeros(max_bs, runner.config.hidden_size, dtype=runner.dtype, device=device) for _ in range(2))
-        # host staging: one pinned buffer for ids, positions, slots, lengths; one for block tables
-        pin = device.type == "cuda"
-        self.host_vec = torch.zeros(4, max_bs, dtype=torch.long, pin_memory=pin)
-        self.host_tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, pin_memory=pin)
-        self.copied = torch.cuda.Event() if pin else None
-        self.step = self._step
-        if compile_ and device.type == "cuda":
-            # decided once, before tracing: the step reads this decision from a dict, which dynamo
-            # guards on; filled during the first trace, it forced a second compile of the step
-            pdl_enabled(device.index or 0)
-        if compile_:
-            torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-            # tuned: coordinate-descent tuning of the generated kernels, as gpt-fast does (measured
-            # a few % faster batch-1 steps, for a much longer cold start)
-            options = {"coordinate_descent_tuning": True} if tuned else None
-            self.step = torch.compile(self._step, fullgraph=True, dynamic=None, options=options)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if self.graphs_on:
-            self._capture()
-
-    def _step(self, ids, pos, slots, tables, lens, *hidden):
-        return self.runner.forward_logits(ids, pos, DecodeMeta(slots, tables, lens), hidden=hidden or None)
-
-    def bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
-
-    def _inputs(self, bs: int):
-        args = (self.ids[:bs], self.pos[:bs], self.slots[:bs], self.tables[:bs], self.lens[:bs],
-                *(h[:bs] for h in self.hidden))
-        if bs > 1:
-            for a in args:
-                torch._dynamo.maybe_mark_dynamic(a, 0)
-        return args
-
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        start = time.perf_counter()
-        for i, bs in enumerate(reversed(self.buckets)):
-            args = self._inputs(bs)
-            self.graphs[bs] = capture_graph(lambda: self.step(*args), pool)
-            log.info("captured decode graph for batch %d (%d/%d, %.1f s)", bs, i + 1, len(self.buckets),
-                     time.perf_counter() - start)
-        torch.cuda.synchronize()
-
-    def run(self, batch: StepBatch) -> torch.Tensor:
-        n = len(batch.token_ids)
-        bs = self.bucket(n)
-        block_size = self.runner.kv_cache.block_size
-        starts = batch.starts
-        slots = [slot(table, p, block_size) for table, p in zip(batch.block_tables, starts)]
-        pad = bs - n
-        if self.copied is not None:
-            # The pinned staging buffers are copied asynchronously; a rank that never waits for its GPU
-            # (ranks > 0) must not overwrite them before the previous step's copies have run.
-            self.copied.synchronize()
-        vec = self.host_vec
-        vec[:, :bs] = torch.tensor([[t[0] for t in batch.token_ids] + [0] * pad, starts + [0] * pad,
-                                    slots + [self.runner.scratch_slot] * pad, [s + 1 for s in starts] + [0] * pad])
-        width = max(len(t) for t in batch.block_tables)
-        self.host_tables[:n, :width] = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables],
-                                                    dtype=torch.int32)
-        self.ids[:bs].copy_(vec[0, :bs], non_blocking=True)
-        self.pos[:bs].copy_(vec[1, :bs], non_blocking=True)
-        self.slots[:bs].copy_(vec[2, :bs], non_blocking=True)
-        self.lens[:bs].copy_(vec[3, :bs], non_blocking=True)
-        self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
-        if self.copied is not None:
-            self.copied.record()
-        if self.graphs_on:
-            graph, out = self.graphs[bs]
-            graph.replay()
-        else:
-            out = self.step(*self._inputs(bs))
-        # a stage before the last passes all bs rows on: the next stage's graph takes them as they are
-        return out[:n] if self.runner.stage.last else out
-
-
-def prefill_buckets(largest: int) -> list[int]:
-    """Prompt lengths to capture: 16, 32, 48, 64, then a step of a quarter of the last power of two."""
-    sizes, n = [], 16
-    while n <= largest:
-        sizes.append(n)
-        n += max(16, 1 << (n.bit_length() - 3))
-    return sizes
-
-
-class PrefillGraphs:
-    """The prefill step of one whole prompt (from position 0, up to 512 tokens), replayed from a CUDA
-    graph per length bucket: such a step is bound by the host launching each layer's kernels (a
-    short prompt: several times more host time than GPU time), and a graph launches
-    them all at once. The prompt is padded at its end; causal attention keeps the padded rows out of
-    the real ones, and their keys and values go to the scratch slot. On CPU (no graphs) the padded step
-    runs as it is, which the tests use to check the padding."""
-
-    def __init__(self, runner: ModelRunner, graphs: bool, largest: int):
-        self.runner, self.graphs_on = runner, graphs and runner.device.type == "cuda"
-        device = runner.device
-        self.buckets = prefill_buckets(min(512, largest))
-        n = self.buckets[-1] if self.buckets else 0
-        with torch.inference_mode():  # as the general path's step inputs are: the same compiled layer serves both
-            self.ids = torch.zeros(n, dtype=torch.long, device=device)
-            self.pos = torch.arange(n, dtype=torch.long, device=device)
-            self.slots = torch.full((n,), runner.scratch_slot, dtype=torch.long, device=device)
-            self.row = torch.zeros(1, dtype=torch.long, device=device)  # the last real token: the row to sample
-        self.host = torch.zeros(2, n + 1, dtype=torch.long, pin_memory=device.type == "cuda")
-        self.copied = torch.cuda.Event() if device.type == "cuda" else None
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if self.graphs_on and self.buckets:
-            self._capture()
-
-    def takes_length(self, n: int) -> bool:
-        return bool(self.buckets) and 1 < n <= self.buckets[-1]
-
-    def takes(self, batch: StepBatch) -> bool:
-        toks = batch.token_ids
-        return (len(toks) == 1 and batch.starts[0] == 0 and batch.sample[0] and self.takes_length(len(toks[0]))
-                and min(toks[0]) >= 0)
-
-    def _meta(self, n: int) -> PrefillMeta:
-        """The metadata of a whole prompt of n tokens, built as any step's is (the same compiled layer
-        serves both). Its block table points at the scratch block: captured, the metadata is fixed,
-        and the causal path reads only the slots, which each run refills. (Built outside a capture:
-        it copies from the host.)"""
-        block_size = self.runner.kv_cache.block_size
-        scratch = [self.runner.scratch_slot // block_size] * -(-n // block_size)
-        meta = PrefillMeta.build([0], [n], [scratch], self.slots[:n], block_size, None, self.runner.device)
-        assert meta.causal
-        return meta
-
-    def _step(self, n: int, meta: PrefillMeta) -> torch.Tensor:
-        return self.runner.forward_step(self.ids[:n], self.pos[:n], meta, self.row)
-
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        start = time.perf_counter()
-        for n in reversed(self.buckets):
-            meta = self._meta(n)
-            self.graphs[n] = capture_graph(lambda: self._step(n, meta), pool)
-        torch.cuda.synchronize()  # the warm-up and capture wrote keys and values only to the scratch slot
-        log.info("captured prefill graphs for prompts of up to %d tokens (%d lengths, %.1f s)", self.buckets[-1],
-                 len(self.buckets), time.perf_counter() - start)
-
-    @torch.inference_mode()
-    def run(self, batch: StepBatch) -> torch.Tensor:
-        toks, table = batch.token_ids[0], batch.block_tables[0]
-        n, block_size = len(toks), self.runner.kv_cache.block_size
-        bucket = next(b for b in self.buckets if b >= n)
-        if self.copied is not None:
-            self.copied.synchronize()  # the pinned buffer's previous copy has run (ranks > 0 never wait)
-        host = self.host
-        host[0, :n] = torch.tensor(toks)
-        host[0, n:bucket] = 0
-        host[1, :n] = torch.tensor([slot(table, p, block_size) for p in range(n)])
-        host[1, n:bucket] = self.runner.scratch_slot
-        host[0, -1] = n - 1
-        self.ids[:bucket].copy_(host[0, :bucket], non_blocking=True)
-        self.slots[:bucket].copy_(host[1, :bucket], non_blocking=True)
-        self.row.copy_(host[0, -1:], non_blocking=True)
-        if self.copied is not None:
-            self.copied.record()
-        if self.graphs_on:
-            graph, out = self.graphs[bucket]
-            graph.replay()
-            return out
-        return self._step(bucket, self._meta(bucket))

@@ -444,7 +444,7 @@ def run_frontend(ns: argparse.Namespace, args: EngineArgs, spawn: bool, addresse
     """The front end: start (or meet) the replicas, serve HTTP until told to stop, stop the replicas."""
     import uvicorn
 
-    from ptp.engine import load_tokenizer, resolve_model
+    from ptp.hub import load_tokenizer, resolve_model
     from ptp.frontend import Replicas, ReplicaFailed
     from ptp.metrics import ServerMetrics
 
@@ -457,8 +457,8 @@ def run_frontend(ns: argparse.Namespace, args: EngineArgs, spawn: bool, addresse
     try:
         replicas.wait_ready(timeout=max(600.0, args.dist_timeout))
     except ReplicaFailed as e:
-        print(f"ptp: {e}", file=sys.stderr, flush=True)
-        return 1
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     log.info("%d replica(s) ready in %.1f s", args.dp_size, time.perf_counter() - start)
     frontend = FrontEnd(replicas, tokenizer, model_name, metrics)
     config = uvicorn.Config(build_app(frontend), host=ns.host, port=ns.port, log_level="warning",

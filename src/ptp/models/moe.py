@@ -24,7 +24,7 @@ from torch import nn
 from ptp.config import ModelConfig
 from ptp.models import llama
 from ptp.ops import Linear
-from ptp.parallel.comm import all_reduce
+from ptp.parallel.comm import all_reduce, load_machine_cache, save_machine_cache
 
 log = logging.getLogger("ptp")
 # Set PTP_DISABLE_FUSED_MOE=1 to run the experts through the torch path on the GPU too (A/B measurements).
@@ -169,7 +169,7 @@ def _config(x, w13, w2, top_k: int) -> tuple | None:
         return None
     key = f"{x.shape[0]}x{top_k} {tuple(w13.shape)} {tuple(w2.shape)} {str(x.dtype).removeprefix('torch.')}"
     if not _CHOICE:
-        _CHOICE.update(_load_choices())
+        _CHOICE.update(load_machine_cache("fused-moe"))
     config = _CHOICE.get(key)
     if not (isinstance(config, list) and tuple(config) in configs_for(x.shape[0] * top_k)):
         if torch.cuda.is_current_stream_capturing():
@@ -177,7 +177,7 @@ def _config(x, w13, w2, top_k: int) -> tuple | None:
         timings = tune_fused_moe(x, w13, w2, top_k)
         config = _CHOICE[key] = list(min(timings, key=timings.get))
         log.debug("fused MoE %s: %s of %s", key, config, timings)
-        _save_choices()
+        save_machine_cache("fused-moe", _CHOICE)
     return tuple(config)
 
 
@@ -202,15 +202,3 @@ def tune_fused_moe(x, w13, w2, top_k: int, iters: int = 10) -> dict[tuple, float
         except Exception as e:  # noqa: BLE001  a tile this GPU cannot run (shared memory) is skipped
             log.debug("fused MoE tile %s failed: %s", config, e)
     return out
-
-
-def _load_choices() -> dict:
-    from ptp.parallel.comm import load_machine_cache
-
-    return load_machine_cache("fused-moe")
-
-
-def _save_choices() -> None:
-    from ptp.parallel.comm import save_machine_cache
-
-    save_machine_cache("fused-moe", _CHOICE)

@@ -187,7 +187,7 @@ def machine_cache_file(kind: str) -> Path:
 
 
 def load_machine_cache(kind: str) -> dict:
-    """What was measured and kept for this GPU model and torch version (`machine_cache_file`), or {}."""
+    """The measurements kept in machine_cache_file(kind); {} where there are none or they cannot be read."""
     path = machine_cache_file(kind)
     try:
         return json.loads(path.read_text()) if path.exists() else {}
@@ -196,15 +196,15 @@ def load_machine_cache(kind: str) -> dict:
 
 
 def save_machine_cache(kind: str, data: dict) -> None:
-    """Keep `data` in the machine's cache file; ranks of one machine may write at once: each write is whole."""
+    """Keep data in machine_cache_file(kind); a cache that cannot be written is a warning, not an error."""
     path = machine_cache_file(kind)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # ranks of one machine may write at once: each write is whole
     except OSError as e:
-        log.warning("could not keep the %s measurements in %s: %s", kind, path, e)
+        log.warning("could not cache the %s measurements in %s: %s", kind, path, e)
 
 
 def _cache_path(world: int) -> Path:
