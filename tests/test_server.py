@@ -306,6 +306,21 @@ def test_a_stopped_rank_gives_503_and_every_process_exits(folder):
     assert not left, f"processes of the server still alive 90 s after the rank stopped: {left}"
 
 
+def test_an_idle_server_outlives_the_dist_timeout(folder):
+    """Follower ranks wait for the next step in a collective bounded by --dist-timeout: a server left
+    idle for longer than that still answers, with every rank alive."""
+    s = Server(folder, "--tp", "2", "--dist-timeout", "4")
+    try:
+        workers = spawned_ranks(s.proc.pid)
+        time.sleep(10)
+        assert s.proc.poll() is None and all(alive(pid) for pid in workers), s.proc.stdout.read()[-3000:]
+        r = httpx.post(s.url + "/v1/completions", timeout=30, json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+        assert r.status_code == 200, r.text
+    finally:
+        code = s.stop()
+    assert code == 0
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
