@@ -306,6 +306,35 @@ def test_a_stopped_rank_gives_503_and_every_process_exits(folder):
     assert not left, f"processes of the server still alive 90 s after the rank stopped: {left}"
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_9mb_body_is_refused_by_its_size_while_health_answers(server, chunked):
+    """Refused with 413 in OpenAI's error shape before anything parses it (by Content-Length, or by the
+    bytes counted when the body is chunked), and /health keeps answering meanwhile."""
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "a" * 9_000_000}]}).encode()
+    answer = {}
+
+    def send():
+        content = body if not chunked else iter([body[i:i + 65536] for i in range(0, len(body), 65536)])
+        answer["r"] = httpx.post(server.url + "/v1/chat/completions", content=content, timeout=60,
+                                 headers={"content-type": "application/json"})
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    waits = []
+    with httpx.Client() as client:
+        while sender.is_alive() or not waits:
+            t = time.perf_counter()
+            assert client.get(server.url + "/health", timeout=5).status_code == 200
+            waits.append(time.perf_counter() - t)
+    sender.join()
+    r = answer["r"]
+    assert r.status_code == 413
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and "larger than the server's limit of 8 MiB" in error["message"]
+    # the median, not the slowest: a busy test machine can delay any one answer
+    assert sorted(waits)[len(waits) // 2] < 0.1, waits
+
+
 def test_an_idle_server_outlives_the_dist_timeout(folder):
     """Follower ranks wait for the next step in a collective bounded by --dist-timeout: a server left
     idle for longer than that still answers, with every rank alive."""
