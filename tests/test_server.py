@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -268,6 +269,93 @@ def test_a_crashed_rank_gives_503_then_an_exit_naming_it(folder):
     assert code != 0
     assert "rank 1" in output
     assert 503 in statuses, f"answers seen: {statuses}; server output:\n{output[-2000:]}"
+
+
+def test_a_stopped_rank_gives_503_and_every_process_exits(folder):
+    """A follower stopped with SIGSTOP mid-generation: the watchdog fails the replica, the request in flight
+    gets 503, the log names the rank and its step, and every process of the server has exited."""
+    s = Server(folder, "--tp", "2", "--watchdog-timeout", "3")
+    workers = spawned_ranks(s.proc.pid)
+    tree = descendants(s.proc.pid)
+    assert len(workers) == 1
+    threading.Timer(1.0, os.kill, (workers[0], signal.SIGSTOP)).start()
+    start = time.time()
+    try:
+        while True:  # requests one after the other, until the one running when the rank stopped fails
+            r = httpx.post(s.url + "/v1/completions", timeout=80, json={
+                "model": MODEL, "prompt": "x", "max_tokens": 200, "ignore_eos": True})
+            if r.status_code != 200 or time.time() - start > 80:
+                break
+        assert r.status_code == 503, r.text
+        assert "rank 1 stopped making progress" in r.json()["error"]["message"]
+        code = s.proc.wait(90 - (time.time() - start))
+        while [pid for pid in tree if alive(pid)] and time.time() - start < 90:
+            time.sleep(0.2)
+        left = [pid for pid in tree if alive(pid)]
+    finally:
+        for pid in [s.proc.pid, *tree]:  # what is left after a failure: not to block the next tests
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    output = s.proc.stdout.read()
+    assert code != 0
+    assert re.search(r"rank 1 \(pid \d+, stopped \(SIGSTOP\)\): step \d+, running the step's forward", output) \
+        or re.search(r"rank 1 \(pid \d+, stopped \(SIGSTOP\)\): step \d+, receiving", output), output[-3000:]
+    assert "Python stack of rank 0" in output
+    assert not left, f"processes of the server still alive 90 s after the rank stopped: {left}"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_9mb_body_is_refused_by_its_size_while_health_answers(server, chunked):
+    """Refused with 413 in OpenAI's error shape before anything parses it (by Content-Length, or by the
+    bytes counted when the body is chunked), and /health keeps answering meanwhile."""
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "a" * 9_000_000}]}).encode()
+    answer = {}
+
+    def send():
+        content = body if not chunked else iter([body[i:i + 65536] for i in range(0, len(body), 65536)])
+        answer["r"] = httpx.post(server.url + "/v1/chat/completions", content=content, timeout=60,
+                                 headers={"content-type": "application/json"})
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    waits = []
+    with httpx.Client() as client:
+        while sender.is_alive() or not waits:
+            t = time.perf_counter()
+            assert client.get(server.url + "/health", timeout=5).status_code == 200
+            waits.append(time.perf_counter() - t)
+    sender.join()
+    r = answer["r"]
+    assert r.status_code == 413
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and "larger than the server's limit of 8 MiB" in error["message"]
+    # the median, not the slowest: a busy test machine can delay any one answer
+    assert sorted(waits)[len(waits) // 2] < 0.1, waits
+
+
+def test_an_idle_server_outlives_the_dist_timeout(folder):
+    """Follower ranks wait for the next step in a collective bounded by --dist-timeout: a server left
+    idle for longer than that still answers, with every rank alive."""
+    s = Server(folder, "--tp", "2", "--dist-timeout", "4")
+    try:
+        workers = spawned_ranks(s.proc.pid)
+        time.sleep(10)
+        assert s.proc.poll() is None and all(alive(pid) for pid in workers), s.proc.stdout.read()[-3000:]
+        r = httpx.post(s.url + "/v1/completions", timeout=30, json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+        assert r.status_code == 200, r.text
+    finally:
+        code = s.stop()
+    assert code == 0
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_serve_with_no_model_serves_the_default_gguf():

@@ -1,5 +1,6 @@
 """Tensor parallelism on CPU (gloo, several processes): tp=N equals tp=1."""
 import os
+import re
 import signal
 import threading
 import time
@@ -122,6 +123,28 @@ def test_a_killed_rank_ends_the_run_naming_it(reference):
         # also when the check fails: else rank 0's watchdog, never told that the failure was seen,
         # ends this whole pytest process 20 s later, and the process group blocks the next test
         llm.shutdown()
+
+
+def test_a_stopped_rank_is_named_and_killed_by_the_watchdog(reference, capfd):
+    """A follower stopped with SIGSTOP mid-generation: rank 0 would wait in a collective forever; the
+    watchdog names the rank and its step, writes the stacks, kills it, and generate raises."""
+    folder = reference["llama"][0]
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", tp=2, watchdog_timeout=3)
+    victim = llm.engine.spawned.procs[0]
+    threading.Timer(2.0, os.kill, (victim.pid, signal.SIGSTOP)).start()
+    start = time.time()
+    try:
+        with pytest.raises(ptp.RankFailedError, match=r"rank 1 stopped making progress") as raised:
+            for _ in range(10_000):
+                llm.generate(["Paris"] * 4, ptp.SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
+        assert time.time() - start < 60
+        assert re.search(r"rank 1 \(pid \d+, stopped \(SIGSTOP\)\): step \d+", str(raised.value))
+        victim.join(10)
+        assert victim.exitcode == -signal.SIGKILL
+    finally:
+        llm.shutdown()
+    err = capfd.readouterr().err
+    assert "Python stack of rank 0" in err and err.count("Thread 0x") >= 2  # rank 0's and rank 1's stacks
 
 
 def test_a_rank_that_raises_is_reported(reference):

@@ -38,6 +38,9 @@ class EngineArgs:
                                       "(default: a free local port)")
     dist_timeout: float = flag(120.0, "seconds to wait for every rank to join (then start-up ends naming the ranks "
                                "that did not), and for any one collective")
+    watchdog_timeout: float = flag(60.0, "seconds a step may make no progress before the replica fails: rank 0 "
+                                   "names the rank that stopped and what it was doing, every rank's Python stack "
+                                   "goes to the log, and the ranks are killed (ranks that ptp spawns itself)")
     dtype: str = flag("auto", "weight and activation dtype", choices=("auto", "bfloat16", "float16", "float32"))
     load_format: str = flag("auto", "'dummy' builds random weights of the real shapes", choices=("auto", "safetensors", "gguf", "dummy"))
     max_model_len: int | None = flag(None, "context window in tokens (default: the model's)")
@@ -130,6 +133,8 @@ class EngineArgs:
                               "the same on every node.")
         if self.dist_timeout <= 0:
             raise ConfigError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}.")
+        if self.watchdog_timeout <= 0:
+            raise ConfigError(f"--watchdog-timeout must be a positive number of seconds, got {self.watchdog_timeout}.")
 
     def layer_partition(self) -> list[int] | None:
         """--pp-layer-partition as a list of layer counts (None: even split)."""

@@ -178,7 +178,14 @@ class Engine:
 
     # --- stepping ------------------------------------------------------------------------------
     def step(self) -> list[SeqUpdate]:
-        """Run one step; return what the sequences gained.
+        """Run one step; return what the sequences gained (under the watchdog of the spawned ranks)."""
+        if self.spawned is None:
+            return self._step()
+        with self.spawned.busy():
+            return self._step()
+
+    def _step(self) -> list[SeqUpdate]:
+        """One step.
 
         Overlap: a step whose sampled rows need nothing from the host (greedy, or sampled without
         penalties, logprobs or a min_tokens block) has its tokens drawn on the device and is left in

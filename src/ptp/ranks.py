@@ -10,6 +10,8 @@ error after a grace period rather than hang.
 """
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
 import multiprocessing as mp
 import os
@@ -86,7 +88,7 @@ def resolve_dtype(name: str, config, files, device) -> torch.dtype:
     return dtype
 
 
-def follow(d: Dist, runner, before_exit=None) -> None:
+def follow(d: Dist, runner, before_exit=None, progress: "Progress | None" = None) -> None:
     """The loop of the ranks other than rank 0. When rank 0 says stop, the process ends here with
     status 0 (after `before_exit()`, given: a node's main process waits for the ranks it spawned).
 
@@ -95,14 +97,21 @@ def follow(d: Dist, runner, before_exit=None) -> None:
     teardown (gloo's and NCCL's destructors, run alone, have aborted or hung processes).
     """
     channel = StepChannel(d)
+    mark = progress.mark if progress is not None else (lambda phase, step=None: None)
+    step = 0
     while True:
+        mark(WAITING, step)
         batch = channel.receive()
         if batch is None:
             break
+        step += 1
+        mark(RUNNING, step)
         runner.execute(batch)
         # rank 0 drew this step's tokens on the device: they feed the next step on the first stage's ranks
         if batch.share_tokens and runner.stage.first and d.tp_size > 1:
+            mark(TOKENS, step)
             runner.receive_last_tokens(sum(batch.sample))
+    mark(TEARDOWN, step)
     try:  # rank 0 tears down at the same time (Engine.shutdown)
         teardown_together(d, runner)
     except Exception as e:
@@ -115,13 +124,15 @@ def follow(d: Dist, runner, before_exit=None) -> None:
     os._exit(0)
 
 
-def _worker_main(args, rank: int, init_method: str, errors, ready, parent_pid: int) -> None:
+def _worker_main(args, rank: int, init_method: str, errors, ready, parent_pid: int, progress: "Progress") -> None:
     exit_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # rank 0 stops the ranks; Ctrl-C reaches it too
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    faulthandler.register(STACK_SIGNAL, all_threads=True)  # the watchdog asks every rank for its stack
+    progress.start_heartbeat()
     try:
         d, runner, _, _ = build_runner(args, rank, init_method, before_join=ready.set)
-        follow(d, runner)
+        follow(d, runner, progress=progress)
     except BaseException as e:  # report to rank 0, then die so its collectives fail fast
         # a PtpError is a message for people: its traceback through the libraries below would bury it
         errors.put((rank, f"{e.__class__.__name__}: {e}", "" if isinstance(e, PtpError) else traceback.format_exc()))
@@ -147,6 +158,71 @@ def _exit_if_orphaned(parent_pid: int) -> None:
         time.sleep(1.0)
         if os.getppid() != parent_pid:
             os._exit(1)
+
+
+# What a rank is doing, as the watchdog reports it.
+IDLE, WAITING, RUNNING, TOKENS, TEARDOWN = 0, 1, 2, 3, 4
+PHASES = {
+    IDLE: "idle (no step pending)",
+    WAITING: "waiting for rank 0's next step (gloo broadcast of the step, StepChannel.receive)",
+    RUNNING: "running the step's forward (its tensor-parallel collectives / pipeline sends included)",
+    TOKENS: "receiving the step's sampled tokens from rank 0 (broadcast, receive_last_tokens)",
+    TEARDOWN: "tearing down the process group with the other ranks",
+}
+STACK_SIGNAL = signal.SIGUSR1
+HEARTBEAT_SECONDS = 0.5
+
+
+class Progress:
+    """One rank's progress in memory shared with the node's main process: step, phase, time of the last
+    phase change and a heartbeat that a thread of the rank renews every HEARTBEAT_SECONDS.
+
+    A rank blocked in a collective keeps beating (the collective releases the GIL); a stopped (SIGSTOP)
+    or frozen process does not: that is how the watchdog tells the cause of a hang from its victims."""
+
+    def __init__(self, ctx):
+        self.values = ctx.Array("d", 4, lock=False)   # step, phase, since, heartbeat (time.monotonic)
+        self.values[3] = time.monotonic()
+
+    def mark(self, phase: int, step: int | None = None) -> None:
+        if step is not None:
+            self.values[0] = step
+        self.values[1] = phase
+        self.values[2] = time.monotonic()
+
+    def start_heartbeat(self) -> None:
+        def beat():
+            while True:
+                self.values[3] = time.monotonic()
+                time.sleep(HEARTBEAT_SECONDS)
+        threading.Thread(target=beat, daemon=True, name="ptp-heartbeat").start()
+
+    @property
+    def step(self) -> int:
+        return int(self.values[0])
+
+    @property
+    def phase(self) -> int:
+        return int(self.values[1])
+
+    def since(self) -> float:
+        """Seconds in the current phase."""
+        return time.monotonic() - self.values[2]
+
+    def silent(self) -> float:
+        """Seconds since the last heartbeat."""
+        return time.monotonic() - self.values[3]
+
+
+def process_state(pid: int) -> str:
+    """The kernel's word for a process's state ('stopped', 'running', ...), from /proc where there is one."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            code = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "unknown"
+    return {"R": "running", "S": "sleeping", "D": "in uninterruptible wait", "T": "stopped (SIGSTOP)",
+            "t": "stopped by a tracer", "Z": "exited (zombie)"}.get(code, code)
 
 
 def free_port() -> int:
@@ -175,13 +251,17 @@ class SpawnedRanks:
         self.failure: str | None = None
         self.acknowledged = threading.Event()
         self.describing = threading.Lock()
+        self.watchdog_timeout = args.watchdog_timeout
+        self.progress = Progress(ctx)   # this process's (the leader's): busy while a step runs
+        self.rank_progress = [Progress(ctx) for _ in self.ranks]
         self.procs = [
-            ctx.Process(target=_worker_main, args=(args, r, self.init_method, self.errors, ready, os.getpid()),
+            ctx.Process(target=_worker_main, args=(args, r, self.init_method, self.errors, ready, os.getpid(), pr),
                         name=f"ptp-rank{r}", daemon=True)
-            for r, ready in zip(self.ranks, self.ready)
+            for r, ready, pr in zip(self.ranks, self.ready, self.rank_progress)
         ]
         for p in self.procs:
             p.start()
+        faulthandler.register(STACK_SIGNAL, all_threads=True)  # `kill -USR1 <pid>` writes rank 0's stacks too
         # starting python and torch is local work, not joining: a short --dist-timeout does not cut it short
         self._wait_until_ready(max(args.dist_timeout, LOCAL_START_SECONDS))
         threading.Thread(target=self._watch, daemon=True, name="ptp-watchdog").start()
@@ -198,9 +278,21 @@ class SpawnedRanks:
                 raise RankFailedError(f"this node's other ranks did not start within {timeout:.0f} s.")
             time.sleep(0.05)
 
+    @contextlib.contextmanager
+    def busy(self):
+        """Around each step of rank 0: while one runs, the watchdog expects progress."""
+        self.progress.mark(RUNNING, self.progress.step + 1)
+        try:
+            yield
+        finally:
+            self.progress.mark(IDLE)
+
     def _watch(self) -> None:
         while not self.closing:
             time.sleep(0.25)
+            if (self.failure is None and self.progress.phase == RUNNING
+                    and self.progress.since() > self.watchdog_timeout and not self.closing):
+                self._hung()
             dead = [(r, p.exitcode) for r, p in zip(self.ranks, self.procs) if p.exitcode not in (None, 0)]
             if dead and not self.closing:
                 self.failure = self.describe_failure()
@@ -209,6 +301,48 @@ class SpawnedRanks:
                           file=sys.stderr, flush=True)
                     os._exit(1)
                 return
+
+    def _hung(self) -> None:
+        """Rank 0's step made no progress for --watchdog-timeout seconds: name the rank that stopped and
+        what every rank was doing, have every rank write its Python stack to the log, and kill the ranks,
+        so that rank 0's collective fails and the replica reports the failure instead of hanging."""
+        lines, culprits = [], []
+        for r, p, pr in zip(self.ranks, self.procs, self.rank_progress):
+            state = process_state(p.pid)
+            frozen = pr.silent() > max(3 * HEARTBEAT_SECONDS, min(5.0, self.watchdog_timeout / 2))
+            if frozen or state.startswith("stopped"):
+                culprits.append(r)
+            lines.append(f"  {self.name(r)} (pid {p.pid}, {state}): step {pr.step}, {PHASES[pr.phase]} for "
+                         f"{pr.since():.1f} s, last heartbeat {pr.silent():.1f} s ago")
+        step = self.progress.step
+        if culprits:
+            who = ", ".join(self.name(r) for r in culprits)
+            cause = f"{who} stopped making progress (its process is stopped or frozen)"
+        else:
+            behind = min(pr.step for pr in self.rank_progress)
+            who = ", ".join(self.name(r) for r, pr in zip(self.ranks, self.rank_progress) if pr.step == behind)
+            cause = f"no rank is frozen; the furthest behind: {who} (step {behind})"
+        self.failure = (
+            f"watchdog: step {step} of rank {self.base_rank} made no progress for {self.watchdog_timeout:g} s "
+            f"(--watchdog-timeout): {cause}.\n  rank {self.base_rank} (pid {os.getpid()}): step {step}, "
+            f"{PHASES[RUNNING]}\n" + "\n".join(lines) +
+            "\nEvery rank's Python stack follows in the log; the ranks are killed and this replica fails.")
+        print(f"ptp: {self.failure}", file=sys.stderr, flush=True)
+        print(f"ptp: Python stack of rank {self.base_rank} (pid {os.getpid()}):", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        for r, p in zip(self.ranks, self.procs):
+            try:  # a stopped rank writes its stack once continued; it is killed right after
+                os.kill(p.pid, STACK_SIGNAL)
+                os.kill(p.pid, signal.SIGCONT)
+            except OSError:
+                pass
+        time.sleep(1.0)
+        for r in culprits + [r for r in self.ranks if r not in culprits]:
+            p = self.procs[self.ranks.index(r)]
+            if p.exitcode is None:
+                p.kill()
+        for p in self.procs:
+            p.join(5.0)
 
     def name(self, rank: int) -> str:
         """'rank r', with its pipeline stage under pipeline parallelism."""

@@ -394,6 +394,9 @@ def build_app(frontend: FrontEnd) -> Litestar:
         return error_response(ApiError(400, f"invalid request: {detail}", param=param))
 
     def on_http(_: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 413:  # refused by its size (Content-Length, or bytes counted), before parsing
+            return error_response(ApiError(413, f"the request body is larger than the server's limit of "
+                                           f"{MAX_BODY_BYTES >> 20} MiB; send a shorter prompt or fewer messages."))
         return error_response(ApiError(exc.status_code, exc.detail, kind="invalid_request_error"))
 
     def on_api(_: Request, exc: ApiError) -> Response:

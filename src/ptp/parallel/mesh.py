@@ -247,6 +247,9 @@ class Join:
                 )
 
 
+IDLE_WAIT = datetime.timedelta(days=365)
+
+
 class StepChannel:
     """Rank 0 → every rank: each step's batch as integers over the CPU group, no pickling.
 
@@ -271,7 +274,7 @@ class StepChannel:
                            group=self.d.cpu_group)
 
     def receive(self):
-        dist.broadcast(self.head, src=self.d.leader, group=self.d.cpu_group)
+        self._wait_for_head()
         size = int(self.head[0])
         if size < 0:
             return None
@@ -281,6 +284,16 @@ class StepChannel:
             dist.broadcast(rest, src=self.d.leader, group=self.d.cpu_group)
             ints += rest.tolist()
         return StepBatch.decode(ints)
+
+    def _wait_for_head(self) -> None:
+        """The broadcast of the next step's head, with no deadline: an idle server sends nothing for as
+        long as no request comes, and --dist-timeout (the group's timeout) would end the ranks waiting."""
+        group = self.d.cpu_group
+        opts = dist.BroadcastOptions()
+        opts.rootRank = dist.get_group_rank(group, self.d.leader)
+        opts.rootTensor = 0
+        opts.timeout = IDLE_WAIT
+        group.broadcast([self.head], opts).wait()
 
 
 def teardown_together(d: Dist, runner) -> None:
