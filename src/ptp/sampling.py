@@ -28,6 +28,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None   # number of top logprobs per token besides the chosen one
     skip_special_tokens: bool = True
+    # the prompt's own logprobs: per prompt token (None for the first) the token's and this many top ones
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -65,6 +67,9 @@ class SamplingParams:
             bad("min_tokens", self.min_tokens, f"at most max_tokens={self.max_tokens}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", self.logprobs, "an integer in [0, 20]")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            bad("prompt_logprobs", self.prompt_logprobs, "an integer in [0, 20], or None")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", self.seed, "an integer")
         if any(not isinstance(s, str) or not s for s in self.stop):
