@@ -42,3 +42,66 @@ def test_prompt_logprobs_equal_transformers(folder, kwargs):
     plain = llm.generate(PROMPTS[:1], ptp.SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
     assert plain[0].prompt_logprobs is None
     llm.shutdown()
+
+
+# --- lm-evaluation-harness as a real client ------------------------------------------------------------
+
+QUESTIONS = [
+    {"question": "Paris is the capital of", "choices": [" France", " Germany", " the lazy dog"], "answer": 0},
+    {"question": "The quick brown fox jumps over", "choices": [" the lazy dog.", " Berlin", " 42"], "answer": 0},
+    {"question": "def add(a, b):\n   ", "choices": [" return a + b", " return a - b"], "answer": 0},
+    {"question": "Tensor parallelism splits every layer across", "choices": [" several GPUs.", " one café"],
+     "answer": 0},
+]
+MC_TASK = """task: ptp_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def _lm_eval(model: str, model_args: str, tasks_dir) -> dict:
+    """lm-evaluation-harness's per-document responses of the task in tasks_dir, by document id."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["ptp_tiny_mc"],
+                                  task_manager=TaskManager(include_path=str(tasks_dir)), log_samples=True,
+                                  batch_size=1)
+    return {s["doc_id"]: s["resps"] for s in out["samples"]["ptp_tiny_mc"]}
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_scores_as_its_hf_backend(folder, tmp_path):
+    """lm-eval's `local-completions` (token ids, echo + logprobs) against the ptp server gives the same
+    per-choice log-likelihoods (and greedy flags) as lm-eval's own Hugging Face backend."""
+    pytest.importorskip("lm_eval")
+    import json
+
+    from test_server import MODEL, Server
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tmp_path / "mc.yaml").write_text(MC_TASK.format(data=data))
+    want = _lm_eval("hf", f"pretrained={folder},dtype=float32,device=cpu", tmp_path)
+    server = Server(folder, "--block-size", "4")
+    try:
+        got = _lm_eval("local-completions", f"model={MODEL},base_url={server.url}/v1/completions,"
+                       f"tokenizer_backend=huggingface,tokenizer={folder},tokenized_requests=True,"
+                       "num_concurrent=1,max_retries=1", tmp_path)
+    finally:
+        assert server.stop() == 0
+    assert sorted(got) == sorted(want) == list(range(len(QUESTIONS)))
+    for doc in want:
+        assert len(got[doc]) == len(want[doc]) == len(QUESTIONS[doc]["choices"])
+        for (g,), (w,) in zip(got[doc], want[doc]):
+            assert abs(float(g[0]) - float(w[0])) <= 1e-3, (doc, g, w)
+            assert bool(g[1]) == bool(w[1])

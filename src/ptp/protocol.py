@@ -78,8 +78,6 @@ class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
     suffix: str | None = None
 
     def unsupported(self):
-        if self.echo:
-            return "echo", "echo is not supported by ptp; prepend the prompt yourself."
         if self.suffix:
             return "suffix", "suffix (insertion) is not supported by ptp."
         if self.best_of not in (None, self.n):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import msgspec
 import logging
 import multiprocessing as mp
@@ -109,15 +110,25 @@ class Formatter:
         for token, entry in zip(token_ids, entries or []):
             text = self.token_text(token)
             out["tokens"].append(text)
+            out["text_offset"].append(offset)
+            offset += len(text)
+            if entry is None:  # the prompt's first token (echo): nothing before it to predict it
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
             out["token_logprobs"].append(entry[token])
             tops = {}
             for t, lp in top_entries(entry, top):
                 key = self.token_text(t)  # two tokens with the same text (partial bytes) keep both entries
                 tops["token_id:%d" % t if key in tops else key] = lp
             out["top_logprobs"].append(tops)
-            out["text_offset"].append(offset)
-            offset += len(text)
         return out
+
+    def echo_text(self, prompt: str | None, prompt_ids: list[int]) -> str:
+        """The prompt as echoed: its own text, or its token ids decoded."""
+        if prompt is not None:
+            return prompt
+        return self.tok.decode(prompt_ids) if self.tok is not None else "".join(f"<{t}>" for t in prompt_ids)
 
     def chat_logprobs(self, entries, token_ids, top: int) -> dict:
         content = []
@@ -230,7 +241,10 @@ def _collect(updates, n: int):
     """Gather a non-streaming request's updates per choice."""
     choices = {}
     for i, u in updates:
-        c = choices.setdefault(i * n + u.index, {"text": "", "ids": [], "lps": [], "finish": None, "cached": 0})
+        c = choices.setdefault(i * n + u.index, {"text": "", "ids": [], "lps": [], "finish": None, "cached": 0,
+                                                 "prompt_lps": None})
+        if u.prompt_logprobs is not None and c["prompt_lps"] is None:
+            c["prompt_lps"] = u.prompt_logprobs
         c["cached"] = max(c["cached"], u.num_cached_tokens)
         c["text"] += u.text
         c["ids"] += u.token_ids
@@ -252,6 +266,9 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
     prompts = [(t if isinstance(t, str) else None, await fe.encode(t)) for t in texts]
     top = data.logprobs
     params = fe.sampling(data, data.max_tokens, top, [ids for _, ids in prompts])
+    echo = data.echo
+    if echo and top is not None:  # the prompt's own logprobs, as lm-evaluation-harness scores choices
+        params = dataclasses.replace(params, prompt_logprobs=top)
     rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
     prompt_tokens = sum(len(ids) for _, ids in prompts) * n
     base = {"id": rid, "object": "text_completion", "created": created, "model": fe.model_name}
@@ -268,11 +285,17 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
                 index = i * n + u.index
                 generated += len(u.token_ids)
                 cached[index] = max(cached.get(index, 0), u.num_cached_tokens)
+                text, ids, entries = u.text, u.token_ids, u.logprobs
+                if echo and index not in offsets:  # the first chunk of a choice starts with its prompt
+                    p_text, p_ids = prompts[i]
+                    text = fmt.echo_text(p_text, p_ids) + text
+                    ids = p_ids + ids
+                    entries = (u.prompt_logprobs or []) + (entries or []) if top is not None else None
                 lp = None
                 if top is not None:
-                    lp = fmt.completion_logprobs(u.logprobs, u.token_ids, top, offsets.get(index, 0))
-                offsets[index] = offsets.get(index, 0) + len(u.text)
-                yield fmt.sse({**base, "choices": [{"index": index, "text": u.text, "logprobs": lp,
+                    lp = fmt.completion_logprobs(entries, ids, top, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + len(text)
+                yield fmt.sse({**base, "choices": [{"index": index, "text": text, "logprobs": lp,
                                                      "finish_reason": u.finish_reason}]})
             if include_usage:
                 yield fmt.sse({**base, "choices": [], "usage": fmt.usage(prompt_tokens, generated,
@@ -282,9 +305,14 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
         return Stream(_until_error(events(), fmt), media_type="text/event-stream")
 
     choices = _collect([x async for x in fe.run(prompts, params)], n)
-    out = [{"index": k, "text": c["text"], "finish_reason": c["finish"],
-            "logprobs": fmt.completion_logprobs(c["lps"], c["ids"], top, 0) if top is not None else None}
-           for k, c in sorted(choices.items())]
+    out = []
+    for k, c in sorted(choices.items()):
+        text, ids, entries = c["text"], c["ids"], c["lps"]
+        if echo:
+            p_text, p_ids = prompts[k // n]
+            text, ids, entries = fmt.echo_text(p_text, p_ids) + text, p_ids + ids, (c["prompt_lps"] or []) + entries
+        out.append({"index": k, "text": text, "finish_reason": c["finish"],
+                    "logprobs": fmt.completion_logprobs(entries, ids, top, 0) if top is not None else None})
     generated = sum(len(c["ids"]) for c in choices.values())
     cached = sum(c["cached"] for c in choices.values())
     return Response({**base, "choices": out, "usage": fmt.usage(prompt_tokens, generated, cached)})
