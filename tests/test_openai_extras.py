@@ -105,3 +105,69 @@ def test_lm_eval_local_completions_scores_as_its_hf_backend(folder, tmp_path):
         for (g,), (w,) in zip(got[doc], want[doc]):
             assert abs(float(g[0]) - float(w[0])) <= 1e-3, (doc, g, w)
             assert bool(g[1]) == bool(w[1])
+
+
+# --- structured outputs ----------------------------------------------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "kind": {"enum": ["cat", "dog", "fox"]},
+        "size": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "minItems": 1, "maxItems": 3},
+        "owner": {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                                   "ok": {"type": "boolean"}},
+                  "required": ["age", "ok"], "additionalProperties": False},
+    },
+    "required": ["name", "kind", "size", "tags", "owner"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_outputs_always_validate(folder):
+    """200 samples at temperature 1 from a random model, batched with unconstrained requests: every
+    constrained one is JSON that validates against the schema (nested object, enum, bounded array)."""
+    import json
+
+    import jsonschema
+
+    from ptp.structured import grammar_for
+
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", seed=1)
+    schema = ptp.SamplingParams(temperature=1.0, max_tokens=150, grammar=grammar_for(json_schema=SCHEMA))
+    free = ptp.SamplingParams(temperature=1.0, max_tokens=8)
+    prompts = [f"Describe animal number {i}:" for i in range(200)]
+    outs = llm.generate(prompts + prompts[:20], [schema] * 200 + [free] * 20, use_tqdm=False)
+    for out in outs[:200]:
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), SCHEMA)
+    assert len({o.text for o in outs[:200]}) > 100  # sampled, not one fixed answer
+    assert not all(o.text.startswith("{") for o in outs[200:])  # the others are not constrained
+    llm.shutdown()
+
+
+def test_regex_and_choice(folder):
+    from ptp.structured import grammar_for
+
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", seed=2)
+    regex = ptp.SamplingParams(temperature=1.0, max_tokens=20, n=8, grammar=grammar_for(regex=r"[0-9]{3}-[a-z]{2}"))
+    choice = ptp.SamplingParams(temperature=1.0, max_tokens=20, n=8, grammar=grammar_for(choice=["yes", "no way"]))
+    import re
+    a, b = llm.generate(["Code:", "Answer:"], [regex, choice], use_tqdm=False)
+    assert all(re.fullmatch(r"[0-9]{3}-[a-z]{2}", o.text) for o in a.outputs), [o.text for o in a.outputs]
+    assert all(o.text in ("yes", "no way") for o in b.outputs), [o.text for o in b.outputs]
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(json_schema={"type": "strin"}), "strin"),
+    (dict(json_schema={"$ref": "#/definitions/missing"}), "missing"),
+    (dict(regex="a(b"), "unclosed group"),
+])
+def test_a_constraint_that_cannot_compile_is_named(kwargs, message):
+    from ptp.errors import ConfigError
+    from ptp.structured import grammar_for
+
+    with pytest.raises(ConfigError, match=message):
+        grammar_for(**kwargs)

@@ -89,7 +89,7 @@ def _on_device(seq: Sequence, blocked: list[int]) -> bool:
     """Whether seq's next token can be drawn on the device without its history or the host: no
     penalties (they need the token in flight), no logprobs, no min_tokens block."""
     p = seq.params
-    return p.logprobs is None and p.prompt_logprobs is None and not blocked and p.repetition_penalty == 1.0 \
+    return p.logprobs is None and p.prompt_logprobs is None and p.grammar is None and not blocked and p.repetition_penalty == 1.0 \
         and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
 
 
@@ -227,6 +227,9 @@ class Engine:
                 gen.manual_seed(seed + i)
             seqs.append(Sequence(request_id, i, prompt_ids, params, max_tokens, generator=gen,
                                  prompt_logprobs=[None] if params.prompt_logprobs is not None else None))
+            if params.grammar is not None:
+                from ptp.structured import Constraint
+                seqs[-1].constraint = Constraint(self.tokenizer, self.config.vocab_size, params.grammar)
         for s in seqs:
             self.scheduler.add(s)
         self.requests[request_id] = seqs
@@ -394,7 +397,8 @@ class Engine:
     def _sample_row(self, seq: Sequence) -> SampleRow:
         p = seq.params
         needs_history = p.repetition_penalty != 1.0
-        return SampleRow(p, seq.all_ids if needs_history else [], seq.output_ids, seq.generator, self._blocks_eos(seq))
+        return SampleRow(p, seq.all_ids if needs_history else [], seq.output_ids, seq.generator, self._blocks_eos(seq),
+                         seq.constraint)
 
     def _append(self, seq: Sequence, token: int, logprob) -> SeqUpdate:
         """Add a token; finish the sequence on EOS, a stop token or its length. Stop strings are the
@@ -408,6 +412,8 @@ class Engine:
             reason, seq.stop_reason = "stop", None
         elif token in p.stop_token_ids:
             reason, seq.stop_reason = "stop", token
+        if reason is None and seq.constraint is not None and (not seq.constraint.advance(token) or seq.constraint.done):
+            reason = "stop"  # the grammar is complete (or, never expected, rejected the token)
         if reason is None and len(seq.output_ids) >= seq.max_tokens:
             reason = "length"
         if reason is None and len(seq) >= self.max_model_len:

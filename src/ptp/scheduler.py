@@ -60,6 +60,7 @@ class Sequence:
     cache_node: Node | None = None  # the deepest prefix-cache node whose chain begins block_table (None: none)
     num_cached_tokens: int | None = None  # prompt tokens taken from the prefix cache at its first admission
     prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt position so far, if asked for
+    constraint: object = None  # a ptp.structured.Constraint, for a request with SamplingParams.grammar
 
     @property
     def all_ids(self) -> list[int]:
