@@ -79,26 +79,31 @@ def _lm_eval(model: str, model_args: str, tasks_dir) -> dict:
     return {s["doc_id"]: s["resps"] for s in out["samples"]["ptp_tiny_mc"]}
 
 
+@pytest.fixture(scope="module")
+def server(folder):
+    from test_server import Server
+
+    s = Server(folder, "--block-size", "4")
+    yield s
+    assert s.stop() == 0
+
+
 @pytest.mark.slow
-def test_lm_eval_local_completions_scores_as_its_hf_backend(folder, tmp_path):
+def test_lm_eval_local_completions_scores_as_its_hf_backend(folder, server, tmp_path):
     """lm-eval's `local-completions` (token ids, echo + logprobs) against the ptp server gives the same
     per-choice log-likelihoods (and greedy flags) as lm-eval's own Hugging Face backend."""
     pytest.importorskip("lm_eval")
     import json
 
-    from test_server import MODEL, Server
+    from test_server import MODEL
 
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     (tmp_path / "mc.yaml").write_text(MC_TASK.format(data=data))
     want = _lm_eval("hf", f"pretrained={folder},dtype=float32,device=cpu", tmp_path)
-    server = Server(folder, "--block-size", "4")
-    try:
-        got = _lm_eval("local-completions", f"model={MODEL},base_url={server.url}/v1/completions,"
-                       f"tokenizer_backend=huggingface,tokenizer={folder},tokenized_requests=True,"
-                       "num_concurrent=1,max_retries=1", tmp_path)
-    finally:
-        assert server.stop() == 0
+    got = _lm_eval("local-completions", f"model={MODEL},base_url={server.url}/v1/completions,"
+                   f"tokenizer_backend=huggingface,tokenizer={folder},tokenized_requests=True,"
+                   "num_concurrent=1,max_retries=1", tmp_path)
     assert sorted(got) == sorted(want) == list(range(len(QUESTIONS)))
     for doc in want:
         assert len(got[doc]) == len(want[doc]) == len(QUESTIONS[doc]["choices"])
@@ -109,18 +114,18 @@ def test_lm_eval_local_completions_scores_as_its_hf_backend(folder, tmp_path):
 
 # --- structured outputs ----------------------------------------------------------------------------------
 
-SCHEMA = {
+SCHEMA = {  # short keys and values: a random model's outputs stay a few dozen tokens long
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 6},
-        "kind": {"enum": ["cat", "dog", "fox"]},
-        "size": {"type": "integer", "minimum": 0, "maximum": 99},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "minItems": 1, "maxItems": 3},
-        "owner": {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
-                                                   "ok": {"type": "boolean"}},
-                  "required": ["age", "ok"], "additionalProperties": False},
+        "n": {"type": "string", "maxLength": 3},
+        "k": {"enum": ["cat", "dog", "fox"]},
+        "s": {"type": "integer", "minimum": 0, "maximum": 99},
+        "t": {"type": "array", "items": {"enum": ["x", "y", "z"]}, "minItems": 1, "maxItems": 2},
+        "o": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "b": {"type": "boolean"}},
+              "required": ["a", "b"], "additionalProperties": False},
     },
-    "required": ["name", "kind", "size", "tags", "owner"],
+    "required": ["n", "k", "s", "t", "o"],
     "additionalProperties": False,
 }
 
@@ -135,10 +140,10 @@ def test_json_schema_outputs_always_validate(folder):
     from ptp.structured import grammar_for
 
     llm = ptp.LLM(str(folder), dtype="float32", device="cpu", seed=1)
-    schema = ptp.SamplingParams(temperature=1.0, max_tokens=150, grammar=grammar_for(json_schema=SCHEMA))
+    schema = ptp.SamplingParams(temperature=1.0, max_tokens=100, grammar=grammar_for(json_schema=SCHEMA))
     free = ptp.SamplingParams(temperature=1.0, max_tokens=8)
     prompts = [f"Describe animal number {i}:" for i in range(200)]
-    outs = llm.generate(prompts + prompts[:20], [schema] * 200 + [free] * 20, use_tqdm=False)
+    outs = llm.generate(prompts + prompts[:8], [schema] * 200 + [free] * 8, use_tqdm=False)
     for out in outs[:200]:
         assert out.finish_reason == "stop", out.text
         jsonschema.validate(json.loads(out.text), SCHEMA)
@@ -171,3 +176,44 @@ def test_a_constraint_that_cannot_compile_is_named(kwargs, message):
 
     with pytest.raises(ConfigError, match=message):
         grammar_for(**kwargs)
+
+
+@pytest.mark.slow
+def test_server_structured_outputs_and_echo(server):
+    """The openai client: response_format json_schema / json_object, guided_choice; a schema that cannot
+    compile gets a 400 naming the problem; echo streams the prompt first."""
+    import json
+
+    import httpx
+    import jsonschema
+    import openai
+
+    from test_server import MODEL
+
+    client = server.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "animal", "schema": SCHEMA, "strict": True}}
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "An animal?"}],
+                                       response_format=fmt, temperature=1.0, max_tokens=100, n=4, seed=5)
+    for c in r.choices:
+        jsonschema.validate(json.loads(c.message.content), SCHEMA)
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON?"}],
+                                            response_format={"type": "json_object"}, max_tokens=100, stream=True)
+    chunks = [ch.choices[0] for ch in stream if ch.choices]
+    text, finish = "".join(c.delta.content or "" for c in chunks), chunks[-1].finish_reason
+    assert text.startswith("{") and (finish == "length" or isinstance(json.loads(text), dict)), text
+    r = client.completions.create(model=MODEL, prompt="Pick:", max_tokens=10, temperature=1.0, n=6,
+                                  extra_body={"guided_choice": ["red", "green"]})
+    assert {c.text for c in r.choices} <= {"red", "green"}
+    with pytest.raises(openai.BadRequestError, match="strin"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "bad", "schema": {"type": "strin"}}})
+    body = {"model": MODEL, "prompt": "Paris is", "max_tokens": 2, "echo": True, "logprobs": 1, "temperature": 0}
+    plain = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert plain["text"].startswith("Paris is") and plain["logprobs"]["token_logprobs"][0] is None
+    events = [json.loads(line[6:]) for line in httpx.post(server.url + "/v1/completions", json={**body, "stream": True},
+                                                          timeout=60).text.splitlines()
+              if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events) == plain["text"]
+    assert sum((e["choices"][0]["logprobs"]["token_logprobs"] for e in events), []) == \
+        plain["logprobs"]["token_logprobs"]
