@@ -8,9 +8,24 @@ import ptp
 from helpers import hf_model, make_checkpoint, tokenizer
 
 
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nYou may call these tools: {{ tools | tojson }}\nCall one as "
+    "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 @pytest.fixture(scope="module")
 def folder(ckpt_root):
-    return make_checkpoint(ckpt_root, "llama", seed=3)
+    """A tiny llama whose chat template renders tools (Qwen's <tool_call> convention)."""
+    from transformers import AutoTokenizer
+
+    path = make_checkpoint(ckpt_root, "llama", seed=3)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = TOOLS_TEMPLATE
+    tok.save_pretrained(path)
+    return path
 
 
 @torch.no_grad()
@@ -217,3 +232,56 @@ def test_server_structured_outputs_and_echo(server):
     assert "".join(e["choices"][0]["text"] for e in events) == plain["text"]
     assert sum((e["choices"][0]["logprobs"]["token_logprobs"] for e in events), []) == \
         plain["logprobs"]["token_logprobs"]
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 8},
+                                                "unit": {"enum": ["C", "F"]}},
+                                                "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"],
+    "additionalProperties": False}}}
+
+
+@pytest.mark.slow
+def test_tool_calls_through_the_openai_client(server):
+    """tool_choice required / named give typed tool_calls whose arguments validate, streaming and not;
+    auto with a model that calls nothing gives content; the template saw the tools."""
+    import json
+
+    import jsonschema
+
+    from test_server import MODEL
+
+    client = server.client()
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    r = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, TIME], tool_choice="required",
+                                       parallel_tool_calls=False, max_tokens=120, temperature=1.0, n=4, seed=1)
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+        call = c.message.tool_calls[0]
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    named = {"type": "function", "function": {"name": "get_time"}}
+    r = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, TIME], tool_choice=named,
+                                       max_tokens=60, temperature=1.0)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and json.loads(call.function.arguments)["tz"] in ("UTC", "CET")
+    stream = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, TIME],
+                                            tool_choice="required", max_tokens=200, stream=True, seed=3)
+    deltas = [ch.choices[0] for ch in stream if ch.choices]
+    calls = [tc for d in deltas for tc in (d.delta.tool_calls or [])]
+    assert calls and [tc.index for tc in calls] == list(range(len(calls)))
+    assert deltas[-1].finish_reason == "tool_calls"
+    for tc in calls:
+        jsonschema.validate(json.loads(tc.function.arguments), schemas[tc.function.name])
+    r = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER], max_tokens=8, temperature=0)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "length"
+    without = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=8, temperature=0)
+    assert r.usage.prompt_tokens > without.usage.prompt_tokens + 20  # the tools were rendered
+    import openai
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER], max_tokens=8,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})

@@ -66,3 +66,23 @@ def test_call_schema_compiles_and_accepts_a_call():
         jsonschema.validate([call] if parallel else call, schema)
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate({"name": "g", "arguments": {"a": 3}}, schema)
+
+
+def test_streamed_content_stops_where_a_call_may_begin():
+    """Content goes out piece by piece, minus a tail that could be the start of <tool_call>; the call
+    itself comes as one tool_calls delta at the end."""
+    from ptp.serve import ToolStream
+    from ptp.tool_parsers import ToolPlan
+
+    plan = ToolPlan([{"type": "function", "function": {"name": "f"}}], "auto", True, HermesParser())
+    s = ToolStream(plan)
+    pieces = ["Sure", ", one mo", "ment <", "tool_", 'call>{"name": "f", ', '"arguments": {"a": 1}}</tool_call>']
+    sent = [s.feed(p) for p in pieces]
+    assert "".join(sent) == "Sure, one moment "
+    assert sent[2] == "ment "  # "<" held back: it may open a call
+    (delta,) = s.finish()
+    (tc,) = delta["tool_calls"]
+    assert tc["index"] == 0 and tc["function"]["name"] == "f" and json.loads(tc["function"]["arguments"]) == {"a": 1}
+    assert s.finish_reason("stop") == "tool_calls"
+    plain = ToolStream(plan)
+    assert plain.feed("a < b") == "a < b" and plain.feed(" <") == " " and plain.finish() == [{"content": "<"}]

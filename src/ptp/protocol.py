@@ -134,15 +134,33 @@ class TextPart(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None   # an assistant's earlier calls
+    tool_call_id: str | None = None        # a tool's answer: to which call
 
     def as_template_input(self) -> dict:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        out = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.tool_calls:  # chat templates read the arguments as an object
+            out["tool_calls"] = [{**c, "function": {**c.get("function", {}), "arguments": _arguments(c)}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _arguments(call: dict):
+    import json
+
+    args = call.get("function", {}).get("arguments", {})
+    try:
+        return json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        return args
 
 
 class ChatCompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
@@ -156,10 +174,16 @@ class ChatCompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
     add_generation_prompt: bool = True
 
     def unsupported(self):
-        if self.tools:
-            return "tools", "tool calling is not supported by ptp."
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice", "tool calling is not supported by ptp."
+        if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
+            return "tool_choice", "tool_choice needs tools."
+        if isinstance(self.tool_choice, str) and self.tool_choice not in ("none", "auto", "required"):
+            return "tool_choice", "tool_choice must be \"none\", \"auto\", \"required\" or a named function."
+        for t in self.tools or []:
+            if t.get("type") != "function" or not isinstance(t.get("function", {}).get("name"), str):
+                return "tools", "each tool must be {\"type\": \"function\", \"function\": {\"name\": ..., ...}}."
+        if self.tools and self.tool_choice not in (None, "none", "auto") and (
+                self.response_format or self.guided_regex or self.guided_choice):
+            return "tool_choice", "a forced tool_choice cannot be combined with response_format or guided_*."
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true."
         return super().unsupported()

@@ -159,3 +159,51 @@ def call_schema(tools: list[dict], parallel: bool) -> dict:
                                                         {"type": "object"}},
                       "required": ["name", "arguments"], "additionalProperties": False} for t in tools]}
     return {"type": "array", "items": one, "minItems": 1} if parallel else one
+
+
+class ToolPlan:
+    """What a chat request's tools ask of the engine and of its output: the grammar that enforces
+    tool_choice "required" or a named function (the output is then the calls as JSON), or the
+    family's parser for "auto"."""
+
+    def __init__(self, tools: list[dict], tool_choice, parallel: bool, parser):
+        from ptp.structured import grammar_for
+
+        self.grammar = None
+        self.forced_parallel = False
+        self.parser = None
+        if tool_choice == "none" or not tools:
+            return
+        if tool_choice in (None, "auto"):
+            if parser is None:
+                raise ValueError("tool_choice \"auto\" needs a tool-call parser for this model: start the server "
+                                 f"with --tool-call-parser ({', '.join(PARSERS)}), or send tool_choice "
+                                 "\"required\" or a named function.")
+            self.parser = parser
+            return
+        if tool_choice == "required":
+            chosen = tools
+        else:
+            name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+            chosen = [t for t in tools if t.get("function", {}).get("name") == name]
+            if not chosen:
+                raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools.")
+            parallel = False
+        self.forced_parallel = parallel
+        self.grammar = grammar_for(json_schema=call_schema(chosen, parallel))
+
+    def parse(self, text: str) -> Parsed:
+        if self.grammar is not None:  # the grammar made the output the calls' JSON
+            try:
+                objs = json.loads(text)
+            except json.JSONDecodeError:
+                return Parsed(text, [])  # cut short by max_tokens
+            calls = [_call(o) for o in (objs if self.forced_parallel else [objs])]
+            return Parsed(None, [c for c in calls if c is not None])
+        if self.parser is not None:
+            return self.parser.parse(text)
+        return Parsed(text, [])
+
+    @property
+    def active(self) -> bool:
+        return self.grammar is not None or self.parser is not None
