@@ -21,7 +21,7 @@ def folder(ckpt_root):
     """A tiny llama whose chat template renders tools (Qwen's <tool_call> convention)."""
     from transformers import AutoTokenizer
 
-    path = make_checkpoint(ckpt_root, "llama", seed=3)
+    path = make_checkpoint(ckpt_root, "llama", seed=3, max_position_embeddings=1024)  # room for the tools
     tok = AutoTokenizer.from_pretrained(path)
     tok.chat_template = TOOLS_TEMPLATE
     tok.save_pretrained(path)
