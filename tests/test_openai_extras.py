@@ -285,3 +285,25 @@ def test_tool_calls_through_the_openai_client(server):
     with pytest.raises(openai.BadRequestError, match="not among the tools"):
         client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER], max_tokens=8,
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+@pytest.mark.slow
+def test_prompt_logprobs_and_a_schema_under_tp2(folder):
+    """Every rank computes the prompt rows' logits (the step carries which) and the constrained rows
+    are masked on rank 0 alone: tp=2 gives the prompt logprobs of transformers and valid JSON."""
+    import json
+
+    import jsonschema
+
+    from ptp.structured import grammar_for
+
+    model = hf_model(folder)
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", tp=2, chunked_prefill_size=9)
+    a, b = llm.generate(PROMPTS[:2], [ptp.SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0),
+                                      ptp.SamplingParams(max_tokens=100, temperature=1.0,
+                                                         grammar=grammar_for(json_schema=SCHEMA))], use_tqdm=False)
+    want = hf_prompt_logprobs(model, a.prompt_token_ids)
+    got = [a.prompt_logprobs[i][t] for i, t in enumerate(a.prompt_token_ids) if i]
+    assert max(abs(x - y) for x, y in zip(got, want)) < 1e-4
+    jsonschema.validate(json.loads(b.text), SCHEMA)
+    llm.shutdown()
