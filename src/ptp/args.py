@@ -190,6 +190,9 @@ SERVER_FLAGS = (
     ("--port", dict(type=int, default=30000, help="port to listen on")),
     ("--served-model-name", dict(default=None, help="the model name clients send (default: --model, or the "
                                                     "default model's name)")),
+    ("--tool-call-parser", dict(default=None, choices=["hermes", "llama3_json", "mistral"],
+                                help="how tool calls are read from the model's output (default: from its chat "
+                                     "template; hermes for Qwen)")),
     ("--graceful-timeout", dict(type=float, default=25.0, help="on SIGTERM or Ctrl-C, seconds to let requests in "
                                                                "flight finish before stopping")),
 )

@@ -36,6 +36,7 @@ class RequestText:
         start = max(0, len(prompt_ids) - 5)
         self.samples = [SampleText(list(prompt_ids), start, len(prompt_ids)) for _ in range(params.n)]
         self.num_cached_tokens = 0
+        self.prompt_logprobs = None  # with SamplingParams.prompt_logprobs: from the first update
 
     @property
     def finished(self) -> bool:
@@ -49,6 +50,8 @@ class RequestText:
             return dataclasses.replace(u, text="", token_ids=[], logprobs=None, finish_reason=None)
         if u.index == 0 and u.num_cached_tokens:
             self.num_cached_tokens = u.num_cached_tokens
+        if u.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = u.prompt_logprobs
         before = len(s.text)
         s.ids += u.token_ids
         s.token_ids += u.token_ids
@@ -82,7 +85,7 @@ class RequestText:
             CompletionOutput(i, s.text, list(s.token_ids), s.finish_reason, list(s.logprobs) if keep else None,
                              s.stop_reason)
             for i, s in enumerate(self.samples)
-        ], finished=self.finished, num_cached_tokens=self.num_cached_tokens)
+        ], finished=self.finished, num_cached_tokens=self.num_cached_tokens, prompt_logprobs=self.prompt_logprobs)
 
 
 def find_stop(text: str, before: int, p: SamplingParams):

@@ -41,8 +41,22 @@ def _on_device(seq: Sequence, blocked: list[int]) -> bool:
     """Whether seq's next token can be drawn on the device without its history or the host: no
     penalties (they need the token in flight), no logprobs, no min_tokens block."""
     p = seq.params
-    return p.logprobs is None and not blocked and p.repetition_penalty == 1.0 \
+    return p.logprobs is None and p.prompt_logprobs is None and p.grammar is None and not blocked and p.repetition_penalty == 1.0 \
         and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+
+
+def prompt_scoring(seqs: list[Sequence], batch: StepBatch) -> list[tuple[Sequence, int, int]]:
+    """(sequence, chunk start, chunk length) of the step's chunks that give prompt logprobs still
+    missing; marks them in batch.all_logits, so that every row of theirs gets logits."""
+    out = []
+    for seq, toks, start in zip(seqs, batch.token_ids, batch.starts):
+        rec = seq.prompt_logprobs
+        if rec is not None and max(start + 1, len(rec)) <= min(start + len(toks), len(seq.prompt_ids) - 1):
+            out.append((seq, start, len(toks)))
+    if out:
+        marked = {id(s) for s, _, _ in out}
+        batch.all_logits = [id(s) in marked for s in seqs]
+    return out
 
 
 class Engine:
@@ -153,6 +167,9 @@ class Engine:
             prompt = self.tokenizer.encode(prompt)
         prompt_ids = list(prompt)
         max_tokens = self.check_prompt(prompt_ids, params)
+        if params.prompt_logprobs is not None and self.args.pp_size > 1:
+            raise ConfigError("prompt logprobs are not supported with pipeline parallelism (--pp-size > 1) yet; "
+                              "run without prompt_logprobs (echo with logprobs), or without --pp-size.")
         seqs = []
         for i in range(params.n):
             gen = None
@@ -160,7 +177,11 @@ class Engine:
             if seed is not None:  # deterministic mode: every request draws from its own seed
                 gen = torch.Generator(device=self.d.device)
                 gen.manual_seed(seed + i)
-            seqs.append(Sequence(request_id, i, prompt_ids, params, max_tokens, generator=gen))
+            seqs.append(Sequence(request_id, i, prompt_ids, params, max_tokens, generator=gen,
+                                 prompt_logprobs=[None] if params.prompt_logprobs is not None else None))
+            if params.grammar is not None:
+                from ptp.structured import Constraint
+                seqs[-1].constraint = Constraint(self.tokenizer, self.config.vocab_size, params.grammar)
         for s in seqs:
             self.scheduler.add(s)
         self.requests[request_id] = seqs
@@ -208,7 +229,10 @@ class Engine:
             ahead = self.overlap and bool(sampling) and all(_on_device(s, self._blocks_eos(s)) for s in sampling)
             drawn = ahead and not all(s.params.greedy for s in sampling)
             batch.share_tokens = drawn and self.d.world_size > 1
+            scoring = prompt_scoring(seqs, batch)
             logits = self.execute(batch)
+            if scoring:  # the prompt rows' logits follow the sampled rows'
+                logits = self._score_prompts(scoring, logits, len(sampling))
             if sampling:
                 if drawn:  # draw on the device now; the tokens replace the argmax in last_tokens
                     tokens = self.sampler.sample_tokens(logits, [self._sample_row(s) for s in sampling])
@@ -231,6 +255,30 @@ class Engine:
                 self.profile["wait for tokens"] += time.perf_counter() - t1
                 self.profile["steps"] += 1
         return updates
+
+    def _score_prompts(self, scoring: list[tuple[Sequence, int, int]], logits: torch.Tensor,
+                       sampled: int) -> torch.Tensor:
+        """Record the prompt logprobs that this step's extra logit rows give; return the sampled rows' logits."""
+        extra, rows, targets, owners = logits[sampled:], [], [], []
+        at = 0
+        for seq, start, count in scoring:
+            done = len(seq.prompt_logprobs)  # positions recorded (a preempted sequence recomputes its prompt)
+            for pos in range(max(start + 1, done), min(start + count, len(seq.prompt_ids) - 1) + 1):
+                rows.append(at + pos - 1 - start)  # the row of position pos - 1 predicts token pos
+                targets.append(seq.prompt_ids[pos])
+                owners.append(seq)
+            at += count
+        if rows:
+            k = max(max(s.params.prompt_logprobs for s, _, _ in scoring), 1)
+            logp = torch.log_softmax(extra[torch.tensor(rows, device=extra.device)].float(), dim=-1)
+            chosen = logp.gather(1, torch.tensor(targets, device=extra.device).unsqueeze(1)).squeeze(1).tolist()
+            top_vals, top_ids = (t.tolist() for t in logp.topk(k, dim=-1))
+            for seq, token, lp, ids, vals in zip(owners, targets, chosen, top_ids, top_vals):
+                entry = {token: lp}
+                for tid, val in zip(ids[: seq.params.prompt_logprobs], vals):
+                    entry.setdefault(tid, val)
+                seq.prompt_logprobs.append(entry)
+        return logits[:sampled]
 
     def _tokens_to_host(self, rows: int):
         """Start copying the step's greedy tokens to the host; (buffer, event) to wait on."""
@@ -308,7 +356,8 @@ class Engine:
     def _sample_row(self, seq: Sequence) -> SampleRow:
         p = seq.params
         needs_history = p.repetition_penalty != 1.0
-        return SampleRow(p, seq.all_ids if needs_history else [], seq.output_ids, seq.generator, self._blocks_eos(seq))
+        return SampleRow(p, seq.all_ids if needs_history else [], seq.output_ids, seq.generator, self._blocks_eos(seq),
+                         seq.constraint)
 
     def _append(self, seq: Sequence, token: int, logprob) -> SeqUpdate:
         """Add a token; finish the sequence on EOS, a stop token or its length. Stop strings are the
@@ -322,6 +371,8 @@ class Engine:
             reason, seq.stop_reason = "stop", None
         elif token in p.stop_token_ids:
             reason, seq.stop_reason = "stop", token
+        if reason is None and seq.constraint is not None and (not seq.constraint.advance(token) or seq.constraint.done):
+            reason = "stop"  # the grammar is complete (or, never expected, rejected the token)
         if reason is None and len(seq.output_ids) >= seq.max_tokens:
             reason = "length"
         if reason is None and len(seq) >= self.max_model_len:
@@ -329,8 +380,11 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.requests_done(seq)
+        prompt_lps = None
+        if seq.prompt_logprobs is not None and len(seq.output_ids) == 1:  # the prompt's, with the first token
+            prompt_lps = seq.prompt_logprobs
         return SeqUpdate(seq.request_id, seq.index, "", [token], [logprob] if logprob is not None else None,
-                         reason, seq.stop_reason, seq.num_cached_tokens or 0)
+                         reason, seq.stop_reason, seq.num_cached_tokens or 0, prompt_lps)
 
     def requests_done(self, seq: Sequence) -> None:
         """Forget a request once every sample of it has finished."""

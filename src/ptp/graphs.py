@@ -183,7 +183,7 @@ class PrefillGraphs:
     def takes(self, batch: StepBatch) -> bool:
         toks = batch.token_ids
         return (len(toks) == 1 and batch.starts[0] == 0 and batch.sample[0] and self.takes_length(len(toks[0]))
-                and min(toks[0]) >= 0)
+                and min(toks[0]) >= 0 and not batch.wants_all_logits())
 
     def _meta(self, n: int) -> PrefillMeta:
         """The metadata of a whole prompt of n tokens, built as any step's is (the same compiled layer

@@ -24,6 +24,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     num_cached_tokens: int = 0        # prompt tokens whose KV came from the prefix cache
+    # with SamplingParams.prompt_logprobs: per prompt token (None for the first) its logprob and the top ones
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     # The first sample's fields, for the common n=1 case.
     @property
@@ -55,6 +57,7 @@ class SeqUpdate:
     finish_reason: str | None
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0  # prompt tokens of this sample taken from the prefix cache
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # with a sample's first token, if asked for
 
 
 @dataclasses.dataclass

@@ -6,6 +6,7 @@ from typing import Annotated, Literal, Union
 import msgspec
 from msgspec import Meta
 
+from ptp.errors import ConfigError
 from ptp.sampling import SamplingParams
 
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
@@ -43,6 +44,10 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop_token_ids: list[Annotated[int, Meta(ge=0)]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs: OpenAI's response_format, and vLLM's guided_regex / guided_choice extensions
+    response_format: dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for a field ptp refuses, or None."""
@@ -50,6 +55,33 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             return "logit_bias", "logit_bias is not supported by ptp."
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true."
+        kind = (self.response_format or {}).get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            return "response_format", (f"response_format type {kind!r} is not supported: use \"text\", "
+                                       "\"json_object\" or \"json_schema\".")
+        given = [name for name, on in (("response_format", kind != "text"), ("guided_regex", self.guided_regex),
+                                       ("guided_choice", self.guided_choice is not None)) if on]
+        if len(given) > 1:
+            return given[1], f"give one of response_format, guided_regex and guided_choice, not {' and '.join(given)}."
+        return None
+
+    def grammar(self) -> str | None:
+        """The llguidance grammar of this request's constraint, if any; ConfigError naming what is wrong."""
+        from ptp.structured import grammar_for
+
+        rf = self.response_format or {}
+        kind = rf.get("type", "text")
+        if kind == "json_object":
+            return grammar_for(json_object=True)
+        if kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ConfigError("response_format.json_schema must be an object with the JSON schema under \"schema\".")
+            return grammar_for(json_schema=spec.get("schema", {}))
+        if self.guided_regex is not None:
+            return grammar_for(regex=self.guided_regex)
+        if self.guided_choice is not None:
+            return grammar_for(choice=self.guided_choice)
         return None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -59,7 +91,7 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             frequency_penalty=self.frequency_penalty, seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
-            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens, grammar=self.grammar(),
         )
 
 
@@ -78,8 +110,6 @@ class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
     suffix: str | None = None
 
     def unsupported(self):
-        if self.echo:
-            return "echo", "echo is not supported by ptp; prepend the prompt yourself."
         if self.suffix:
             return "suffix", "suffix (insertion) is not supported by ptp."
         if self.best_of not in (None, self.n):
@@ -104,15 +134,33 @@ class TextPart(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None   # an assistant's earlier calls
+    tool_call_id: str | None = None        # a tool's answer: to which call
 
     def as_template_input(self) -> dict:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        out = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.tool_calls:  # chat templates read the arguments as an object
+            out["tool_calls"] = [{**c, "function": {**c.get("function", {}), "arguments": _arguments(c)}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _arguments(call: dict):
+    import json
+
+    args = call.get("function", {}).get("arguments", {})
+    try:
+        return json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        return args
 
 
 class ChatCompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
@@ -120,19 +168,22 @@ class ChatCompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    response_format: dict | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
 
     def unsupported(self):
-        if self.tools:
-            return "tools", "tool calling is not supported by ptp."
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice", "tool calling is not supported by ptp."
-        if self.response_format and self.response_format.get("type") != "text":
-            return "response_format", "structured output (response_format) is not supported by ptp."
+        if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
+            return "tool_choice", "tool_choice needs tools."
+        if isinstance(self.tool_choice, str) and self.tool_choice not in ("none", "auto", "required"):
+            return "tool_choice", "tool_choice must be \"none\", \"auto\", \"required\" or a named function."
+        for t in self.tools or []:
+            if t.get("type") != "function" or not isinstance(t.get("function", {}).get("name"), str):
+                return "tools", "each tool must be {\"type\": \"function\", \"function\": {\"name\": ..., ...}}."
+        if self.tools and self.tool_choice not in (None, "none", "auto") and (
+                self.response_format or self.guided_regex or self.guided_choice):
+            return "tool_choice", "a forced tool_choice cannot be combined with response_format or guided_*."
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true."
         return super().unsupported()

@@ -168,10 +168,12 @@ class ModelRunner:
     def scratch_slot(self) -> int:
         return self.num_blocks * self.kv_cache.block_size
 
-    def forward_logits(self, input_ids, positions, meta, logit_rows=None, run_layer=None, hidden=None):
-        """float32 logits of the chosen rows; their greedy tokens go to last_tokens. Input ids below 0
-        are taken from last_tokens (see there). A pipeline stage after the first starts from `hidden`
-        (the previous stage's hidden state and residual); one before the last returns them."""
+    def forward_logits(self, input_ids, positions, meta, logit_rows=None, run_layer=None, hidden=None,
+                       sampled=None):
+        """float32 logits of the chosen rows; the greedy tokens of the first `sampled` (all, if None)
+        go to last_tokens. Input ids below 0 are taken from last_tokens (see there). A pipeline stage
+        after the first starts from `hidden` (the previous stage's hidden state and residual); one
+        before the last returns them."""
         last = self.last_tokens
         if hidden is None:
             input_ids = torch.where(input_ids < 0, last[(-1 - input_ids).clamp(min=0)], input_ids)
@@ -181,7 +183,8 @@ class ModelRunner:
         if logit_rows is not None:
             hidden = hidden[logit_rows]
         logits = gather_vocab(self.model.logits(hidden), self.config.vocab_size).float()
-        last[: logits.shape[0]].copy_(argmax_rows(logits))
+        head = logits if sampled is None else logits[:sampled]
+        last[: head.shape[0]].copy_(argmax_rows(head))
         return logits
 
     @torch.inference_mode()
@@ -226,15 +229,21 @@ class ModelRunner:
         if self.prefill is not None and self.prefill.takes(batch):
             return self.prefill.run(batch)
         device, block_size = self.device, self.kv_cache.block_size
-        ids, positions, slots, logit_rows, row = [], [], [], [], 0
-        for toks, start, table, sample in zip(batch.token_ids, batch.starts, batch.block_tables, batch.sample):
+        ids, positions, slots, logit_rows, extra_rows, row = [], [], [], [], [], 0
+        all_logits = batch.all_logits or [False] * len(batch.token_ids)
+        for toks, start, table, sample, every in zip(batch.token_ids, batch.starts, batch.block_tables,
+                                                     batch.sample, all_logits):
             ids.extend(toks)
             pos = range(start, start + len(toks))
             positions.extend(pos)
             slots.extend(slot(table, p, block_size) for p in pos)
+            if every:  # prompt logprobs: every row's logits, after the sampled rows
+                extra_rows.extend(range(row, row + len(toks)))
             row += len(toks)
             if sample:
                 logit_rows.append(row - 1)
+        sampled = len(logit_rows)
+        logit_rows += extra_rows
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
         input_ids, pos_t, slot_t = as_tensor(ids), as_tensor(positions), as_tensor(slots)
         if self.deterministic:
@@ -244,25 +253,26 @@ class ModelRunner:
                              self.config.sliding_window, device)
         if not logit_rows and min(ids) < 0:
             raise AssertionError("a step that samples nothing cannot use the previous step's tokens")
-        return self.forward_step(input_ids, pos_t, meta, as_tensor(logit_rows) if logit_rows else None, hidden)
+        return self.forward_step(input_ids, pos_t, meta, as_tensor(logit_rows) if logit_rows else None, hidden,
+                                 sampled=sampled if extra_rows else None)
 
-    def forward_step(self, input_ids, positions, meta, logit_rows, hidden=None) -> torch.Tensor | None:
+    def forward_step(self, input_ids, positions, meta, logit_rows, hidden=None, sampled=None) -> torch.Tensor | None:
         """A step that does not replay a decode graph: through the compiled layer (run_layer) if there
         is one, else eagerly. Without logit rows (a prompt chunk that completes no sequence) nothing is
         sampled and None is returned."""
         run_layer = self.run_layer
         if run_layer is None:
-            return self._forward(input_ids, positions, meta, logit_rows, None, hidden)
+            return self._forward(input_ids, positions, meta, logit_rows, None, hidden, sampled)
         mark_unbacked(meta)
         # no "duck sizing" of equal sizes: a 4096-token chunk must not tie the token count to the hidden size
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return self._forward(input_ids, positions, meta, logit_rows, run_layer, hidden)
+            return self._forward(input_ids, positions, meta, logit_rows, run_layer, hidden, sampled)
 
-    def _forward(self, input_ids, positions, meta, logit_rows, run_layer=None, hidden=None):
+    def _forward(self, input_ids, positions, meta, logit_rows, run_layer=None, hidden=None, sampled=None):
         if logit_rows is None and self.stage.last:
             self.model(input_ids, positions, Bound(self.attention, meta), run_layer, hidden)
             return None
-        return self.forward_logits(input_ids, positions, meta, logit_rows, run_layer, hidden)
+        return self.forward_logits(input_ids, positions, meta, logit_rows, run_layer, hidden, sampled)
 
 
 def split_size(max_model_len: int, block_size: int) -> int:

@@ -28,6 +28,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None   # number of top logprobs per token besides the chosen one
     skip_special_tokens: bool = True
+    # the prompt's own logprobs: per prompt token (None for the first) the token's and this many top ones
+    prompt_logprobs: int | None = None
+    # an llguidance grammar the output must match (ptp.structured.grammar_for builds it)
+    grammar: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -65,6 +69,9 @@ class SamplingParams:
             bad("min_tokens", self.min_tokens, f"at most max_tokens={self.max_tokens}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", self.logprobs, "an integer in [0, 20]")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            bad("prompt_logprobs", self.prompt_logprobs, "an integer in [0, 20], or None")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", self.seed, "an integer")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -118,6 +125,7 @@ class SampleRow:
     output_tokens: list[int]      # output so far (for presence/frequency penalty)
     generator: torch.Generator | None
     block_eos: list[int]          # token ids that may not be sampled yet (min_tokens)
+    constraint: object = None     # a ptp.structured.Constraint: the tokens its grammar allows next
 
 
 @dataclasses.dataclass
@@ -142,6 +150,11 @@ class Sampler:
     def sample_tokens(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """The next token of each row, as a device tensor: no copy to the host, no sync."""
         logits = logits.float()
+        constrained = any(r.constraint is not None for r in rows)
+        if constrained:  # structured outputs: the grammar's masks, computed while the step ran on the device
+            from ptp.structured import apply_bitmasks, bitmasks
+
+            logits = apply_bitmasks(logits, bitmasks([r.constraint for r in rows], logits.shape[1]))
         plain = all(r.params.greedy and not r.block_eos and not _penalized(r.params) for r in rows)
         if plain:  # the common greedy case: one argmax
             return argmax_rows(logits)

@@ -59,6 +59,8 @@ class Sequence:
     first_token_time: float | None = None
     cache_node: Node | None = None  # the deepest prefix-cache node whose chain begins block_table (None: none)
     num_cached_tokens: int | None = None  # prompt tokens taken from the prefix cache at its first admission
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt position so far, if asked for
+    constraint: object = None  # a ptp.structured.Constraint, for a request with SamplingParams.grammar
 
     @property
     def all_ids(self) -> list[int]:
@@ -164,7 +166,7 @@ class Scheduler:
     # --- prefix cache ----------------------------------------------------------------------------
     def _lookup(self, seq: Sequence) -> list[Node]:
         """The cached blocks a waiting sequence can start from: whole blocks, never its last token."""
-        if self.cache is None:
+        if self.cache is None or seq.params.prompt_logprobs is not None:  # prompt logprobs need every row's logits
             return []
         tokens = seq.all_ids
         return self.cache.match(tokens, (len(tokens) - 1) // self.allocator.block_size)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import msgspec
 import logging
 import multiprocessing as mp
@@ -90,15 +91,25 @@ class Formatter:
         for token, entry in zip(token_ids, entries or []):
             text = self.token_text(token)
             out["tokens"].append(text)
+            out["text_offset"].append(offset)
+            offset += len(text)
+            if entry is None:  # the prompt's first token (echo): nothing before it to predict it
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
             out["token_logprobs"].append(entry[token])
             tops = {}
             for t, lp in top_entries(entry, top):
                 key = self.token_text(t)  # two tokens with the same text (partial bytes) keep both entries
                 tops["token_id:%d" % t if key in tops else key] = lp
             out["top_logprobs"].append(tops)
-            out["text_offset"].append(offset)
-            offset += len(text)
         return out
+
+    def echo_text(self, prompt: str | None, prompt_ids: list[int]) -> str:
+        """The prompt as echoed: its own text, or its token ids decoded."""
+        if prompt is not None:
+            return prompt
+        return self.tok.decode(prompt_ids) if self.tok is not None else "".join(f"<{t}>" for t in prompt_ids)
 
     def chat_logprobs(self, entries, token_ids, top: int) -> dict:
         content = []
@@ -203,6 +214,42 @@ class FrontEnd:
                     self.replicas.abort(rid)
 
 
+class ToolStream:
+    """One streamed choice of a request with tools: content goes out as it comes until a tool call
+    may have begun (the parser's start marker, or the first characters of it); the rest is held and
+    parsed at the end, and its calls go out as tool_calls deltas, one per call."""
+
+    def __init__(self, plan):
+        self.plan, self.text, self.sent, self.calls = plan, "", 0, []
+        self.marker = getattr(plan.parser, "start", None) if plan.grammar is None else None
+        self.hold_all = plan.grammar is not None or plan.parser is not None and plan.parser.name == "llama3_json"
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        if self.hold_all or self.marker is None:
+            return ""
+        at = self.text.find(self.marker)
+        if at < 0:  # keep back a tail that may be the marker's start
+            at = len(self.text)
+            for k in range(min(len(self.marker) - 1, len(self.text)), 0, -1):
+                if self.marker.startswith(self.text[-k:]):
+                    at = len(self.text) - k
+                    break
+        out, self.sent = self.text[self.sent: max(at, self.sent)], max(at, self.sent)
+        return out
+
+    def finish(self) -> list[dict]:
+        parsed = self.plan.parse(self.text)
+        self.calls = parsed.tool_calls
+        if not self.calls:  # no call after all: the held text is content
+            rest = self.text[self.sent:]
+            return [{"content": rest}] if rest else []
+        return [{"tool_calls": [{"index": j, **call.openai()}]} for j, call in enumerate(self.calls)]
+
+    def finish_reason(self, reason: str) -> str:
+        return "tool_calls" if self.calls else reason
+
+
 def _front(request) -> FrontEnd:
     return request.app.state.frontend
 
@@ -211,7 +258,10 @@ def _collect(updates, n: int):
     """Gather a non-streaming request's updates per choice."""
     choices = {}
     for i, u in updates:
-        c = choices.setdefault(i * n + u.index, {"text": "", "ids": [], "lps": [], "finish": None, "cached": 0})
+        c = choices.setdefault(i * n + u.index, {"text": "", "ids": [], "lps": [], "finish": None, "cached": 0,
+                                                 "prompt_lps": None})
+        if u.prompt_logprobs is not None and c["prompt_lps"] is None:
+            c["prompt_lps"] = u.prompt_logprobs
         c["cached"] = max(c["cached"], u.num_cached_tokens)
         c["text"] += u.text
         c["ids"] += u.token_ids
@@ -233,6 +283,9 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
     prompts = [(t if isinstance(t, str) else None, await fe.encode(t)) for t in texts]
     top = data.logprobs
     params = fe.sampling(data, data.max_tokens, top, [ids for _, ids in prompts])
+    echo = data.echo
+    if echo and top is not None:  # the prompt's own logprobs, as lm-evaluation-harness scores choices
+        params = dataclasses.replace(params, prompt_logprobs=top)
     rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
     prompt_tokens = sum(len(ids) for _, ids in prompts) * n
     base = {"id": rid, "object": "text_completion", "created": created, "model": fe.model_name}
@@ -249,11 +302,17 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
                 index = i * n + u.index
                 generated += len(u.token_ids)
                 cached[index] = max(cached.get(index, 0), u.num_cached_tokens)
+                text, ids, entries = u.text, u.token_ids, u.logprobs
+                if echo and index not in offsets:  # the first chunk of a choice starts with its prompt
+                    p_text, p_ids = prompts[i]
+                    text = fmt.echo_text(p_text, p_ids) + text
+                    ids = p_ids + ids
+                    entries = (u.prompt_logprobs or []) + (entries or []) if top is not None else None
                 lp = None
                 if top is not None:
-                    lp = fmt.completion_logprobs(u.logprobs, u.token_ids, top, offsets.get(index, 0))
-                offsets[index] = offsets.get(index, 0) + len(u.text)
-                yield fmt.sse({**base, "choices": [{"index": index, "text": u.text, "logprobs": lp,
+                    lp = fmt.completion_logprobs(entries, ids, top, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + len(text)
+                yield fmt.sse({**base, "choices": [{"index": index, "text": text, "logprobs": lp,
                                                      "finish_reason": u.finish_reason}]})
             if include_usage:
                 yield fmt.sse({**base, "choices": [], "usage": fmt.usage(prompt_tokens, generated,
@@ -263,9 +322,14 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
         return Stream(_until_error(events(), fmt), media_type="text/event-stream")
 
     choices = _collect([x async for x in fe.run(prompts, params)], n)
-    out = [{"index": k, "text": c["text"], "finish_reason": c["finish"],
-            "logprobs": fmt.completion_logprobs(c["lps"], c["ids"], top, 0) if top is not None else None}
-           for k, c in sorted(choices.items())]
+    out = []
+    for k, c in sorted(choices.items()):
+        text, ids, entries = c["text"], c["ids"], c["lps"]
+        if echo:
+            p_text, p_ids = prompts[k // n]
+            text, ids, entries = fmt.echo_text(p_text, p_ids) + text, p_ids + ids, (c["prompt_lps"] or []) + entries
+        out.append({"index": k, "text": text, "finish_reason": c["finish"],
+                    "logprobs": fmt.completion_logprobs(entries, ids, top, 0) if top is not None else None})
     generated = sum(len(c["ids"]) for c in choices.values())
     cached = sum(c["cached"] for c in choices.values())
     return Response({**base, "choices": out, "usage": fmt.usage(prompt_tokens, generated, cached)})
@@ -278,9 +342,17 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
     if tok is None or not getattr(tok, "chat_template", None):
         raise ApiError(400, "this model has no chat template; use /v1/completions.")
     messages = [m.as_template_input() for m in data.messages]
+    from ptp.tool_parsers import ToolPlan, parser_for
+    try:
+        plan = ToolPlan(data.tools or [], data.tool_choice, data.parallel_tool_calls is not False,
+                        parser_for(tok.chat_template, None, getattr(fe, "tool_call_parser", None)))
+    except (ValueError, ConfigError) as e:
+        raise ApiError(400, str(e), param="tool_choice") from None
+    extra = {"tools": data.tools} if data.tools else {}
 
     def render():
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=data.add_generation_prompt)
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=data.add_generation_prompt,
+                                       **extra)
         return tok.encode(text, add_special_tokens=False)
     try:
         prompt = await asyncio.to_thread(render)
@@ -288,6 +360,8 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
         raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
     top = (data.top_logprobs or 0) if data.logprobs else None
     params = fe.sampling(data, data.max_completion_tokens or data.max_tokens, top, [prompt])
+    if plan.grammar is not None:  # tool_choice "required" or a named function: the calls' JSON, enforced
+        params = dataclasses.replace(params, grammar=plan.grammar)
     rid, created, n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params.n
     base = {"id": rid, "created": created, "model": fe.model_name}
     fmt = fe.fmt
@@ -303,16 +377,25 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
                 yield fmt.sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                       "logprobs": None, "finish_reason": None}]})
             generated, cached = 0, {}
+            calls = {i: ToolStream(plan) for i in range(n)} if plan.active else None
             async for _, u in _chain(first, updates):
                 generated += len(u.token_ids)
                 cached[u.index] = max(cached.get(u.index, 0), u.num_cached_tokens)
                 lp = fmt.chat_logprobs(u.logprobs, u.token_ids, top) if top is not None else None
-                if u.text or lp:
-                    yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": {"content": u.text},
+                text, finish = u.text, u.finish_reason
+                if calls is not None:  # hold back what may be a tool call; send the calls at the end
+                    text = calls[u.index].feed(u.text)
+                if text or lp:
+                    yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": {"content": text},
                                                           "logprobs": lp, "finish_reason": None}]})
-                if u.finish_reason:
+                if finish:
+                    if calls is not None:
+                        for delta in calls[u.index].finish():
+                            yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": delta,
+                                                                  "logprobs": None, "finish_reason": None}]})
+                        finish = calls[u.index].finish_reason(finish)
                     yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": {}, "logprobs": None,
-                                                          "finish_reason": u.finish_reason}]})
+                                                          "finish_reason": finish}]})
             if include_usage:
                 yield fmt.sse({**chunk, "choices": [], "usage": fmt.usage(len(prompt) * n, generated,
                                                                            sum(cached.values()))})
@@ -321,9 +404,17 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
         return Stream(_until_error(events(), fmt), media_type="text/event-stream")
 
     choices = _collect([x async for x in fe.run([(None, prompt)], params)], n)
-    out = [{"index": k, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish"],
-            "logprobs": fmt.chat_logprobs(c["lps"], c["ids"], top) if top is not None else None}
-           for k, c in sorted(choices.items())]
+    out = []
+    for k, c in sorted(choices.items()):
+        message, finish = {"role": "assistant", "content": c["text"]}, c["finish"]
+        if plan.active:
+            parsed = plan.parse(c["text"])
+            if parsed.tool_calls:
+                message = {"role": "assistant", "content": parsed.content,
+                           "tool_calls": [call.openai() for call in parsed.tool_calls]}
+                finish = "tool_calls"
+        out.append({"index": k, "message": message, "finish_reason": finish,
+                    "logprobs": fmt.chat_logprobs(c["lps"], c["ids"], top) if top is not None else None})
     generated = sum(len(c["ids"]) for c in choices.values())
     return Response({**base, "object": "chat.completion", "choices": out,
                      "usage": fmt.usage(len(prompt) * n, generated, sum(c["cached"] for c in choices.values()))})
@@ -464,6 +555,7 @@ def run_frontend(ns: argparse.Namespace, args: EngineArgs, spawn: bool, addresse
         return 2
     log.info("%d replica(s) ready in %.1f s", args.dp_size, time.perf_counter() - start)
     frontend = FrontEnd(replicas, tokenizer, model_name, metrics)
+    frontend.tool_call_parser = ns.tool_call_parser
     config = uvicorn.Config(build_app(frontend), host=ns.host, port=ns.port, log_level="warning",
                             timeout_graceful_shutdown=int(ns.graceful_timeout), access_log=False)
     server = _graceful_server_class()(config)
