@@ -256,3 +256,5 @@ def test_step_batch_round_trips_through_its_wire_format():
     assert back == batch and back.share_tokens and back.token_ids[1] == [-2]  # a placeholder survives
     plain = StepBatch([[1]], [0], [[3]], [True])
     assert StepBatch.decode(plain.encode()) == plain and not plain.share_tokens
+    scored = StepBatch([[1, 2], [3]], [0, 5], [[3], [4]], [True, True], all_logits=[True, False])
+    assert StepBatch.decode(scored.encode()) == scored

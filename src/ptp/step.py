@@ -46,4 +46,4 @@ class StepBatch:
         for w in widths:
             tables.append(flat[at: at + w])
             at += w
-        return cls(token_ids, starts, tables, [bool(s) for s in sample], share, all_logits)
+        return cls(token_ids, starts, tables, [bool(s) for s in sample], share, all_logits if any(all_logits) else None)
