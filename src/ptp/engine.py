@@ -13,7 +13,7 @@ import time
 import torch
 
 from ptp.args import EngineArgs
-from ptp.errors import ConfigError
+from ptp.errors import ConfigError, RankFailedError
 from ptp.hub import eos_ids, load_tokenizer, resolve_model
 from ptp.kv_cache import BlockAllocator
 from ptp.outputs import ModelLimits, SeqUpdate
@@ -203,7 +203,14 @@ class Engine:
         if self.spawned is None:
             return self._step()
         with self.spawned.busy():
-            return self._step()
+            try:
+                return self._step()
+            except RankFailedError:
+                raise
+            except Exception as e:  # a collective outside execute() (the drawn tokens' broadcast) failed
+                if self.spawned.peer_failed():
+                    self.spawned.raise_failure(e)
+                raise
 
     def _step(self) -> list[SeqUpdate]:
         """One step.
