@@ -153,20 +153,43 @@ def _replica_main(args, index: int, addresses, parent_pid: int, warm: bool, slic
         os._exit(status)
 
 
+def distinct_free_ports(n: int) -> list[int]:
+    """n free local ports, all different (each held until the last is chosen)."""
+    import socket
+
+    held = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            held.append(s)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
 class ReplicaProcesses:
     """--dp-size replicas as child processes, each with its own ranks; watches that they live."""
 
     def __init__(self, args, addresses, warm: bool):
+        """Each replica forms its own process group: at --dist-init-addr's port + r, or at a port chosen here
+        (all distinct: chosen while the others are still held)."""
         if mp.current_process().name.startswith("ptp-"):
             raise ConfigError(
                 f"ptp ran again inside its own {mp.current_process().name}: starting a replica re-imports your "
                 "script, and the script builds the LLM at import time. Build it under `if __name__ == \"__main__\":`."
             )
+        if args.dist_init_addr:
+            host, port = args.dist_init_addr.rsplit(":", 1)
+            meeting = [f"{host}:{int(port) + r}" for r in range(args.dp_size)]
+        else:
+            meeting = [f"127.0.0.1:{port}" for port in distinct_free_ports(args.dp_size)] if args.dp_size > 1 else [None]
         ctx = mp.get_context("spawn")
-        one = dataclasses.replace(args, dp_size=1)
-        self.procs = [ctx.Process(target=_replica_main, args=(one, r, addresses, os.getpid(), warm, args.dp_size > 1),
+        self.procs = [ctx.Process(target=_replica_main, args=(dataclasses.replace(args, dp_size=1, dist_init_addr=addr),
+                                                              r, addresses, os.getpid(), warm, args.dp_size > 1),
                                   name=f"ptp-replica{r}", daemon=False)
-                      for r in range(args.dp_size)]
+                      for r, addr in enumerate(meeting)]
         for p in self.procs:
             p.start()
         self.closing = False
