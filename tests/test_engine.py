@@ -64,6 +64,41 @@ def test_steps_mix_prompt_chunks_and_decodes_only_when_asked(folder, alone, mix)
     assert any(k == {"decode"} for k in kinds) and any(k == {"chunk"} for k in kinds)
 
 
+
+@pytest.mark.parametrize("limit", [8, 0], ids=["limited", "no-limit"])
+def test_prefill_while_decoding_comes_in_short_steps_between_decode_steps(folder, alone, limit):
+    """With --max-prefill-tokens-while-decoding, prompts that arrive while others decode are
+    prefilled at most `limit` tokens a step, and every such step is followed by a decode step."""
+    llm = ptp.LLM(str(folder), dtype="float32", device="cpu", max_prefill_tokens_while_decoding=limit)
+    engine, scheduler = llm.engine, llm.engine.scheduler
+    schedule, steps = scheduler.schedule, []
+
+    def spy():
+        decoding = sum(len(s) - s.num_computed <= 1 for s in scheduler.running)
+        step = schedule()
+        if step is not None:
+            seqs, batch = step
+            steps.append((decoding, sum(len(t) for t in batch.token_ids), all(len(t) == 1 for t in batch.token_ids)))
+        return step
+    scheduler.schedule = spy
+    ids = [engine.add_request(PROMPTS[0], GREEDY)]
+    tokens: dict[str, list[int]] = {}
+    for _ in range(3):  # the first prompt decodes when the others arrive
+        for u in engine.step():
+            tokens.setdefault(u.request_id, []).extend(u.token_ids)
+    ids += [engine.add_request(p, GREEDY) for p in PROMPTS[1:]]
+    while engine.has_unfinished():
+        for u in engine.step():
+            tokens.setdefault(u.request_id, []).extend(u.token_ids)
+    assert [tokens[i] for i in ids] == alone
+    prefill_while_decoding = [(n, i) for i, (decoding, n, decode) in enumerate(steps) if decoding and not decode]
+    assert prefill_while_decoding, steps
+    if limit:
+        assert all(n <= limit for n, _ in prefill_while_decoding), steps
+        assert all(steps[i + 1][2] for _, i in prefill_while_decoding if i + 1 < len(steps)), steps
+    else:
+        assert max(n for n, _ in prefill_while_decoding) > 8, steps
+
 def test_sampling_seed_topk_and_stop(folder, alone):
     llm = ptp.LLM(str(folder), dtype="float32", device="cpu")
     seeded = ptp.SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01, seed=7, max_tokens=20, ignore_eos=True)

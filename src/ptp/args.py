@@ -50,6 +50,10 @@ class EngineArgs:
     block_size: int = flag(16, "tokens per KV-cache block")
     chunked_prefill_size: int = flag(8192, "most tokens one step runs (prefill is split into chunks of this "
                                      "size); -1 runs each prompt whole")
+    max_prefill_tokens_while_decoding: int | None = flag(
+        None, "most prompt tokens in a prefill step while other sequences are decoding, with a decode step "
+        "between any two such prefill steps, so that a burst of prompts stalls running streams for one short "
+        "step at a time; 0: no limit (default: 512 in ptp.serve, no limit in ptp.LLM, which runs for throughput)")
     max_running_requests: int = flag(256, "most sequences in one step")
     enable_mixed_chunk: bool = flag(False, "let prompt chunks share steps with running decodes (by default a step "
                                     "is either prefill or decode, so that decode steps replay CUDA graphs)")
@@ -92,6 +96,9 @@ class EngineArgs:
             raise ConfigError(f"--block-size must be a power of two, got {self.block_size}.")
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
             raise ConfigError("--chunked-prefill-size must be a positive number of tokens, or -1 to turn chunking off.")
+        if self.max_prefill_tokens_while_decoding is not None and self.max_prefill_tokens_while_decoding < 0:
+            raise ConfigError("--max-prefill-tokens-while-decoding must be a number of tokens >= 0 (0: no limit), "
+                              f"got {self.max_prefill_tokens_while_decoding}.")
         if self.cuda_graph_max_bs < 1:
             raise ConfigError("--cuda-graph-max-bs must be >= 1.")
         if self.max_running_requests < 1:

@@ -115,7 +115,8 @@ class Engine:
         # runner.num_blocks, not the cache's: the cache has one more, the scratch block of padded rows
         self.scheduler = Scheduler(BlockAllocator(self.runner.num_blocks, self.runner.kv_cache.block_size),
                                    args.chunked_prefill_size, args.max_running_requests, mix=args.enable_mixed_chunk,
-                                   prefix_cache=not args.disable_radix_cache)
+                                   prefix_cache=not args.disable_radix_cache,
+                                   prefill_while_decoding=args.max_prefill_tokens_while_decoding or 0)
         self.sampler = Sampler(self.d.device, args.seed)
         self.overlap = not args.disable_overlap_schedule
         self.inflight: _Launched | None = None

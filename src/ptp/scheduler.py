@@ -7,7 +7,10 @@ waiting sequences are admitted while the token budget, the sequence limit and th
 
 By default (as SGLang) a step is either a prefill step — prompt chunks of running sequences and
 newly admitted ones, whenever there are any — or a decode step of every running sequence, so that
-decode steps replay their CUDA graphs; a step that mixes both runs eagerly. With mix
+decode steps replay their CUDA graphs; a step that mixes both runs eagerly. With a limit on prefill
+while decoding (`--max-prefill-tokens-while-decoding`, the server's default), a prefill step taken
+while other sequences decode holds at most that many tokens and is followed by a decode step, so a
+burst of new prompts delays each running stream by one short step at a time. With mix
 (`--enable-mixed-chunk`) prompt chunks share steps with the running decodes.
 
 With the prefix cache (ptp.prefix_cache; on unless `--disable-radix-cache`), an admitted sequence
@@ -81,9 +84,11 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, max_tokens_per_step: int, max_running: int, mix: bool = False,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, prefill_while_decoding: int = 0):
         self.allocator = allocator
         self.max_tokens_per_step = max_tokens_per_step  # <= 0: no limit
+        self.prefill_while_decoding = prefill_while_decoding  # 0: no limit, and no decode step forced between
+        self._last_was_prefill = False
         self.max_running = max_running
         self.mix = mix
         self.cache = PrefixCache(allocator) if prefix_cache else None
@@ -103,16 +108,32 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], StepBatch] | None:
         if not self.mix:
             prefill = [s for s in self.running if len(s) - s.num_computed > 1]
+            budget = None
+            if self.prefill_while_decoding and len(prefill) < len(self.running):  # some sequences decode
+                budget = self.prefill_while_decoding
+                if self._last_was_prefill:  # they had to wait for the last step: their turn now
+                    prefill, budget = [], None
+                    step = self._schedule([s for s in self.running if len(s) - s.num_computed <= 1], admit=False)
+                    if step is not None:
+                        self._last_was_prefill = False
+                        return step
             if prefill or (self.waiting and len(self.running) < self.max_running):
-                step = self._schedule(prefill)
+                step = self._schedule(prefill, budget=budget)
                 if step is not None:
+                    self._last_was_prefill = True
                     return step
             # nothing to prefill, or no room for it: the running sequences' next tokens
+        self._last_was_prefill = False
         return self._schedule(list(self.running), admit=self.mix)
 
-    def _schedule(self, queue: list[Sequence], admit: bool = True) -> tuple[list[Sequence], StepBatch] | None:
-        """A step of `queue`'s next tokens (in order), then (with admit) of waiting sequences."""
-        budget = self.max_tokens_per_step if self.max_tokens_per_step > 0 else 1 << 62
+    def _schedule(self, queue: list[Sequence], admit: bool = True,
+                  budget: int | None = None) -> tuple[list[Sequence], StepBatch] | None:
+        """A step of `queue`'s next tokens (in order), then (with admit) of waiting sequences, within
+        `budget` tokens (default: the step's limit)."""
+        if budget is None:
+            budget = self.max_tokens_per_step if self.max_tokens_per_step > 0 else 1 << 62
+        elif self.max_tokens_per_step > 0:
+            budget = min(budget, self.max_tokens_per_step)
         chosen: list[tuple[Sequence, int]] = []
         preempted = False
         while queue and budget > 0:

@@ -40,6 +40,9 @@ from ptp.protocol import ChatCompletionRequest, CompletionRequest
 log = logging.getLogger("ptp")
 _json = msgspec.json.Encoder().encode
 MAX_BODY_BYTES = 8 << 20
+# A prefill step of at most this many prompt tokens still replays a captured CUDA graph (see
+# graphs.PrefillGraphs), so a running stream waits for one short step at a time.
+SERVE_PREFILL_TOKENS_WHILE_DECODING = 512
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -642,6 +645,8 @@ def main(argv=None) -> int:
 
     try:
         args = EngineArgs.from_cli(ns)
+        if args.max_prefill_tokens_while_decoding is None:  # streams wait for prefill steps: keep those short
+            args.max_prefill_tokens_while_decoding = SERVE_PREFILL_TOKENS_WHILE_DECODING
         if under_torchrun():
             return serve_under_torchrun(ns, args)
         if args.node_rank > 0:  # nodes other than 0 run follower ranks only; node 0 serves
