@@ -1,12 +1,18 @@
-"""Offline throughput: N prompts of random lengths through LLM.generate; input and output tokens/s.
+"""Offline throughput: N prompts of random tokens through LLM.generate; input and output tokens/s.
 
     python bench/throughput.py --model llama-3.1-8b --load-format dummy --num-prompts 256
+    python bench/throughput.py --model llama-3.1-8b --load-format dummy --num-prompts 1000 --dataset chat-lengths
+
+Lengths: --dataset random (default) draws them around --input-len / --output-len (± --jitter);
+--dataset chat-lengths draws them shaped like ShareGPT chat traffic (bench/workloads.py chat_lengths:
+means near 220 prompt and 200 output tokens, a long tail up to 2,048 / 1,024; fixed seed).
 """
 from __future__ import annotations
 
 import time
 
 from common import build_llm, engine_parser, print_table, random_prompts, write_json
+from workloads import chat_lengths
 
 
 def main() -> None:
@@ -18,6 +24,8 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--jitter", type=float, default=0.5, help="lengths vary by up to this fraction")
+    parser.add_argument("--dataset", default="random", choices=("random", "chat-lengths"),
+                        help="how lengths are drawn (chat-lengths: shaped like ShareGPT; ignores the lengths above)")
     ns = parser.parse_args()
     import random
 
@@ -25,18 +33,23 @@ def main() -> None:
 
     llm, args = build_llm(ns)
     vocab = llm.engine.config.vocab_size
-    prompts = random_prompts(ns.num_prompts, ns.input_len, vocab, seed=1, jitter=ns.jitter)
-    rng = random.Random(2)
-    params = [ptp.SamplingParams(temperature=0, ignore_eos=True,
-                                 max_tokens=max(1, int(ns.output_len * rng.uniform(1 - ns.jitter, 1 + ns.jitter))))
-              for _ in prompts]
+    if ns.dataset == "chat-lengths":
+        lengths = chat_lengths(ns.num_prompts, seed=1, max_prompt=min(2048, llm.engine.max_model_len // 2))
+        rng = random.Random(1)
+        prompts = [[rng.randrange(100, vocab - 100) for _ in range(n)] for n, _ in lengths]
+        outputs = [min(m, llm.engine.max_model_len - n) for n, m in lengths]
+    else:
+        prompts = random_prompts(ns.num_prompts, ns.input_len, vocab, seed=1, jitter=ns.jitter)
+        rng = random.Random(2)
+        outputs = [max(1, int(ns.output_len * rng.uniform(1 - ns.jitter, 1 + ns.jitter))) for _ in prompts]
+    params = [ptp.SamplingParams(temperature=0, ignore_eos=True, max_tokens=m) for m in outputs]
     llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm up
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     n_in = sum(len(p) for p in prompts)
     n_out = sum(len(o.token_ids) for o in outs)
-    row = {"label": ns.label, "tp": args.tp, "prompts": ns.num_prompts, "input_tokens": n_in, "output_tokens": n_out,
+    row = {"label": ns.label, "dataset": ns.dataset, "tp": args.tp, "prompts": ns.num_prompts, "input_tokens": n_in, "output_tokens": n_out,
            "seconds": seconds, "input_tok_s": n_in / seconds, "output_tok_s": n_out / seconds,
            "preemptions": llm.engine.scheduler.num_preemptions}
     print_table([row], list(row))

@@ -26,3 +26,20 @@ def shared_prefix(conversations: int, turns: int, system_tokens: int, user_token
             history += draw(answer_tokens)
         out.append(prompts)
     return out
+
+
+def chat_lengths(n: int, seed: int = 0, max_prompt: int = 2048, max_output: int = 1024) -> list[tuple[int, int]]:
+    """(prompt tokens, output tokens) of n requests shaped like ShareGPT chat traffic: both lengths
+    drawn from log-normal distributions (medians 120 and 122 tokens, log-sigmas 1.1 and 1.05: most
+    requests short, a long tail), clipped to [4, max_prompt] and [4, max_output]. The means come out
+    near 220 prompt and 200 output tokens, those of ShareGPT conversations under a Llama tokenizer.
+    A fixed seed gives the same requests in every run."""
+    import math
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = min(max_prompt, max(4, round(math.exp(rng.gauss(math.log(120), 1.1)))))
+        output = min(max_output, max(4, round(math.exp(rng.gauss(math.log(122), 1.05)))))
+        out.append((prompt, output))
+    return out

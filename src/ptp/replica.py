@@ -25,6 +25,7 @@ from ptp import ipc
 from ptp.errors import ConfigError, PtpError, RankFailedError
 
 log = logging.getLogger("ptp")
+SLOW_STEP_SECONDS = 0.25  # a step longer than this is logged at debug level
 
 
 def load_of(engine) -> ipc.Load:
@@ -98,7 +99,14 @@ def run_replica(engine, index: int, sockets: ReplicaSockets, pids: list[int]) ->
             spawned = engine.spawned
             if spawned is not None and spawned.failure is not None:  # a rank died while this replica idled
                 spawned.raise_failure(RuntimeError("a follower rank exited"))
-            updates = engine.step() if engine.has_unfinished() else []
+            updates = []
+            if engine.has_unfinished():
+                t = time.perf_counter()
+                updates = engine.step()
+                t = time.perf_counter() - t
+                if t > SLOW_STEP_SECONDS:  # one-off work (a first compile or kernel set-up) shows here
+                    log.debug("replica %d: a step took %.2f s (%d running, %d waiting)", index, t,
+                              len(engine.scheduler.running), len(engine.scheduler.waiting))
             load = load_of(engine)
             if updates or rejected or load != last_load:
                 sockets.send(ipc.Outputs(index, updates, load, rejected))
