@@ -20,6 +20,7 @@ from ptp.parallel.mesh import (StepChannel, check_world, release_process_group, 
                                under_torchrun)
 from ptp.parallel.p2p import stage_layers
 from ptp.overlap import OverlapSchedule
+from ptp.pipeline import MicroBatchSchedule
 from ptp.step import StepBatch
 from ptp.sampling import Sampler, SamplingParams
 from ptp.scheduler import Scheduler, Sequence, Status
@@ -85,10 +86,14 @@ class Engine:
                                    args.chunked_prefill_size, args.max_running_requests, mix=args.enable_mixed_chunk,
                                    prefix_cache=not args.disable_radix_cache)
         self.sampler = Sampler(self.d.device, args.seed)
-        self.steps = OverlapSchedule(self.scheduler, self.runner, self.sampler,
-                                     send=self.channel.send if self.channel is not None else None,
-                                     append=self._append, eos_ids=self.eos_ids, max_model_len=self.max_model_len,
-                                     overlap=not args.disable_overlap_schedule, world_size=self.d.world_size)
+        common = dict(send=self.channel.send if self.channel is not None else None, append=self._append,
+                      eos_ids=self.eos_ids, max_model_len=self.max_model_len,
+                      overlap=not args.disable_overlap_schedule, world_size=self.d.world_size)
+        if self.runner.pipelined:  # pipeline stages with several micro-batches in flight
+            self.steps = MicroBatchSchedule(self.scheduler, self.runner, self.sampler, depth=args.micro_batches(),
+                                            post=self.channel.post, **common)
+        else:
+            self.steps = OverlapSchedule(self.scheduler, self.runner, self.sampler, **common)
         self.requests: dict[str, list[Sequence]] = {}
         self.num_finished = 0  # requests whose every sample finished
         self._counter = itertools.count()
@@ -167,6 +172,11 @@ class Engine:
         """Steps queued before their predecessor's tokens were known (ptp.overlap)."""
         return self.steps.num_overlapped
 
+    @property
+    def num_pipelined(self) -> int:
+        """Micro-batches launched while another was in flight through the pipeline stages (ptp.pipeline)."""
+        return self.steps.num_pipelined
+
     def step(self) -> list[SeqUpdate]:
         """Run one step; return what the sequences gained (under the watchdog of the spawned ranks)."""
         if self.spawned is None:
@@ -235,6 +245,12 @@ class Engine:
         report = self.steps.profile_report() if self.is_leader else None
         if report is not None:
             log.info(report)
+        failed = self.spawned is not None and self.spawned.peer_failed(wait=0)
+        if self.is_leader and self.runner.pipelined and self.steps.flight and not failed:
+            try:  # the ranks finish the micro-batches in flight before they take the stop
+                self.steps.drain()
+            except Exception as e:
+                log.warning("the micro-batches in flight did not come back at shutdown: %s", e)
         if self.d.world_size > 1:
             try:
                 self.channel.send(None)

@@ -66,6 +66,7 @@ def prompt_scoring(seqs: list[Sequence], batch: StepBatch) -> list[tuple[Sequenc
 
 class OverlapSchedule:
     """Runs the leader's steps: schedule, send, execute, sample, hand each token to `append`."""
+    num_pipelined = 0  # micro-batches launched while another was in flight (ptp.pipeline's schedule)
 
     def __init__(self, scheduler: Scheduler, runner, sampler: Sampler, *,
                  send: Callable[[StepBatch], None] | None,
