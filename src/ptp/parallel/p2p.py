@@ -112,7 +112,8 @@ class StageLink:
     def post_result(self, rows: int, vocab: int, device: torch.device) -> "PendingResult":
         """Leader, micro-batched: post the receipt of a step's result without waiting for it."""
         buffer = torch.empty((rows, vocab) if rows else (1,), dtype=torch.float32, device=device)
-        return PendingResult(buffer if rows else None, dist.irecv(buffer, self.back))
+        works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, buffer, self.back)])  # as _exchange, not waited
+        return PendingResult(buffer if rows else None, works)
 
 
 @dataclasses.dataclass
@@ -120,8 +121,9 @@ class PendingResult:
     """A step's result on its way back from the last stage: the sampled rows' logits (None if it
     samples none) once `wait()` returns."""
     logits: torch.Tensor | None
-    work: object
+    works: list
 
     def wait(self) -> torch.Tensor | None:
-        self.work.wait()
+        for work in self.works:
+            work.wait()
         return self.logits
