@@ -95,6 +95,30 @@ def _check_bytes_per_rank(llm, tp, pp):
     assert runner.rank_kv_bytes == [whole / (tp * pp)] * (tp * pp)
 
 
+# twice BATCH: with SQUEEZED, chunks of several prompts and preemptions while micro-batches are in flight
+WIDE = BATCH + ["Once upon a time there", "import torch as", "The capital of France is", "x = [1, 2, 3]"]
+
+
+@pytest.fixture(scope="module")
+def wide_reference(reference):
+    folder = reference("llama")[0]
+    with ptp.LLM(str(folder), dtype="float32", device="cpu", **SQUEEZED) as llm:
+        return folder, [o.token_ids for o in llm.generate(WIDE, BATCH_GREEDY)]
+
+
+@pytest.mark.parametrize("pp", [2, 3])
+def test_micro_batches_in_flight_equal_tp1(wide_reference, pp):
+    """One micro-batch per stage in flight at once (the first stage runs one while later stages run the
+    earlier ones), with chunked prefill and preemption: tp=1's greedy tokens."""
+    folder, want = wide_reference
+    with ptp.LLM(str(folder), dtype="float32", device="cpu", pp_size=pp, **SQUEEZED) as llm:
+        assert [o.token_ids for o in llm.generate(WIDE, BATCH_GREEDY)] == want
+        engine = llm.engine
+        assert engine.scheduler.num_preemptions > 0
+        assert engine.steps.most_in_flight == pp
+        assert engine.num_pipelined > len(WIDE)  # launched while another micro-batch was in flight
+
+
 def test_compiled_decode_per_stage(reference):
     """The compiled decode step of a stage after the first takes the hidden state as its input (the
     CUDA-graph path's static buffers, here compiled without graphs)."""
@@ -108,16 +132,18 @@ def test_compiled_decode_per_stage(reference):
 
 def test_sampled_overlap_at_pp2_equals_synchronous(reference):
     """Tokens drawn on the leader's device feed the next step on the first stage: seeded sampling at pp=2
-    gives the same tokens with and without overlap."""
+    gives the same tokens with and without overlap, and with two micro-batches in flight (sampled on
+    the host as each comes back)."""
     folder = reference("llama")[0]
     params = [ptp.SamplingParams(temperature=0.9, top_p=0.95, seed=s, max_tokens=16, ignore_eos=True) for s in (1, 2)]
     outs = []
-    for overlap in (True, False):
-        with ptp.LLM(str(folder), dtype="float32", device="cpu", pp_size=2, tp=1,
+    for overlap, micro_batches in ((True, 1), (False, 1), (False, 2)):
+        with ptp.LLM(str(folder), dtype="float32", device="cpu", pp_size=2, tp=1, pp_micro_batches=micro_batches,
                      disable_overlap_schedule=not overlap) as llm:
             outs.append([o.outputs[0].token_ids for o in llm.generate(["Paris is", "def add"], params)])
             assert (llm.engine.num_overlapped > 5) == overlap
-    assert outs[0] == outs[1]
+            assert (llm.engine.num_pipelined > 5) == (micro_batches > 1)
+    assert outs[0] == outs[1] == outs[2]
 
 
 def test_a_rank_killed_in_the_second_stage_ends_the_run_naming_it(reference):

@@ -29,6 +29,10 @@ class EngineArgs:
                         "group (the embedding on the first, the final norm and lm_head on the last)")
     pp_layer_partition: str | None = flag(None, "layers per pipeline stage, comma-separated (e.g. 10,12,10; default: "
                                           "even, the remainder one each to the first stages)")
+    pp_micro_batches: int = flag(0, "micro-batches in flight through the pipeline stages under --pp-size > 1: the "
+                                 "running sequences form up to this many disjoint groups, and the first stage takes "
+                                 "the next group's step while later stages run the earlier ones (0: one per stage; "
+                                 "1: one step at a time through every stage)")
     ep: int = flag(1, "expert-parallel size for MoE models: the experts are placed whole on groups of tp / ep "
                    "ranks (each group holds 1/ep of them, sliced over its ranks); must divide --tp", aliases=("--ep-size",))
     nnodes: int = flag(1, "number of nodes; every node runs the same command with its own --node-rank (node n holds "
@@ -123,6 +127,8 @@ class EngineArgs:
                 f"--pp-layer-partition {self.pp_layer_partition} must give {self.pp_size} layer counts of at least 1 "
                 f"each, one per stage of --pp-size {self.pp_size}."
             )
+        if self.pp_micro_batches < 0:
+            raise ConfigError(f"--pp-micro-batches must be >= 0 (0: one per pipeline stage), got {self.pp_micro_batches}.")
         if self.nnodes < 1:
             raise ConfigError(f"--nnodes must be >= 1, got {self.nnodes}.")
         if not 0 <= self.node_rank < self.nnodes:
@@ -152,6 +158,12 @@ class EngineArgs:
         except ValueError:
             raise ConfigError(f"--pp-layer-partition must be comma-separated layer counts such as 10,12,10, "
                               f"got {self.pp_layer_partition!r}.") from None
+
+    def micro_batches(self) -> int:
+        """Micro-batches kept in flight through the pipeline (1 without pipeline parallelism)."""
+        if self.pp_size == 1:
+            return 1
+        return self.pp_micro_batches or self.pp_size
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -1,14 +1,13 @@
-"""The engine on rank 0: tokenizer + scheduler + runner + sampler; `step()` advances every request."""
+"""The engine on a replica's leader: start-up, requests (add, abort), the token-level output side
+(`_append`: stops on EOS, stop ids and lengths) and shutdown. `step()` advances every request through
+the step schedule of ptp.overlap, which owns the steps in flight."""
 from __future__ import annotations
 
 import atexit
-import collections
-import dataclasses
 import itertools
 import os
 import threading
 import logging
-import time
 
 import torch
 
@@ -20,43 +19,13 @@ from ptp.outputs import ModelLimits, SeqUpdate
 from ptp.parallel.mesh import (StepChannel, check_world, release_process_group, shutdown, teardown_together,
                                under_torchrun)
 from ptp.parallel.p2p import stage_layers
+from ptp.overlap import OverlapSchedule
+from ptp.pipeline import MicroBatchSchedule
 from ptp.step import StepBatch
-from ptp.sampling import Sampler, SampleRow, SamplingParams
+from ptp.sampling import Sampler, SamplingParams
 from ptp.scheduler import Scheduler, Sequence, Status
 
 log = logging.getLogger("ptp")
-PROFILE_SKIP_STEPS = 16
-
-
-@dataclasses.dataclass
-class _Launched:
-    """A step on its way: its sampled sequences, their logits, and the greedy tokens' copy to the host."""
-    seqs: list[Sequence]
-    logits: torch.Tensor
-    host: tuple | None  # (pinned buffer, event) of the tokens' copy, for a step left in flight
-    ahead: bool  # tokens drawn on the device: the step stays in flight
-
-
-def _on_device(seq: Sequence, blocked: list[int]) -> bool:
-    """Whether seq's next token can be drawn on the device without its history or the host: no
-    penalties (they need the token in flight), no logprobs, no min_tokens block."""
-    p = seq.params
-    return p.logprobs is None and p.prompt_logprobs is None and p.grammar is None and not blocked and p.repetition_penalty == 1.0 \
-        and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-
-
-def prompt_scoring(seqs: list[Sequence], batch: StepBatch) -> list[tuple[Sequence, int, int]]:
-    """(sequence, chunk start, chunk length) of the step's chunks that give prompt logprobs still
-    missing; marks them in batch.all_logits, so that every row of theirs gets logits."""
-    out = []
-    for seq, toks, start in zip(seqs, batch.token_ids, batch.starts):
-        rec = seq.prompt_logprobs
-        if rec is not None and max(start + 1, len(rec)) <= min(start + len(toks), len(seq.prompt_ids) - 1):
-            out.append((seq, start, len(toks)))
-    if out:
-        marked = {id(s) for s, _, _ in out}
-        batch.all_logits = [id(s) in marked for s in seqs]
-    return out
 
 
 class Engine:
@@ -118,17 +87,17 @@ class Engine:
                                    prefix_cache=not args.disable_radix_cache,
                                    prefill_while_decoding=args.max_prefill_tokens_while_decoding or 0)
         self.sampler = Sampler(self.d.device, args.seed)
-        self.overlap = not args.disable_overlap_schedule
-        self.inflight: _Launched | None = None
-        rows = self.runner.last_tokens.shape[0]
-        pin = self.d.device.type == "cuda"
-        self._host_tokens = [torch.zeros(rows, dtype=torch.long, pin_memory=pin) for _ in range(2)]
-        self._flip = 0
-        self.num_overlapped = 0  # steps queued before their predecessor's tokens were known
+        common = dict(send=self.channel.send if self.channel is not None else None, append=self._append,
+                      eos_ids=self.eos_ids, max_model_len=self.max_model_len,
+                      overlap=not args.disable_overlap_schedule, world_size=self.d.world_size)
+        if self.runner.pipelined:  # pipeline stages with several micro-batches in flight
+            self.steps = MicroBatchSchedule(self.scheduler, self.runner, self.sampler, depth=args.micro_batches(),
+                                            post=self.channel.post, **common)
+        else:
+            self.steps = OverlapSchedule(self.scheduler, self.runner, self.sampler, **common)
         self.requests: dict[str, list[Sequence]] = {}
         self.num_finished = 0  # requests whose every sample finished
         self._counter = itertools.count()
-        self.profile = collections.Counter() if os.environ.get("PTP_PROFILE") else None
         self._closed = False
         atexit.register(self.shutdown)
         log.info(
@@ -199,13 +168,23 @@ class Engine:
         return self.scheduler.has_work()  # a step in flight belongs to running sequences
 
     # --- stepping ------------------------------------------------------------------------------
+    @property
+    def num_overlapped(self) -> int:
+        """Steps queued before their predecessor's tokens were known (ptp.overlap)."""
+        return self.steps.num_overlapped
+
+    @property
+    def num_pipelined(self) -> int:
+        """Micro-batches launched while another was in flight through the pipeline stages (ptp.pipeline)."""
+        return self.steps.num_pipelined
+
     def step(self) -> list[SeqUpdate]:
         """Run one step; return what the sequences gained (under the watchdog of the spawned ranks)."""
         if self.spawned is None:
-            return self._step()
+            return self.steps.step()
         with self.spawned.busy():
             try:
-                return self._step()
+                return self.steps.step()
             except RankFailedError:
                 raise
             except Exception as e:  # a collective outside execute() (the drawn tokens' broadcast) failed
@@ -213,159 +192,14 @@ class Engine:
                     self.spawned.raise_failure(e)
                 raise
 
-    def _step(self) -> list[SeqUpdate]:
-        """One step.
-
-        Overlap: a step whose sampled rows need nothing from the host (greedy, or sampled without
-        penalties, logprobs or a min_tokens block) has its tokens drawn on the device and is left in
-        flight. The next call first queues the following step — each of those sequences bringing a
-        placeholder for its unknown token, which the GPU fills in from the previous step's tokens
-        (`runner.last_tokens`; sampled ones are broadcast to the other ranks) — and only then waits
-        for the tokens of the step in flight. So the GPU runs step N+1 while the host detokenizes
-        and checks stop conditions of step N. A sequence found finished then has one extra token
-        computed, which is dropped.
-        """
-        prev, self.inflight = self.inflight, None
-        if prev is not None:
-            self._add_placeholders(prev)
-        scheduled = self.scheduler.schedule()
-        launched = None
-        t0 = time.perf_counter()
-        if scheduled is not None:
-            seqs, batch = scheduled
-            sampling = [s for s, sample in zip(seqs, batch.sample) if sample]
-            ahead = self.overlap and bool(sampling) and all(_on_device(s, self._blocks_eos(s)) for s in sampling)
-            drawn = ahead and not all(s.params.greedy for s in sampling)
-            batch.share_tokens = drawn and self.d.world_size > 1
-            scoring = prompt_scoring(seqs, batch)
-            logits = self.execute(batch)
-            if scoring:  # the prompt rows' logits follow the sampled rows'
-                logits = self._score_prompts(scoring, logits, len(sampling))
-            if sampling:
-                if drawn:  # draw on the device now; the tokens replace the argmax in last_tokens
-                    tokens = self.sampler.sample_tokens(logits, [self._sample_row(s) for s in sampling])
-                    self.runner.set_last_tokens(tokens, broadcast=batch.share_tokens)
-                # only a step left in flight needs its tokens copied: the synchronous path samples them
-                host = self._tokens_to_host(len(sampling)) if ahead else None
-                launched = _Launched(sampling, logits, host, ahead)
-        t1 = time.perf_counter()
-        updates = self._resolve(prev) if prev is not None else []
-        if launched is not None:
-            if launched.ahead:
-                self.inflight = launched
-                self.num_overlapped += 1
-            else:
-                updates += self._sample(launched)
-        if self.profile is not None:  # PTP_PROFILE=1: where a step's wall time goes, printed at shutdown
-            self.profile["seen"] += 1
-            if self.profile["seen"] > PROFILE_SKIP_STEPS:  # the first steps wait on start-up work
-                self.profile["schedule + launch"] += t1 - t0
-                self.profile["wait for tokens"] += time.perf_counter() - t1
-                self.profile["steps"] += 1
-        return updates
-
-    def _score_prompts(self, scoring: list[tuple[Sequence, int, int]], logits: torch.Tensor,
-                       sampled: int) -> torch.Tensor:
-        """Record the prompt logprobs that this step's extra logit rows give; return the sampled rows' logits."""
-        extra, rows, targets, owners = logits[sampled:], [], [], []
-        at = 0
-        for seq, start, count in scoring:
-            done = len(seq.prompt_logprobs)  # positions recorded (a preempted sequence recomputes its prompt)
-            for pos in range(max(start + 1, done), min(start + count, len(seq.prompt_ids) - 1) + 1):
-                rows.append(at + pos - 1 - start)  # the row of position pos - 1 predicts token pos
-                targets.append(seq.prompt_ids[pos])
-                owners.append(seq)
-            at += count
-        if rows:
-            k = max(max(s.params.prompt_logprobs for s, _, _ in scoring), 1)
-            logp = torch.log_softmax(extra[torch.tensor(rows, device=extra.device)].float(), dim=-1)
-            chosen = logp.gather(1, torch.tensor(targets, device=extra.device).unsqueeze(1)).squeeze(1).tolist()
-            top_vals, top_ids = (t.tolist() for t in logp.topk(k, dim=-1))
-            for seq, token, lp, ids, vals in zip(owners, targets, chosen, top_ids, top_vals):
-                entry = {token: lp}
-                for tid, val in zip(ids[: seq.params.prompt_logprobs], vals):
-                    entry.setdefault(tid, val)
-                seq.prompt_logprobs.append(entry)
-        return logits[:sampled]
-
-    def _tokens_to_host(self, rows: int):
-        """Start copying the step's greedy tokens to the host; (buffer, event) to wait on."""
-        buf = self._host_tokens[self._flip]
-        self._flip ^= 1
-        buf[:rows].copy_(self.runner.last_tokens[:rows], non_blocking=True)
-        event = None
-        if buf.is_pinned():
-            event = torch.cuda.Event()
-            event.record()
-        return buf, event
-
-    def _add_placeholders(self, prev: "_Launched") -> None:
-        for row, seq in enumerate(prev.seqs):
-            # a sequence whose token in flight is its last by length sits the next step out
-            if seq.status is Status.RUNNING and len(seq.output_ids) + 1 < seq.max_tokens \
-                    and len(seq) + 1 < self.max_model_len:
-                seq.output_ids.append(-1 - row)
-
-    def _resolve(self, prev: "_Launched") -> list[SeqUpdate]:
-        buf, event = prev.host
-        if event is not None:
-            event.synchronize()
-        tokens = buf[: len(prev.seqs)].tolist()
-        now = time.perf_counter()
-        updates = []
-        for seq, token in zip(prev.seqs, tokens):
-            if seq.output_ids and seq.output_ids[-1] < 0:
-                seq.output_ids.pop()
-            if seq.status is Status.FINISHED:  # aborted while in flight
-                continue
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            updates.append(self._append(seq, token, None))
-        return updates
-
-    def _sample(self, launched: "_Launched") -> list[SeqUpdate]:
-        seqs = [s for s in launched.seqs if s.status is not Status.FINISHED]
-        if not seqs:
-            return []
-        logits = launched.logits
-        if len(seqs) < len(launched.seqs):  # some finished while this step ran: drop their rows
-            keep = [i for i, s in enumerate(launched.seqs) if s.status is not Status.FINISHED]
-            logits = logits[torch.tensor(keep, device=logits.device)]
-        result = self.sampler(logits, [self._sample_row(s) for s in seqs])
-        now = time.perf_counter()
-        updates = []
-        for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs):
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            updates.append(self._append(seq, token, logprob))
-        return updates
-
     def execute(self, batch: StepBatch):
         """Send `batch` to every rank and run it; the logits of the sequences it completes."""
         try:
-            if self.channel is not None:
-                t = time.perf_counter()
-                self.channel.send(batch)
-                if self.profile is not None and self.profile["seen"] >= PROFILE_SKIP_STEPS:
-                    self.profile["broadcast"] += time.perf_counter() - t
-            return self.runner.execute(batch)
+            return self.steps.execute(batch)
         except Exception as e:
             if self.spawned is not None and self.spawned.peer_failed():
                 self.spawned.raise_failure(e)
             raise
-
-    def _blocks_eos(self, seq: Sequence) -> list[int]:
-        """Token ids that seq may not sample yet (min_tokens)."""
-        p = seq.params
-        if len(seq.output_ids) < p.min_tokens:
-            return sorted((self.eos_ids if not p.ignore_eos else set()) | set(p.stop_token_ids))
-        return []
-
-    def _sample_row(self, seq: Sequence) -> SampleRow:
-        p = seq.params
-        needs_history = p.repetition_penalty != 1.0
-        return SampleRow(p, seq.all_ids if needs_history else [], seq.output_ids, seq.generator, self._blocks_eos(seq),
-                         seq.constraint)
 
     def _append(self, seq: Sequence, token: int, logprob) -> SeqUpdate:
         """Add a token; finish the sequence on EOS, a stop token or its length. Stop strings are the
@@ -409,11 +243,15 @@ class Engine:
         if os.environ.get("PTP_DEBUG_EXIT"):  # still alive N s after shutdown began: dump every thread's stack
             import faulthandler
             faulthandler.dump_traceback_later(float(os.environ["PTP_DEBUG_EXIT"]), exit=False)
-        if self.profile and self.profile["steps"]:
-            self.profile.pop("seen")
-            steps = self.profile.pop("steps")
-            log.info("per step over %d steps: %s", steps,
-                     ", ".join(f"{k} {v / steps * 1e3:.3f} ms" for k, v in self.profile.items()))
+        report = self.steps.profile_report() if self.is_leader else None
+        if report is not None:
+            log.info(report)
+        failed = self.spawned is not None and self.spawned.peer_failed(wait=0)
+        if self.is_leader and self.runner.pipelined and self.steps.flight and not failed:
+            try:  # the ranks finish the micro-batches in flight before they take the stop
+                self.steps.drain()
+            except Exception as e:
+                log.warning("the micro-batches in flight did not come back at shutdown: %s", e)
         if self.d.world_size > 1:
             try:
                 self.channel.send(None)

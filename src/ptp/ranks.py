@@ -65,6 +65,7 @@ def build_runner(args, rank: int, init_method: str | None, before_join=None):
         or (args.enable_deterministic_inference and compile_decode),  # one compiler for every step's layers
         deterministic=args.enable_deterministic_inference,
         pp_partition=args.layer_partition(),
+        pipelined=args.micro_batches() > 1,
     )
     return d, runner, config, files
 
@@ -74,7 +75,8 @@ def agreed_flags(args) -> dict:
     import ptp
 
     return {"--model": args.model, "--revision": args.revision, "--tp": args.tp, "--pp-size": args.pp_size,
-            "--pp-layer-partition": args.pp_layer_partition, "--dp-size": args.dp_size, "--nnodes": args.nnodes,
+            "--pp-layer-partition": args.pp_layer_partition,
+            "--pp-micro-batches": args.micro_batches(), "--dp-size": args.dp_size, "--nnodes": args.nnodes,
             "--dtype": args.dtype, "--load-format": args.load_format, "--max-model-len": args.max_model_len,
             "ptp version": ptp.__version__}
 

@@ -32,7 +32,7 @@ from ptp.kv_cache import KVCache, slot
 from ptp.loader import load_model
 from ptp.parallel.comm import broadcast_from_first, gather_vocab, set_fixed_order
 from ptp.parallel.mesh import Dist
-from ptp.parallel.p2p import Stage, StageLink, stage_layers
+from ptp.parallel.p2p import PendingResult, Stage, StageLink, stage_layers
 from ptp.parallel.plans import kv_heads_per_model
 from ptp.sampling import argmax_rows
 from ptp.step import StepBatch
@@ -47,7 +47,8 @@ class ModelRunner:
                  compile_decode: bool = False, compile_tuned: bool = False, cuda_graphs: bool = False,
                  cuda_graph_max_bs: int = 160, max_seqs: int = 256,
                  custom_all_reduce: bool = True, p2p_check: bool = False, max_step_tokens: int = 8192,
-                 compile_prefill: bool = False, deterministic: bool = False, pp_partition: list[int] | None = None):
+                 compile_prefill: bool = False, deterministic: bool = False, pp_partition: list[int] | None = None,
+                 pipelined: bool = False):
         self.config, self.d, self.device, self.dtype = config, d, d.device, dtype
         self.max_model_len = max_model_len
         self.deterministic = deterministic
@@ -57,6 +58,8 @@ class ModelRunner:
         set_fixed_order(deterministic)
         self.stage = Stage(d.pp_rank, d.pp_size, stage_layers(config.num_layers, d.pp_size, pp_partition)[d.pp_rank])
         self.link = StageLink(d.rank, d.tp_rank, d.tp_size, self.stage) if d.pp_size > 1 else None
+        # micro-batches in flight through the stages: results go back to the leader only, received later
+        self.pipelined = pipelined and self.link is not None
         start = time.perf_counter()
         self.model = load_model(config, files, dtype=dtype, device=d.device, tp_mesh=d.tp_mesh,
                                 load_format=load_format, max_positions=max_model_len, seed=seed, stage=self.stage)
@@ -193,6 +196,8 @@ class ModelRunner:
         pipeline parallelism on the first stage's tensor-parallel rank 0 and the last stage's ranks)."""
         if self.link is None:
             return self._execute(batch)
+        if self.pipelined:
+            return self.collect(self.launch(batch))
         link, rows = self.link, sum(batch.sample)
         hidden = None if self.stage.first else self._receive_hidden(batch)
         out = self._execute(batch, hidden)
@@ -204,6 +209,26 @@ class ModelRunner:
         if self.stage.first and rows:
             return link.receive_back(rows, self.config.vocab_size, self.last_tokens)
         return None
+
+    @torch.inference_mode()
+    def launch(self, batch: StepBatch) -> PendingResult | None:
+        """Micro-batched pipeline: run this stage's part of the step and pass it on, without waiting for
+        the later stages. On the leader, the result's receipt is posted and returned (see `collect`)."""
+        hidden = None if self.stage.first else self._receive_hidden(batch)
+        out = self._execute(batch, hidden)
+        if not self.stage.last:
+            self.link.send_hidden(*out)
+        else:
+            self.link.send_result(out, self.device)
+        if self.stage.first and self.d.tp_rank == 0:
+            return self.link.post_result(sum(batch.sample), self.config.vocab_size, self.device)
+        return None
+
+    @staticmethod
+    def collect(pending: PendingResult | None) -> torch.Tensor | None:
+        """Wait for a launched step's result: the float32 logits of its sampled rows (None if none, or
+        on a rank other than the leader)."""
+        return None if pending is None else pending.wait()
 
     def _takes_decode(self, batch: StepBatch) -> bool:
         return self.decode is not None and batch.is_decode and len(batch.token_ids) <= self.decode.max_bs

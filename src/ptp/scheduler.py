@@ -64,6 +64,7 @@ class Sequence:
     num_cached_tokens: int | None = None  # prompt tokens taken from the prefix cache at its first admission
     prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt position so far, if asked for
     constraint: object = None  # a ptp.structured.Constraint, for a request with SamplingParams.grammar
+    in_flight: bool = False    # in a micro-batch not yet back from the last pipeline stage: not scheduled
 
     @property
     def all_ids(self) -> list[int]:
@@ -105,7 +106,8 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], StepBatch] | None:
+    def schedule(self, max_seqs: int = 1 << 62) -> tuple[list[Sequence], StepBatch] | None:
+        """The next step, of at most `max_seqs` sequences (a micro-batch's share under pipeline parallelism)."""
         if not self.mix:
             prefill = [s for s in self.running if len(s) - s.num_computed > 1]
             budget = None
@@ -113,33 +115,34 @@ class Scheduler:
                 budget = self.prefill_while_decoding
                 if self._last_was_prefill:  # they had to wait for the last step: their turn now
                     prefill, budget = [], None
-                    step = self._schedule([s for s in self.running if len(s) - s.num_computed <= 1], admit=False)
+                    step = self._schedule([s for s in self.running if len(s) - s.num_computed <= 1], admit=False,
+                                          max_seqs=max_seqs)
                     if step is not None:
                         self._last_was_prefill = False
                         return step
             if prefill or (self.waiting and len(self.running) < self.max_running):
-                step = self._schedule(prefill, budget=budget)
+                step = self._schedule(prefill, budget=budget, max_seqs=max_seqs)
                 if step is not None:
                     self._last_was_prefill = True
                     return step
             # nothing to prefill, or no room for it: the running sequences' next tokens
         self._last_was_prefill = False
-        return self._schedule(list(self.running), admit=self.mix)
+        return self._schedule(list(self.running), admit=self.mix, max_seqs=max_seqs)
 
-    def _schedule(self, queue: list[Sequence], admit: bool = True,
-                  budget: int | None = None) -> tuple[list[Sequence], StepBatch] | None:
+    def _schedule(self, queue: list[Sequence], admit: bool = True, budget: int | None = None,
+                  max_seqs: int = 1 << 62) -> tuple[list[Sequence], StepBatch] | None:
         """A step of `queue`'s next tokens (in order), then (with admit) of waiting sequences, within
-        `budget` tokens (default: the step's limit)."""
+        `budget` tokens (default: the step's limit) and `max_seqs` sequences."""
         if budget is None:
             budget = self.max_tokens_per_step if self.max_tokens_per_step > 0 else 1 << 62
         elif self.max_tokens_per_step > 0:
             budget = min(budget, self.max_tokens_per_step)
         chosen: list[tuple[Sequence, int]] = []
         preempted = False
-        while queue and budget > 0:
+        while queue and budget > 0 and len(chosen) < max_seqs:
             seq = queue.pop(0)
-            if seq.status is not Status.RUNNING:
-                continue  # preempted below by an earlier sequence
+            if seq.status is not Status.RUNNING or seq.in_flight:
+                continue  # preempted below by an earlier sequence, or in a micro-batch on its way
             n = min(len(seq) - seq.num_computed, budget)
             if n == 0:
                 continue  # its next token is still on its way from the step in flight
@@ -153,7 +156,8 @@ class Scheduler:
                 self.allocator.grow(seq.block_table, seq.num_computed + n)
                 chosen.append((seq, n))
                 budget -= n
-        while admit and self.waiting and budget > 0 and not preempted and len(self.running) < self.max_running:
+        while admit and self.waiting and budget > 0 and not preempted and len(self.running) < self.max_running \
+                and len(chosen) < max_seqs and not self.waiting[0].in_flight:  # (preempted on its way: it waits)
             seq = self.waiting[0]
             hit = self._lookup(seq)
             cached = len(hit) * self.allocator.block_size

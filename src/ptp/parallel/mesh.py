@@ -273,6 +273,22 @@ class StepChannel:
             dist.broadcast(torch.tensor(ints[self.CAPACITY - 1:], dtype=torch.long), src=self.d.leader,
                            group=self.d.cpu_group)
 
+    def post(self, batch) -> list:
+        """send() without waiting: the step's broadcasts are queued, each with tensors of its own, and
+        their works returned (wait for them before the step's result is used). The micro-batched
+        pipeline's leader sends this way: a gloo broadcast returns only once every rank took it, and
+        the later stages take the next step only after their part of the earlier ones."""
+        ints = batch.encode()
+        head = torch.empty(self.CAPACITY, dtype=torch.long)
+        head[0] = len(ints)
+        first = ints[: self.CAPACITY - 1]
+        head[1: 1 + len(first)] = torch.tensor(first, dtype=torch.long)
+        works = [dist.broadcast(head, src=self.d.leader, group=self.d.cpu_group, async_op=True)]
+        if len(ints) > self.CAPACITY - 1:
+            rest = torch.tensor(ints[self.CAPACITY - 1:], dtype=torch.long)
+            works.append(dist.broadcast(rest, src=self.d.leader, group=self.d.cpu_group, async_op=True))
+        return works
+
     def receive(self):
         self._wait_for_head()
         size = int(self.head[0])

@@ -5,6 +5,12 @@ state and the residual ([tokens, hidden] each) to rank t of stage s + 1. The las
 back to the first stage, whose ranks embed the next step's tokens: its tensor-parallel rank 0 (a
 replica's leader, which samples) receives the float32 logits of the sampled rows, every other rank
 of the first stage only their greedy tokens (the placeholders of the next step are taken from them).
+
+With micro-batches in flight (`--pp-micro-batches`), the result goes to the leader alone and is
+received asynchronously: the leader posts the receive as it passes a step on (`post_result`) and
+waits for it later (`PendingResult.wait`), while it runs the next micro-batch's first stage. A step
+that samples no row (a prompt chunk that completes no sequence) sends one number back, so that the
+leader knows when every stage is done with it.
 """
 from __future__ import annotations
 
@@ -95,3 +101,29 @@ class StageLink:
         _exchange([(dist.irecv, logits, self.back)])
         tokens[:rows].copy_(argmax_rows(logits))
         return logits
+
+    def send_result(self, logits: torch.Tensor | None, device: torch.device) -> None:
+        """Last stage, micro-batched: the sampled rows' logits (or, for a step without any, one number
+        saying it is done) to the leader, from the last stage's tensor-parallel rank 0 only."""
+        if self.tp_rank == 0:
+            payload = logits if logits is not None else torch.zeros(1, dtype=torch.float32, device=device)
+            _exchange([(dist.isend, payload.contiguous(), self.back)])
+
+    def post_result(self, rows: int, vocab: int, device: torch.device) -> "PendingResult":
+        """Leader, micro-batched: post the receipt of a step's result without waiting for it."""
+        buffer = torch.empty((rows, vocab) if rows else (1,), dtype=torch.float32, device=device)
+        works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, buffer, self.back)])  # as _exchange, not waited
+        return PendingResult(buffer if rows else None, works)
+
+
+@dataclasses.dataclass
+class PendingResult:
+    """A step's result on its way back from the last stage: the sampled rows' logits (None if it
+    samples none) once `wait()` returns."""
+    logits: torch.Tensor | None
+    works: list
+
+    def wait(self) -> torch.Tensor | None:
+        for work in self.works:
+            work.wait()
+        return self.logits
