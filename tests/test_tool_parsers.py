@@ -102,7 +102,7 @@ HERMES_OUT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": 
               '\n</tool_call>')
 LLAMA_OUT = '<|python_tag|>{"name": "a", "parameters": {"x": 1, "y": {"z": [1, {"w": "}"}]}}}; {"name": "b", "parameters": {}}'
 MISTRAL_ARRAY = 'Sure. [TOOL_CALLS] [{"name": "f", "arguments": {"q": "x]"}}, {"name": "g", "arguments": {}}]'
-MISTRAL_NAMED = '[TOOL_CALLS]f[ARGS]{"q": "y", "n": 10}[TOOL_CALLS]g[ARGS]{}'
+MISTRAL_NAMED = '[TOOL_CALLS]f[ARGS]{"q":"y",  "n": 10}[TOOL_CALLS]g[ARGS]{}'  # spaced as written
 
 
 @pytest.mark.parametrize("parser, text", [(HermesParser(), HERMES_OUT), (Llama3JsonParser(), LLAMA_OUT),
