@@ -100,7 +100,8 @@ def _accumulate(deltas):
 HERMES_OUT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2], '
               '"q": "a \\"}\\" b"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}'
               '\n</tool_call>')
-LLAMA_OUT = '<|python_tag|>{"name": "a", "parameters": {"x": 1, "y": {"z": [1, {"w": "}"}]}}}; {"name": "b", "parameters": {}}'
+LLAMA_OUT = ('<|python_tag|>{"name": "a", "parameters": {"x": 1, "y": {"z": [1, {"w": "}"}]}}}; '
+             '{"name": "b", "parameters": {}}')
 MISTRAL_ARRAY = 'Sure. [TOOL_CALLS] [{"name": "f", "arguments": {"q": "x]"}}, {"name": "g", "arguments": {}}]'
 MISTRAL_NAMED = '[TOOL_CALLS]f[ARGS]{"q":"y",  "n": 10}[TOOL_CALLS]g[ARGS]{}'  # spaced as written
 

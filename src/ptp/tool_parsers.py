@@ -288,7 +288,7 @@ class _MarkedReader(_Reader):
             self.content_end, self.i = at, at + len(self.marker)
         if self.calls and self.calls[-1].end is not None:
             self.i = max(self.i, self.calls[-1].end)
-        while self.i is not None and (i := _skip_ws(text, self.i)) < len(text):
+        while (i := _skip_ws(text, self.i)) < len(text):
             end = self.after_marker(text, i)
             if end is None:
                 return
@@ -310,9 +310,9 @@ class _MistralReader(_MarkedReader):
     _named = re.compile(r"([A-Za-z0-9_.-]+)\s*\[ARGS\]\s*")
     _named_begun = re.compile(r"[A-Za-z0-9_.-]+\s*(\[(A(R(G(S)?)?)?)?)?")
 
-    def __init__(self, in_array: bool = False):
+    def __init__(self):
         super().__init__()
-        self.array = in_array  # inside a JSON array of calls
+        self.array = False  # inside a JSON array of calls
 
     def after_marker(self, text: str, i: int) -> int | None:
         c = text[i]
