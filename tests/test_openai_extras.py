@@ -83,15 +83,46 @@ metric_list:
 """
 
 
+GEN_TASK = """task: ptp_tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{choices[answer]}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  do_sample: false
+  temperature: 0
+  max_gen_toks: 6
+metric_list:
+  - metric: exact_match
+"""
+
+
+TASKS = ["ptp_tiny_mc", "ptp_tiny_gen"]
+
+
 def _lm_eval(model: str, model_args: str, tasks_dir) -> dict:
-    """lm-evaluation-harness's per-document responses of the task in tasks_dir, by document id."""
+    """lm-evaluation-harness's per-document responses of each task in tasks_dir, by task and document id
+    (the tasks in one evaluation: lm-eval and the model start once)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["ptp_tiny_mc"],
+    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=TASKS,
                                   task_manager=TaskManager(include_path=str(tasks_dir)), log_samples=True,
                                   batch_size=1)
-    return {s["doc_id"]: s["resps"] for s in out["samples"]["ptp_tiny_mc"]}
+    return {task: {s["doc_id"]: s["resps"] for s in out["samples"][task]} for task in TASKS}
+
+
+def _write_task(tmp_path, template: str, name: str) -> None:
+    import json
+
+    data = tmp_path / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tmp_path / f"{name}.yaml").write_text(template.format(data=data))
 
 
 @pytest.fixture(scope="module")
@@ -104,27 +135,31 @@ def server(folder):
 
 
 @pytest.mark.slow
-def test_lm_eval_local_completions_scores_as_its_hf_backend(folder, server, tmp_path):
-    """lm-eval's `local-completions` (token ids, echo + logprobs) against the ptp server gives the same
-    per-choice log-likelihoods (and greedy flags) as lm-eval's own Hugging Face backend."""
+def test_lm_eval_local_completions_as_its_hf_backend(folder, server, tmp_path):
+    """lm-eval's `local-completions` (token ids) against the ptp server, and lm-eval's own Hugging Face
+    backend on the same checkpoint: a multiple-choice task (echo + logprobs) gets the same per-choice
+    log-likelihoods and greedy flags; a generate_until task (greedy, stopped at a newline or a period,
+    a few tokens at most) gets the same texts."""
     pytest.importorskip("lm_eval")
-    import json
-
     from test_server import MODEL
 
-    data = tmp_path / "mc.jsonl"
-    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    (tmp_path / "mc.yaml").write_text(MC_TASK.format(data=data))
+    _write_task(tmp_path, MC_TASK, "mc")
+    _write_task(tmp_path, GEN_TASK, "gen")
     want = _lm_eval("hf", f"pretrained={folder},dtype=float32,device=cpu", tmp_path)
     got = _lm_eval("local-completions", f"model={MODEL},base_url={server.url}/v1/completions,"
                    f"tokenizer_backend=huggingface,tokenizer={folder},tokenized_requests=True,"
                    "num_concurrent=1,max_retries=1", tmp_path)
-    assert sorted(got) == sorted(want) == list(range(len(QUESTIONS)))
-    for doc in want:
-        assert len(got[doc]) == len(want[doc]) == len(QUESTIONS[doc]["choices"])
-        for (g,), (w,) in zip(got[doc], want[doc]):
+    mc, want_mc = got["ptp_tiny_mc"], want["ptp_tiny_mc"]
+    assert sorted(mc) == sorted(want_mc) == list(range(len(QUESTIONS)))
+    for doc in want_mc:
+        assert len(mc[doc]) == len(want_mc[doc]) == len(QUESTIONS[doc]["choices"])
+        for (g,), (w,) in zip(mc[doc], want_mc[doc]):
             assert abs(float(g[0]) - float(w[0])) <= 1e-3, (doc, g, w)
             assert bool(g[1]) == bool(w[1])
+    gen, want_gen = got["ptp_tiny_gen"], want["ptp_tiny_gen"]
+    assert sorted(gen) == sorted(want_gen) == list(range(len(QUESTIONS)))
+    assert gen == want_gen
+    assert any(text for ((text,),) in want_gen.values())  # something was generated to compare
 
 
 # --- structured outputs ----------------------------------------------------------------------------------
@@ -269,14 +304,28 @@ def test_tool_calls_through_the_openai_client(server):
                                        max_tokens=60, temperature=1.0)
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "get_time" and json.loads(call.function.arguments)["tz"] in ("UTC", "CET")
-    stream = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, TIME],
-                                            tool_choice="required", max_tokens=200, stream=True, seed=3)
-    deltas = [ch.choices[0] for ch in stream if ch.choices]
-    calls = [tc for d in deltas for tc in (d.delta.tool_calls or [])]
-    assert calls and [tc.index for tc in calls] == list(range(len(calls)))
-    assert deltas[-1].finish_reason == "tool_calls"
-    for tc in calls:
-        jsonschema.validate(json.loads(tc.function.arguments), schemas[tc.function.name])
+    # streamed at argument level; accumulated as the openai documentation shows, equal to the same request unstreamed
+    kwargs = dict(model=MODEL, messages=ask, tools=[WEATHER, TIME], tool_choice="required", max_tokens=200, seed=3)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls
+    stream = client.chat.completions.create(**kwargs, stream=True)
+    final_tool_calls, fragments, last = {}, 0, None
+    for chunk in stream:
+        for tool_call in chunk.choices[0].delta.tool_calls or []:
+            index = tool_call.index
+            if index not in final_tool_calls:
+                final_tool_calls[index] = tool_call
+                assert tool_call.id.startswith("call_") and tool_call.function.arguments == ""
+            else:
+                assert tool_call.id is None and tool_call.function.name is None
+                fragments += 1
+            final_tool_calls[index].function.arguments += tool_call.function.arguments
+        last = chunk.choices[0].finish_reason
+    assert last == "tool_calls" and sorted(final_tool_calls) == list(range(len(whole)))
+    assert fragments > 2 * len(whole)  # the arguments came in pieces
+    for k, call in enumerate(whole):
+        got = final_tool_calls[k].function
+        assert (got.name, got.arguments) == (call.function.name, call.function.arguments)
+        jsonschema.validate(json.loads(got.arguments), schemas[got.name])
     r = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER], max_tokens=8, temperature=0)
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "length"
     without = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=8, temperature=0)

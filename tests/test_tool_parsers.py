@@ -68,21 +68,122 @@ def test_call_schema_compiles_and_accepts_a_call():
             jsonschema.validate({"name": "g", "arguments": {"a": 3}}, schema)
 
 
-def test_streamed_content_stops_where_a_call_may_begin():
-    """Content goes out piece by piece, minus a tail that could be the start of <tool_call>; the call
-    itself comes as one tool_calls delta at the end."""
-    from ptp.serve import ToolStream
+def _plan(parser=None, tool_choice="auto", parallel=True):
     from ptp.tool_parsers import ToolPlan
 
-    plan = ToolPlan([{"type": "function", "function": {"name": "f"}}], "auto", True, HermesParser())
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ("f", "g")]
+    return ToolPlan(tools, tool_choice, parallel, parser)
+
+
+def _stream(plan, pieces):
+    """Every delta a ToolStream sends for the output in these pieces, and the stream itself."""
+    from ptp.tool_parsers import ToolStream
+
     s = ToolStream(plan)
+    deltas = [d for p in pieces for d in s.feed(p)]
+    return deltas + s.finish(), s
+
+
+def _accumulate(deltas):
+    """Content and tool calls from deltas, the way the openai documentation accumulates them."""
+    content, calls = "", {}
+    for d in deltas:
+        content += d.get("content") or ""
+        for tc in d.get("tool_calls", []):
+            call = calls.setdefault(tc["index"], {"id": None, "name": "", "arguments": ""})
+            call["id"] = call["id"] or tc.get("id")
+            call["name"] += tc.get("function", {}).get("name") or ""
+            call["arguments"] += tc["function"].get("arguments") or ""
+    return content, [calls[k] for k in sorted(calls)]
+
+
+HERMES_OUT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2], '
+              '"q": "a \\"}\\" b"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}'
+              '\n</tool_call>')
+LLAMA_OUT = ('<|python_tag|>{"name": "a", "parameters": {"x": 1, "y": {"z": [1, {"w": "}"}]}}}; '
+             '{"name": "b", "parameters": {}}')
+MISTRAL_ARRAY = 'Sure. [TOOL_CALLS] [{"name": "f", "arguments": {"q": "x]"}}, {"name": "g", "arguments": {}}]'
+MISTRAL_NAMED = '[TOOL_CALLS]f[ARGS]{"q":"y",  "n": 10}[TOOL_CALLS]g[ARGS]{}'  # spaced as written
+
+
+@pytest.mark.parametrize("parser, text", [(HermesParser(), HERMES_OUT), (Llama3JsonParser(), LLAMA_OUT),
+                                          (MistralParser(), MISTRAL_ARRAY), (MistralParser(), MISTRAL_NAMED)],
+                         ids=["hermes", "llama3_json", "mistral_array", "mistral_named"])
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_calls_stream_at_argument_level(parser, text, step):
+    """Fed a fixed output piece by piece (one character, three, all at once): each call's first delta
+    has its index, id, type, name and arguments ""; the later ones only argument fragments, sent as
+    they are written; the fragments add up to the non-streaming call's arguments, exactly."""
+    want = parser.parse(text)
+    deltas, s = _stream(_plan(parser), [text[i: i + step] for i in range(0, len(text), step)])
+    content, calls = _accumulate(deltas)
+    assert [(c["name"], c["arguments"]) for c in calls] == [(c.name, c.arguments) for c in want.tool_calls]
+    assert len(calls) == 2 and all(json.loads(c["arguments"]) is not None for c in calls)
+    assert (content.strip() or None) == want.content
+    firsts = {}
+    for d in deltas:
+        for tc in d.get("tool_calls", []):
+            if tc["index"] not in firsts:
+                firsts[tc["index"]] = tc
+                assert tc["type"] == "function" and tc["id"].startswith("call_") and tc["function"]["arguments"] == ""
+                assert tc["function"]["name"] == want.tool_calls[tc["index"]].name
+            else:
+                assert set(tc) == {"index", "function"} and set(tc["function"]) == {"arguments"}
+    assert sorted(firsts) == [0, 1] and firsts[0]["id"] != firsts[1]["id"]
+    fragments = [tc for d in deltas for tc in d.get("tool_calls", []) if tc["index"] == 0 and "id" not in tc]
+    if step == 1:  # the arguments went out as written, not as one piece at the end
+        assert len(fragments) == len(want.tool_calls[0].arguments)
+        assert s.finish_reason("stop") == "tool_calls"
+
+
+@pytest.mark.parametrize("parallel, text", [
+    (False, '{"name": "f", "arguments": {"a": [1, 2], "b": "x{"}}'),
+    (True, '[{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {"b": {}}}]'),
+])
+def test_forced_calls_stream_at_argument_level(parallel, text):
+    """tool_choice "required" (the grammar's JSON, one call or an array of them) streams the same way."""
+    plan = _plan(tool_choice="required", parallel=parallel)
+    deltas, _ = _stream(plan, list(text))
+    content, calls = _accumulate(deltas)
+    assert content == ""
+    assert [(c["name"], c["arguments"]) for c in calls] == [(c.name, c.arguments) for c in plan.parse(text).tool_calls]
+    assert len(calls) == (2 if parallel else 1)
+    assert sum(1 for d in deltas for tc in d["tool_calls"] if tc["index"] == 0) > 5
+
+
+def test_llama3_content_streams_at_once_and_a_non_call_stays_content():
+    deltas, _ = _stream(_plan(Llama3JsonParser()), ["The", " answer", " is 4."])
+    assert deltas[:2] == [{"content": "The"}, {"content": " answer"}]
+    for text in ['{"answer": 4}', '{"name": 1, "parameters": {}}']:
+        deltas, s = _stream(_plan(Llama3JsonParser()), list(text))
+        assert _accumulate(deltas) == (text, []) and s.finish_reason("stop") == "stop"
+
+
+def test_a_call_cut_short_keeps_what_was_sent():
+    text = '<tool_call>{"name": "f", "arguments": {"city": "Par'
+    deltas, s = _stream(_plan(HermesParser()), list(text))
+    content, calls = _accumulate(deltas)
+    assert content == "" and calls[0]["name"] == "f" and calls[0]["arguments"] == '{"city": "Par'
+    assert s.finish_reason("length") == "length"
+
+
+def test_arguments_written_as_a_json_string():
+    text = '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>'
+    (call,) = HermesParser().parse(text).tool_calls
+    assert call.arguments == '{"a": 1}'
+    deltas, _ = _stream(_plan(HermesParser()), list(text))
+    assert _accumulate(deltas)[1] == [{"id": deltas[0]["tool_calls"][0]["id"], "name": "f", "arguments": '{"a": 1}'}]
+
+
+def test_streamed_content_stops_where_a_call_may_begin():
+    """Content goes out piece by piece, minus a tail that could be the start of <tool_call>."""
+    plan = _plan(HermesParser())
     pieces = ["Sure", ", one mo", "ment <", "tool_", 'call>{"name": "f", ', '"arguments": {"a": 1}}</tool_call>']
-    sent = [s.feed(p) for p in pieces]
-    assert "".join(sent) == "Sure, one moment "
-    assert sent[2] == "ment "  # "<" held back: it may open a call
-    (delta,) = s.finish()
-    (tc,) = delta["tool_calls"]
-    assert tc["index"] == 0 and tc["function"]["name"] == "f" and json.loads(tc["function"]["arguments"]) == {"a": 1}
+    deltas, s = _stream(plan, pieces)
+    content, calls = _accumulate(deltas)
+    assert content == "Sure, one moment "
+    assert deltas[2] == {"content": "ment "}  # "<" held back: it may open a call
+    assert calls[0]["name"] == "f" and json.loads(calls[0]["arguments"]) == {"a": 1}
     assert s.finish_reason("stop") == "tool_calls"
-    plain = ToolStream(plan)
-    assert plain.feed("a < b") == "a < b" and plain.feed(" <") == " " and plain.finish() == [{"content": "<"}]
+    deltas, _ = _stream(plan, ["a < b", " <"])
+    assert deltas == [{"content": "a < b"}, {"content": " "}, {"content": "<"}]

@@ -57,7 +57,7 @@ class RequestText:
         s.token_ids += u.token_ids
         if u.logprobs:
             s.logprobs += u.logprobs
-        s.text += self._detokenize(s)
+        s.text += self._detokenize(s, final=u.finish_reason is not None)
         reason, stop_reason = u.finish_reason, u.stop_reason
         if p.stop and reason != "abort":
             hit = find_stop(s.text, before, p)
@@ -68,13 +68,15 @@ class RequestText:
         s.finish_reason, s.stop_reason = reason, stop_reason
         return dataclasses.replace(u, text=s.text[before:], finish_reason=reason, stop_reason=stop_reason)
 
-    def _detokenize(self, s: SampleText) -> str:
+    def _detokenize(self, s: SampleText, final: bool = False) -> str:
+        """The new text; an incomplete character is held back until the next token, or written as the
+        tokenizer writes it (U+FFFD) once the sample ends, so that the text is its tokens' decode."""
         if self.tokenizer is None:
             return ""
         skip = self.params.skip_special_tokens
         prefix = self.tokenizer.decode(s.ids[s.prefix_offset: s.read_offset], skip_special_tokens=skip)
         full = self.tokenizer.decode(s.ids[s.prefix_offset:], skip_special_tokens=skip)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             s.prefix_offset, s.read_offset = s.read_offset, len(s.ids)
             return full[len(prefix):]
         return ""

@@ -217,42 +217,6 @@ class FrontEnd:
                     self.replicas.abort(rid)
 
 
-class ToolStream:
-    """One streamed choice of a request with tools: content goes out as it comes until a tool call
-    may have begun (the parser's start marker, or the first characters of it); the rest is held and
-    parsed at the end, and its calls go out as tool_calls deltas, one per call."""
-
-    def __init__(self, plan):
-        self.plan, self.text, self.sent, self.calls = plan, "", 0, []
-        self.marker = getattr(plan.parser, "start", None) if plan.grammar is None else None
-        self.hold_all = plan.grammar is not None or plan.parser is not None and plan.parser.name == "llama3_json"
-
-    def feed(self, piece: str) -> str:
-        self.text += piece
-        if self.hold_all or self.marker is None:
-            return ""
-        at = self.text.find(self.marker)
-        if at < 0:  # keep back a tail that may be the marker's start
-            at = len(self.text)
-            for k in range(min(len(self.marker) - 1, len(self.text)), 0, -1):
-                if self.marker.startswith(self.text[-k:]):
-                    at = len(self.text) - k
-                    break
-        out, self.sent = self.text[self.sent: max(at, self.sent)], max(at, self.sent)
-        return out
-
-    def finish(self) -> list[dict]:
-        parsed = self.plan.parse(self.text)
-        self.calls = parsed.tool_calls
-        if not self.calls:  # no call after all: the held text is content
-            rest = self.text[self.sent:]
-            return [{"content": rest}] if rest else []
-        return [{"tool_calls": [{"index": j, **call.openai()}]} for j, call in enumerate(self.calls)]
-
-    def finish_reason(self, reason: str) -> str:
-        return "tool_calls" if self.calls else reason
-
-
 def _front(request) -> FrontEnd:
     return request.app.state.frontend
 
@@ -345,7 +309,7 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
     if tok is None or not getattr(tok, "chat_template", None):
         raise ApiError(400, "this model has no chat template; use /v1/completions.")
     messages = [m.as_template_input() for m in data.messages]
-    from ptp.tool_parsers import ToolPlan, parser_for
+    from ptp.tool_parsers import ToolPlan, ToolStream, parser_for
     try:
         plan = ToolPlan(data.tools or [], data.tool_choice, data.parallel_tool_calls is not False,
                         parser_for(tok.chat_template, None, getattr(fe, "tool_call_parser", None)))
@@ -385,12 +349,16 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
                 generated += len(u.token_ids)
                 cached[u.index] = max(cached.get(u.index, 0), u.num_cached_tokens)
                 lp = fmt.chat_logprobs(u.logprobs, u.token_ids, top) if top is not None else None
-                text, finish = u.text, u.finish_reason
-                if calls is not None:  # hold back what may be a tool call; send the calls at the end
-                    text = calls[u.index].feed(u.text)
-                if text or lp:
-                    yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": {"content": text},
-                                                          "logprobs": lp, "finish_reason": None}]})
+                finish = u.finish_reason
+                if calls is not None:  # content, or tool calls' names and arguments as they are written
+                    deltas = calls[u.index].feed(u.text)
+                else:
+                    deltas = [{"content": u.text}] if u.text else []
+                if lp and not deltas:
+                    deltas = [{"content": ""}]
+                for j, delta in enumerate(deltas):
+                    yield fmt.sse({**chunk, "choices": [{"index": u.index, "delta": delta,
+                                                          "logprobs": lp if j == 0 else None, "finish_reason": None}]})
                 if finish:
                     if calls is not None:
                         for delta in calls[u.index].finish():
