@@ -23,8 +23,8 @@ from schemathesis.core.failures import FailureGroup  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 
 pytestmark = pytest.mark.slow
-POSITIVE_PER_OPERATION = int(__import__('os').environ.get('FZP', 300))  # completions and chat: >= 500 requests that reach the engine in all
-NEGATIVE_PER_OPERATION = int(__import__('os').environ.get('FZN', 100))
+POSITIVE_PER_OPERATION = 300  # completions and chat: >= 500 requests that reach the engine in all
+NEGATIVE_PER_OPERATION = 100
 MAX_TOKENS, MAX_N, MAX_TEXT = 3, 2, 16
 
 
@@ -152,3 +152,13 @@ def test_generated_requests_get_what_the_schema_promises(server, folder):
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "Paris is", "max_tokens": 8,
                                                           "temperature": 0, "ignore_eos": True}, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == llm_text
+
+
+def test_overflowing_sampling_values_leave_the_engine_running(server):
+    """A temperature or repetition penalty so small that the logits overflow samples the best tokens; it
+    used to make the draw fail for the whole batch and stop the engine."""
+    for extreme in ({"temperature": 5e-324}, {"repetition_penalty": 5e-302, "temperature": 1.0}):
+        r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "Paris is", "max_tokens": 3,
+                                                              **extreme}, timeout=60)
+        assert r.status_code == 200, r.text
+    assert httpx.get(server.url + "/health").status_code == 200

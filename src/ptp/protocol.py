@@ -95,7 +95,7 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM / SGLang extensions
-    top_k: Annotated[int, Meta(ge=-1)] = -1
+    top_k: Annotated[int, Meta(ge=-1, le=(1 << 31) - 1)] = -1  # -1 or 0: no limit; beyond the vocabulary: none
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
     repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0
     min_tokens: Annotated[int, Meta(ge=0)] = 0
