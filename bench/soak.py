@@ -45,10 +45,11 @@ def server_rss(pid: int) -> int:
     return total
 
 
-def metric(url: str, name: str) -> float:
-    """The sum of a Prometheus metric's series (over replicas)."""
+def metric(url: str, name: str, label: str = "") -> float:
+    """The sum of a Prometheus metric's series (over replicas), of those whose labels contain `label`."""
     text = httpx.get(url + "/metrics", timeout=30).text
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    return sum(float(v) for labels, v in re.findall(rf"^{re.escape(name)}(?:{{([^}}]*)}})? (\S+)$", text, re.M)
+               if label in labels)
 
 
 class Load:
@@ -166,11 +167,13 @@ def run(url: str, pid: int | None, load: Load, *, num_requests: int | None, dura
     settle(url)
     rss_before = server_rss(pid) if pid else None
     preempted_before = metric(url, "ptp:num_preemptions")
+    aborted_before = metric(url, "ptp:request_success_total", 'finished_reason="abort"')
     row = asyncio.run(soak(url, load, num_requests=num_requests, duration=duration, concurrency=concurrency,
                            rate=rate, stream_fraction=stream_fraction, disconnect_fraction=disconnect_fraction))
     settle(url)
     rss_after = server_rss(pid) if pid else None
     row["preemptions"] = metric(url, "ptp:num_preemptions") - preempted_before
+    row["aborted"] = metric(url, "ptp:request_success_total", 'finished_reason="abort"') - aborted_before
     row["kv_in_use_at_end"] = metric(url, "ptp:kv_cache_usage_perc")
     row["running_at_end"] = metric(url, "ptp:num_requests_running") + metric(url, "ptp:num_requests_waiting")
     row["rss_after_warmup_mib"] = rss_before / 2**20 if rss_before else None
@@ -245,7 +248,7 @@ def main() -> None:
             proc.wait(120)
     for line in row.pop("examples"):
         print("  ", line)
-    print_table([row], ["requests", "completed", "disconnected", "errors", "mismatches", "preemptions",
+    print_table([row], ["requests", "completed", "disconnected", "aborted", "errors", "mismatches", "preemptions",
                         "kv_in_use_at_end", "rss_after_warmup_mib", "rss_at_end_mib", "memory_growth",
                         "tokens_per_s", "seconds"])
     print("command: python " + shlex.join(sys.argv))
