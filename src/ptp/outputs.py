@@ -74,6 +74,8 @@ class ModelLimits:
             raise ConfigError("the prompt is empty; give at least one token.")
         if any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise ConfigError(f"the prompt has token ids outside the vocabulary [0, {self.vocab_size}).")
+        if any(t >= self.vocab_size for t in params.stop_token_ids or []):
+            raise ConfigError(f"stop_token_ids has token ids outside the vocabulary [0, {self.vocab_size}).")
         limit = min(self.max_model_len, self.kv_capacity_tokens)
         if n >= limit:
             raise ConfigError(

@@ -198,7 +198,9 @@ class Sampler:
     @staticmethod
     def _probs(logits: torch.Tensor, rows: list[SampleRow], stable: bool = False) -> torch.Tensor:
         temps = to_device([r.params.temperature for r in rows], logits.device).unsqueeze(1)
-        logits = logits / temps
+        # a tiny temperature or repetition penalty overflows float logits: the largest become finfo.max
+        # (ties among the best), never inf or nan, which would fail the draw for the whole batch
+        logits = (logits / temps).nan_to_num(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
         vocab = logits.shape[1]
         top_k = to_device([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], logits.device)
         top_p = to_device([r.params.top_p for r in rows], logits.device)

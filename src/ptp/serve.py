@@ -311,11 +311,11 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
     messages = [m.as_template_input() for m in data.messages]
     from ptp.tool_parsers import ToolPlan, ToolStream, parser_for
     try:
-        plan = ToolPlan(data.tools or [], data.tool_choice, data.parallel_tool_calls is not False,
+        plan = ToolPlan(data.tool_dicts(), data.tool_choice_json(), data.parallel_tool_calls is not False,
                         parser_for(tok.chat_template, None, getattr(fe, "tool_call_parser", None)))
     except (ValueError, ConfigError) as e:
         raise ApiError(400, str(e), param="tool_choice") from None
-    extra = {"tools": data.tools} if data.tools else {}
+    extra = {"tools": data.tool_dicts()} if data.tools else {}
 
     def render():
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=data.add_generation_prompt,
@@ -411,7 +411,18 @@ async def metrics(request: Request) -> Response:
     return Response(_front(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
-HANDLERS = [completions, chat_completions, models, health, metrics]
+@get(["/openapi.json", "/schema/openapi.json"], include_in_schema=False)
+async def openapi(request: Request) -> Response:
+    fe = _front(request)
+    if getattr(fe, "openapi", None) is None:
+        from ptp import __version__
+        from ptp.openapi import openapi_document
+
+        fe.openapi = openapi_document(fe.model_name, fe.limits.vocab_size, __version__)
+    return Response(fe.openapi, media_type=MediaType.JSON)
+
+
+HANDLERS = [completions, chat_completions, models, health, metrics, openapi]
 
 
 async def _first(updates):
@@ -459,7 +470,9 @@ def build_app(frontend: FrontEnd) -> Litestar:
         if exc.status_code == 413:  # refused by its size (Content-Length, or bytes counted), before parsing
             return error_response(ApiError(413, f"the request body is larger than the server's limit of "
                                            f"{MAX_BODY_BYTES >> 20} MiB; send a shorter prompt or fewer messages."))
-        return error_response(ApiError(exc.status_code, exc.detail, kind="invalid_request_error"))
+        response = error_response(ApiError(exc.status_code, exc.detail, kind="invalid_request_error"))
+        response.headers.update(exc.headers or {})  # e.g. Allow, with a 405
+        return response
 
     def on_api(_: Request, exc: ApiError) -> Response:
         return error_response(exc)
@@ -469,6 +482,7 @@ def build_app(frontend: FrontEnd) -> Litestar:
         exception_handlers={ValidationException: on_validation, ApiError: on_api, HTTPException: on_http},
         state=State({"frontend": frontend}),
         request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=None,  # the published schema is ptp.openapi's, built from the request types
         debug=False,
         logging_config=None,
     )
