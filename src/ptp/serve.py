@@ -700,8 +700,10 @@ def serve_under_torchrun(ns: argparse.Namespace, args: EngineArgs) -> int:
 
     from ptp import ipc
     from ptp.engine import Engine
+    from ptp.ranks import exit_with_parent
     from ptp.replica import ReplicaSockets, run_replica, warm_up
 
+    exit_with_parent(os.getppid())  # torchrun killed (SIGKILL too): every rank ends with it
     engine = Engine(args)
     d = engine.d
     addresses = [ipc.new_addresses() if d.rank == 0 else None]
