@@ -116,7 +116,8 @@ def test_sigterm_to_torchrun_lets_a_stream_finish(folder):
     reasons, usage = finish_of(lines)
     assert reasons == ["length"] and usage["completion_tokens"] == 600, (reasons, usage)
     assert "draining 1 request(s)" in output
-    assert "exitcode  : 1" not in output and "Traceback" not in output.split("draining")[1], output[-3000:]
+    # torchrun itself ends with its SignalException's traceback; no rank failed and no ptp code raised
+    assert "exitcode" not in output and "/ptp/" not in output, output[-3000:]
 
 
 def test_ctrl_c_twice_exits_at_once_quietly(folder):
