@@ -472,8 +472,8 @@ class TorchrunWatchdog:
             self.progress.mark(IDLE)
 
     def _watch(self) -> None:
-        store = self._connect()  # a connection of its own: the heartbeat thread uses the other
-        self._read_store, seen = store, {}  # rank -> (beats, when that count was first seen)
+        self.watch_store = store = self._connect()  # a connection of its own: the heartbeat thread uses the other
+        seen: dict[int, tuple[int, float]] = {}  # rank -> (heartbeat count, when that count was first seen)
         while not self.closing and self.failure is None:
             time.sleep(0.25)
             now = time.monotonic()
@@ -529,7 +529,7 @@ class TorchrunWatchdog:
         print(f"ptp: Python stack of rank {self.rank} (pid {os.getpid()}):", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(all_threads=True)
         try:
-            self._read_store.set(self.abort_key, f"step {step} made no progress")
+            self.watch_store.set(self.abort_key, f"step {step} made no progress")
         except Exception:
             pass
         local = [records[r]["pid"] for r in culprits if r in records and records[r]["host"] == self.host]
