@@ -44,7 +44,7 @@ class EngineArgs:
                                "that did not), and for any one collective")
     watchdog_timeout: float = flag(60.0, "seconds a step may make no progress before the replica fails: rank 0 "
                                    "names the rank that stopped and what it was doing, every rank's Python stack "
-                                   "goes to the log, and the ranks are killed (ranks that ptp spawns itself)")
+                                   "goes to the log, and the ranks are killed (ranks that ptp spawns, and torchrun's)")
     dtype: str = flag("auto", "weight and activation dtype", choices=("auto", "bfloat16", "float16", "float32"))
     load_format: str = flag("auto", "'dummy' builds random weights of the real shapes", choices=("auto", "safetensors", "gguf", "dummy"))
     max_model_len: int | None = flag(None, "context window in tokens (default: the model's)")
@@ -213,7 +213,8 @@ SERVER_FLAGS = (
                                 help="how tool calls are read from the model's output (default: from its chat "
                                      "template; hermes for Qwen)")),
     ("--graceful-timeout", dict(type=float, default=25.0, help="on SIGTERM or Ctrl-C, seconds to let requests in "
-                                                               "flight finish before stopping")),
+                                                               "flight finish (new ones get 503) before the rest "
+                                                               "are ended with finish_reason abort")),
 )
 
 

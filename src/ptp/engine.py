@@ -71,6 +71,9 @@ class Engine:
                 if failed:
                     self.spawned.raise_failure(e)
             raise
+        if under_torchrun() and self.d.world_size > 1:  # torchrun's ranks: the watchdog meets them in its store
+            from ptp.ranks import TorchrunWatchdog
+            self.spawned = TorchrunWatchdog(args, self.d)
         self.max_model_len = self.runner.model.model.rotary.max_positions
         self.channel = StepChannel(self.d) if self.d.world_size > 1 else None
         self.is_leader = self.d.is_leader
@@ -109,8 +112,10 @@ class Engine:
     # --- follower ranks --------------------------------------------------------------------------
     def follow(self) -> None:
         """Ranks > 0 under torchrun: run rank 0's steps until it shuts down."""
-        from ptp.ranks import follow
-        follow(self.d, self.runner, self.spawned.stop if self.spawned is not None else None)  # does not return
+        from ptp.ranks import TorchrunWatchdog, follow
+        progress = self.spawned.progress if isinstance(self.spawned, TorchrunWatchdog) else None
+        follow(self.d, self.runner, self.spawned.stop if self.spawned is not None else None,
+               progress=progress)  # does not return
 
     # --- requests ------------------------------------------------------------------------------
     @property

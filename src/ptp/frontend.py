@@ -247,6 +247,19 @@ class Replicas:
                 m.finished(t.replica, reasons[0], now - t.arrival)
             t.sink(None)
 
+    def abort_all(self) -> int:
+        """End every open request now (a shutdown whose --graceful-timeout has passed): each unfinished
+        sample gets a last update with finish_reason "abort", so that its client receives a complete
+        answer; the replicas are told to drop them. Returns how many requests were open."""
+        now, open_ = time.perf_counter(), list(self.requests.items())
+        for request_id, t in open_:
+            if self.error is None:
+                self._send(t.replica, ipc.Abort(request_id))
+            for i, s in enumerate(t.text.samples):
+                if s.finish_reason is None and request_id in self.requests:
+                    self._update(SeqUpdate(request_id, i, "", [], None, "abort"), now)
+        return len(open_)
+
     def fail(self, message: str) -> None:
         """A replica is gone: every open request fails with `message`; new ones are refused."""
         if self.error is None:

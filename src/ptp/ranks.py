@@ -405,3 +405,164 @@ class SpawnedRanks:
             if p.is_alive():
                 p.terminate()
                 p.join(2.0)
+
+
+class TorchrunWatchdog:
+    """The progress watchdog for ranks that torchrun started (ptp cannot share memory with them or signal
+    them as its own children): every rank publishes its step, phase and a heartbeat count in torchrun's
+    TCP store (a thread renews it every HEARTBEAT_SECONDS); the replica's leader reads them. When the
+    leader's step makes no progress for --watchdog-timeout seconds, it names the rank whose heartbeat
+    stopped (a SIGSTOPped or frozen process) and what each rank was doing, writes its own stack, asks
+    every rank of the replica to write its stack and exit (a key in the store), and kills the ranks
+    on its own host that cannot (stopped ones): its collective then fails and the replica reports it.
+
+    It offers what Engine uses of SpawnedRanks: failure, busy(), peer_failed(), raise_failure(), stop()."""
+
+    def __init__(self, args, d: Dist):
+        self.d, self.rank, self.watchdog_timeout = d, d.rank, args.watchdog_timeout
+        self.ranks = [r for r in range(d.leader, d.leader + d.replica_size) if r != d.leader]
+        self.procs: list = []
+        self.failure: str | None = None
+        self.closing = False
+        self.progress = _LocalProgress()
+        prefix = f"ptp/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        self.key = lambda rank: f"{prefix}/progress/{rank}"
+        self.abort_key = f"{prefix}/abort/{d.dp_rank}"
+        self.store = self._connect()
+        self.host = socket.gethostname()
+        self.beats = 0
+        faulthandler.register(STACK_SIGNAL, all_threads=True)
+        threading.Thread(target=self._beat, daemon=True, name="ptp-heartbeat").start()
+        if d.is_leader:
+            threading.Thread(target=self._watch, daemon=True, name="ptp-watchdog").start()
+
+    @staticmethod
+    def _connect():
+        import datetime
+
+        import torch.distributed as dist
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+
+    def _beat(self) -> None:
+        """This rank's heartbeat; a rank that is not the leader also obeys the leader's stop."""
+        import json
+
+        while not self.closing:
+            self.beats += 1
+            p = self.progress
+            try:
+                self.store.set(self.key(self.rank), json.dumps(
+                    {"pid": os.getpid(), "host": self.host, "step": p.step, "phase": p.phase,
+                     "since": round(p.since(), 1), "beats": self.beats}))
+                if not self.d.is_leader and self.store.check([self.abort_key]):
+                    print(f"ptp: rank {self.rank}: stopped by the watchdog of rank {self.d.leader} "
+                          f"({self.store.get(self.abort_key).decode()}); Python stack of rank {self.rank} "
+                          f"(pid {os.getpid()}):", file=sys.stderr, flush=True)
+                    faulthandler.dump_traceback(all_threads=True)
+                    os._exit(1)
+            except Exception:  # the store is gone: torchrun is stopping (and exit_with_parent ends this rank)
+                pass
+            time.sleep(HEARTBEAT_SECONDS)
+
+    @contextlib.contextmanager
+    def busy(self):
+        self.progress.mark(RUNNING, self.progress.step + 1)
+        try:
+            yield
+        finally:
+            self.progress.mark(IDLE)
+
+    def _watch(self) -> None:
+        self.watch_store = store = self._connect()  # a connection of its own: the heartbeat thread uses the other
+        seen: dict[int, tuple[int, float]] = {}  # rank -> (heartbeat count, when that count was first seen)
+        while not self.closing and self.failure is None:
+            time.sleep(0.25)
+            now = time.monotonic()
+            records = self._read_with(store)
+            for r, rec in records.items():
+                if seen.get(r, (None,))[0] != rec["beats"]:
+                    seen[r] = (rec["beats"], now)
+            if self.progress.phase == RUNNING and self.progress.since() > self.watchdog_timeout:
+                self._hung(records, {r: now - t for r, (_, t) in seen.items()})
+
+    def _read_with(self, store) -> dict[int, dict]:
+        import json
+
+        out = {}
+        for r in self.ranks:
+            try:
+                if store.check([self.key(r)]):
+                    out[r] = json.loads(store.get(self.key(r)))
+            except Exception:
+                pass
+        return out
+
+    def _hung(self, records: dict[int, dict], silent: dict[int, float]) -> None:
+        """As SpawnedRanks._hung, for torchrun's ranks: name the stopped rank, have every rank write its
+        stack and exit, kill the stopped ones on this host."""
+        lines, culprits = [], []
+        limit = max(3 * HEARTBEAT_SECONDS, min(5.0, self.watchdog_timeout / 2))
+        for r in self.ranks:
+            rec = records.get(r)
+            if rec is None:
+                culprits.append(r)
+                lines.append(f"  rank {r}: no heartbeat ever seen")
+                continue
+            local = rec["host"] == self.host
+            state = process_state(rec["pid"]) if local else f"on {rec['host']}"
+            quiet = silent.get(r, 0.0)
+            if quiet > limit or state.startswith("stopped"):
+                culprits.append(r)
+            lines.append(f"  rank {r} (pid {rec['pid']}, {state}): step {rec['step']}, {PHASES[rec['phase']]} for "
+                         f"{rec['since']:.1f} s, last heartbeat {quiet:.1f} s ago")
+        step = self.progress.step
+        if culprits:
+            who = ", ".join(f"rank {r}" for r in culprits)
+            cause = f"{who} stopped making progress (its process is stopped or frozen)"
+        else:
+            cause = "no rank is frozen (a collective or the network is stuck)"
+        self.failure = (
+            f"watchdog: step {step} of rank {self.rank} made no progress for {self.watchdog_timeout:g} s "
+            f"(--watchdog-timeout): {cause}.\n  rank {self.rank} (pid {os.getpid()}): step {step}, "
+            f"{PHASES[RUNNING]}\n" + "\n".join(lines) +
+            "\nEvery rank's Python stack follows in the log; the ranks are stopped and this replica fails.")
+        print(f"ptp: {self.failure}", file=sys.stderr, flush=True)
+        print(f"ptp: Python stack of rank {self.rank} (pid {os.getpid()}):", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        try:
+            self.watch_store.set(self.abort_key, f"step {step} made no progress")
+        except Exception:
+            pass
+        local = [records[r]["pid"] for r in culprits if r in records and records[r]["host"] == self.host]
+        for pid in local:  # a stopped rank cannot read the store: it writes its stack once continued, then dies
+            try:
+                os.kill(pid, STACK_SIGNAL)
+                os.kill(pid, signal.SIGCONT)
+            except OSError:
+                pass
+        time.sleep(1.0)
+        for pid in local:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def peer_failed(self, wait: float = 3.0) -> bool:
+        deadline = time.time() + wait
+        while self.failure is None and time.time() < deadline:
+            time.sleep(0.05)
+        return self.failure is not None
+
+    def raise_failure(self, cause: BaseException) -> None:
+        raise RankFailedError(self.failure or "a peer rank stopped answering") from cause
+
+    def stop(self, timeout: float = 0.0) -> None:
+        self.closing = True
+
+
+class _LocalProgress(Progress):
+    """Progress kept in this process only (TorchrunWatchdog publishes it through the store)."""
+
+    def __init__(self):
+        self.values = [0.0, IDLE, time.monotonic(), time.monotonic()]

@@ -74,6 +74,14 @@ def unavailable(why) -> ApiError:
     return ApiError(503, f"the engine is not running: {why}", kind="service_unavailable")
 
 
+SHUTTING_DOWN = ApiError(503, "the server is shutting down and takes no new requests; retry on another server or "
+                              "after it restarts.", kind="service_unavailable")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before a non-streaming answer was ready."""
+
+
 def top_entries(entry: dict[int, float], n: int) -> list[tuple[int, float]]:
     """The n most likely tokens of an entry (the sampler's entry holds the chosen token and the top n)."""
     return sorted(entry.items(), key=lambda kv: -kv[1])[:n]
@@ -147,6 +155,8 @@ class FrontEnd:
         self.limits = replicas.limits
         self.started = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False  # shutting down: requests in flight finish, new ones get 503
+        self.in_flight = 0     # requests submitted to the replicas and not yet finished or aborted
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Take the replicas' messages on this event loop from now on."""
@@ -166,6 +176,8 @@ class FrontEnd:
             raise ApiError(400, bad[1], param=bad[0])
         if self.error is not None:
             raise unavailable(self.error)
+        if self.draining:
+            raise SHUTTING_DOWN
 
     def sampling(self, req, max_tokens, logprobs, prompts: list[list[int]]):
         try:
@@ -189,6 +201,8 @@ class FrontEnd:
         queue: asyncio.Queue = asyncio.Queue()
         ids = []
         from ptp.frontend import ReplicaFailed
+        if self.draining:  # it began shutting down while this request was being tokenized
+            raise SHUTTING_DOWN
         try:
             for i, (text, prompt_ids) in enumerate(prompts):
                 rid = uuid.uuid4().hex
@@ -199,6 +213,7 @@ class FrontEnd:
                 self.replicas.abort(rid)
             raise unavailable(e) from None
         open_, finished = len(prompts), set()
+        self.in_flight += 1
         try:
             while open_:
                 i, item = await queue.get()
@@ -212,6 +227,7 @@ class FrontEnd:
                 else:
                     yield i, item
         finally:
+            self.in_flight -= 1
             for i, rid in enumerate(ids):
                 if i not in finished:
                     self.replicas.abort(rid)
@@ -288,7 +304,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
 
         return Stream(_until_error(events(), fmt), media_type="text/event-stream")
 
-    choices = _collect([x async for x in fe.run(prompts, params)], n)
+    choices = _collect(await _unless_client_leaves(request, fe.run(prompts, params)), n)
     out = []
     for k, c in sorted(choices.items()):
         text, ids, entries = c["text"], c["ids"], c["lps"]
@@ -374,7 +390,7 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
 
         return Stream(_until_error(events(), fmt), media_type="text/event-stream")
 
-    choices = _collect([x async for x in fe.run([(None, prompt)], params)], n)
+    choices = _collect(await _unless_client_leaves(request, fe.run([(None, prompt)], params)), n)
     out = []
     for k, c in sorted(choices.items()):
         message, finish = {"role": "assistant", "content": c["text"]}, c["finish"]
@@ -401,6 +417,8 @@ async def models(request: Request) -> dict:
 @get("/health")
 async def health(request: Request) -> Response:
     fe = _front(request)
+    if fe.error is None and fe.draining:  # load balancers: send new requests elsewhere
+        return Response({"status": "draining"}, status_code=503)
     if fe.error is None:
         return Response({"status": "ok"}, status_code=200)
     return Response({"status": "error", "error": fe.error}, status_code=503)
@@ -431,6 +449,34 @@ async def _first(updates):
         return await updates.__anext__()
     except StopAsyncIteration:
         return None
+
+
+async def _unless_client_leaves(request: Request, updates) -> list:
+    """Every update of a non-streaming request; if its client disconnects first, the request is aborted
+    at once (run's cleanup) and ClientGone is raised: nobody is left to answer."""
+    async def collect():
+        return [x async for x in updates]
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":  # the body was read: only this can come
+            pass
+
+    work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await gone
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone.cancelled() and gone.done():  # the client left (not this handler being cancelled)
+            await updates.aclose()
+            raise ClientGone() from None
+        raise
 
 
 async def _chain(first, rest):
@@ -477,9 +523,13 @@ def build_app(frontend: FrontEnd) -> Litestar:
     def on_api(_: Request, exc: ApiError) -> Response:
         return error_response(exc)
 
+    def on_client_gone(_: Request, exc: ClientGone) -> Response:
+        return Response(None, status_code=499)  # nginx's "client closed request": no one reads it
+
     return Litestar(
         route_handlers=HANDLERS,
-        exception_handlers={ValidationException: on_validation, ApiError: on_api, HTTPException: on_http},
+        exception_handlers={ValidationException: on_validation, ApiError: on_api, HTTPException: on_http,
+                            ClientGone: on_client_gone},
         state=State({"frontend": frontend}),
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=None,  # the published schema is ptp.openapi's, built from the request types
@@ -497,18 +547,34 @@ def default_model_name(model: str | None) -> str:
     return path.stem if model.endswith(".gguf") else model
 
 
+FLUSH_SECONDS = 5.0  # after the drain: for finished responses to be written out before connections close
+
+
 def _graceful_server_class():
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
-        """uvicorn re-raises SIGTERM/SIGINT after a graceful stop; here the signal only asks for the
-        graceful stop, so that the front end can then stop the replicas."""
+        """uvicorn, stopped ptp's way. The first SIGTERM or Ctrl-C starts `on_stop` (the drain) on the
+        event loop instead of uvicorn's own stop, and uvicorn stops when the drain is done; a second
+        Ctrl-C calls `on_force` (exit now). Further SIGTERMs are ignored: under torchrun the front end
+        receives the same stop twice (torchrun signals every process of a worker's group, and rank 0
+        passes its own signal on)."""
+
+        on_stop = on_force = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.stopping is None:
+                self.stopping = signal.Signals(sig).name
+                self.loop.call_soon_threadsafe(self.on_stop, self.stopping)
+            elif sig == signal.SIGINT:
+                self.on_force()
 
         @contextlib.contextmanager
         def capture_signals(self):
             if threading.current_thread() is not threading.main_thread():
                 yield
                 return
+            self.stopping, self.loop = None, asyncio.get_running_loop()
             previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
             try:
                 yield
@@ -517,6 +583,31 @@ def _graceful_server_class():
                     signal.signal(s, handler)
 
     return GracefulServer
+
+
+async def drain(frontend: FrontEnd, server, why: str, timeout: float) -> None:
+    """Stop taking requests (503), let those in flight finish for up to `timeout` s, end the rest with
+    finish_reason "abort" (streams still end with their last chunk and [DONE]), then stop uvicorn."""
+    frontend.draining = True
+    log.warning("%s: draining %d request(s) for up to %g s (--graceful-timeout); new requests get 503; "
+                "Ctrl-C again exits at once", why, frontend.in_flight, timeout)
+    deadline = time.monotonic() + timeout
+    while frontend.in_flight and time.monotonic() < deadline and frontend.error is None:
+        await asyncio.sleep(0.05)
+    if frontend.in_flight and frontend.error is None:
+        n = frontend.replicas.abort_all()
+        log.warning("--graceful-timeout (%g s) passed: %d request(s) aborted", timeout, n)
+    server.should_exit = True
+
+
+def exit_now(replicas) -> None:
+    """A second Ctrl-C: kill the replicas' processes (their ranks follow them: parent-death signal) and
+    exit at once, without tracebacks."""
+    print("ptp: second Ctrl-C: exiting now", file=sys.stderr, flush=True)
+    for p in (replicas.procs.procs if replicas.procs is not None else []):
+        with contextlib.suppress(OSError):
+            os.kill(p.pid, signal.SIGKILL)
+    os._exit(130)
 
 
 def run_frontend(ns: argparse.Namespace, args: EngineArgs, spawn: bool, addresses=None) -> int:
@@ -542,8 +633,13 @@ def run_frontend(ns: argparse.Namespace, args: EngineArgs, spawn: bool, addresse
     frontend = FrontEnd(replicas, tokenizer, model_name, metrics)
     frontend.tool_call_parser = ns.tool_call_parser
     config = uvicorn.Config(build_app(frontend), host=ns.host, port=ns.port, log_level="warning",
-                            timeout_graceful_shutdown=int(ns.graceful_timeout), access_log=False)
+                            timeout_graceful_shutdown=int(FLUSH_SECONDS), access_log=False)
     server = _graceful_server_class()(config)
+
+    def on_stop(why: str) -> None:  # the task is kept: a task nobody holds may be collected while it runs
+        server.drainer = asyncio.ensure_future(drain(frontend, server, why, ns.graceful_timeout))
+    server.on_stop = on_stop
+    server.on_force = lambda: exit_now(replicas)
 
     async def watch():
         while not server.should_exit:
@@ -589,8 +685,10 @@ def serve_under_torchrun(ns: argparse.Namespace, args: EngineArgs) -> int:
 
     from ptp import ipc
     from ptp.engine import Engine
+    from ptp.ranks import exit_with_parent
     from ptp.replica import ReplicaSockets, run_replica, warm_up
 
+    exit_with_parent(os.getppid())  # torchrun killed (SIGKILL too): every rank ends with it
     engine = Engine(args)
     d = engine.d
     addresses = [ipc.new_addresses() if d.rank == 0 else None]
