@@ -58,7 +58,7 @@ class EngineArgs:
         None, "most prompt tokens in a prefill step while other sequences are decoding, with a decode step "
         "between any two such prefill steps, so that a burst of prompts stalls running streams for one short "
         "step at a time; 0: no limit (default: 512 in ptp.serve, no limit in ptp.LLM, which runs for throughput)")
-    max_running_requests: int = flag(256, "most sequences in one step")
+    max_running_requests: int = flag(512, "most sequences in one step")
     enable_mixed_chunk: bool = flag(False, "let prompt chunks share steps with running decodes (by default a step "
                                     "is either prefill or decode, so that decode steps replay CUDA graphs)")
     attention_backend: str = flag("auto", "attention over the paged KV cache: auto (triton on CUDA, torch "
@@ -66,7 +66,8 @@ class EngineArgs:
     disable_radix_cache: bool = flag(False, "compute every prompt from scratch (by default a prefix cache, a radix "
                                      "tree over full KV blocks, reuses the blocks of earlier requests' equal prefixes)")
     disable_cuda_graph: bool = flag(False, "run decode without CUDA graphs (same tokens, slower)")
-    cuda_graph_max_bs: int = flag(160, "largest decode batch captured in a CUDA graph; larger batches run eagerly")
+    cuda_graph_max_bs: int = flag(512, "largest decode batch captured in a CUDA graph (at most "
+                                  "--max-running-requests); larger batches run eagerly")
     torch_compile: str = flag("auto", "compile the decode step with torch.compile: auto (on with CUDA), on, off, "
                               "or tuned (also coordinate-descent tuning of the kernels: slower first start)",
                               choices=("auto", "on", "off", "tuned"))
