@@ -341,6 +341,34 @@ def test_tp2_with_the_cache_equals_tp1_without(folder, reference):
         _no_leak(llm)
 
 
+
+def _computed_tokens(llm) -> list[int]:
+    """Records the tokens each step computes (every stage and rank runs the steps rank 0 sends)."""
+    runner, computed = llm.engine.runner, []
+    execute = runner.execute
+    runner.execute = lambda batch: computed.append(sum(map(len, batch.token_ids))) or execute(batch)
+    return computed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "pp2-tp2"])
+def test_pipeline_stages_with_the_cache_equal_tp1_without(folder, reference, tp):
+    """pp=2 (each stage holds its layers' part of every cached block): hits, a small cache's
+    evictions and prompts side by side give tp=1's tokens without the cache; a prompt whose prefix is
+    cached computes only its new tokens on every stage."""
+    prompts = _prompts()
+    with ptp.LLM(str(folder), dtype="float32", device="cpu", block_size=4, pp_size=2, tp=tp, num_kv_blocks=24) as llm:
+        _checked(llm)
+        computed = _computed_tokens(llm)
+        assert _generate(llm, prompts) == reference["one"]
+        # prompt 5 repeats prompt 0 (37 tokens): 36 from the cache, its last token computed
+        assert llm.generate(prompts[5], GREEDY, use_tqdm=False)[0].num_cached_tokens == 36
+        assert computed[-GREEDY.max_tokens:] == [1] * GREEDY.max_tokens
+        assert _generate(llm, _prompts(1), one_by_one=False) == reference["batch"]
+        assert llm.engine.scheduler.prefix_hit_tokens > 100
+        _no_leak(llm)
+
+
 # --- the deterministic mode ----------------------------------------------------------------------
 def _needle_with_and_without_a_hit(llm, needle, other=None, max_tokens=6, sampled=True):
     """The needle's greedy logprobs (and, with `sampled`, seeded samples beside them): from a cold
