@@ -179,6 +179,37 @@ def test_simulated_hits_evictions_and_preemptions_happen(monkeypatch):
     assert sched.prefix_hit_tokens > 0 and sched.num_preemptions > 0 and sum(evicted) > 0
 
 
+
+def test_decode_steps_leave_the_tree_alone(monkeypatch):
+    """A prompt's blocks join the tree as its prefill fills them (a request beside it shares them at
+    once); its output's blocks only when it finishes: decode steps do no tree work."""
+    inserts = []
+    insert = PrefixCache.insert
+    monkeypatch.setattr(PrefixCache, "insert", lambda self, *a: inserts.append(a) or insert(self, *a))
+    sched = Scheduler(BlockAllocator(32, 4), -1, 4)
+    first = Sequence("0", 0, list(range(1, 11)), SamplingParams(temperature=0), 9)
+    second = Sequence("1", 0, list(range(1, 10)) + [77], SamplingParams(temperature=0), 2)
+    sched.add(first)
+    decode_inserts, step = 0, 0
+    while sched.has_work():
+        if step == 3:
+            sched.add(second)
+        before = len(inserts)
+        seqs, batch = sched.schedule()
+        decode_inserts += batch.is_decode and len(inserts) - before
+        for seq, sample in zip(seqs, batch.sample):
+            if sample:
+                seq.output_ids.append(100 + step)
+                if len(seq.output_ids) >= seq.max_tokens:
+                    sched.finish(seq, "length")
+        sched.check()
+        step += 1
+    assert second.num_cached_tokens == 8  # the first's prompt blocks, while it was decoding
+    assert decode_inserts == 0
+    # the first computed its 10 prompt and 8 of its 9 output tokens: 4 whole blocks are in the tree
+    assert len(sched.cache.match(first.all_ids, 10)) == 4
+
+
 # --- the engine ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def folder(ckpt_root):
