@@ -14,12 +14,15 @@ full; the KV cache is sized so that the cache's blocks must be evicted to make r
 Columns: decode us/step (scheduler work of a decode step of the whole batch), prefill us/step (of a
 step that admits and prefills), us/step (over all steps), on - off (us/step), and tree us/step: the
 time inside the prefix cache's own calls (lookups, insertions, evictions, blocks given back to the
-tree), timed around each call in a run of its own: the cache's share, without the noise of the rest.
+tree), timed around each call in a run of its own: the cache's share, without the noise of the rest;
+gc us/step: Python's cyclic garbage collector, whether inside the timed calls or not (every tree node
+is an object it scans).
 Configurations alternate, --repeat times each; the fastest run of each is shown.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import time
 
@@ -55,10 +58,21 @@ def run(batch: int, cache: bool, ns, seed: int = 0, after_warmup=None) -> dict:
         sched.add(new_seq(i))
     started = batch
     times = {"decode": [], "prefill": []}
+    gc_time, gc_start = [0.0], [0.0]
+
+    def gc_clock(phase, info):  # Python's cyclic collector: the tree's nodes make its passes longer
+        if phase == "start":
+            gc_start[0] = clock()
+        elif timing:
+            gc_time[0] += clock() - gc_start[0]
+    timing = False
+    gc.callbacks.append(gc_clock)
     prev: list[Sequence] = []
     for step in range(ns.warmup + ns.steps):
-        if step == ns.warmup and after_warmup is not None:
-            after_warmup()
+        if step == ns.warmup:
+            timing = True
+            if after_warmup is not None:
+                after_warmup()
         for row, seq in enumerate(prev):  # the engine's placeholders for the tokens in flight
             if seq.status is Status.RUNNING and len(seq.output_ids) + 1 < seq.max_tokens:
                 seq.output_ids.append(-1 - row)
@@ -87,12 +101,13 @@ def run(batch: int, cache: bool, ns, seed: int = 0, after_warmup=None) -> dict:
         prev = [s for s, sample in zip(seqs, step_batch.sample) if sample]
         if step >= ns.warmup:
             times[kind].append(spent)
+    gc.callbacks.remove(gc_clock)
     if ns.check:
         sched.check()
     mean = lambda xs: sum(xs) / len(xs) * 1e6 if xs else None  # noqa: E731
     return {"batch": batch, "cache": "on" if cache else "off", "decode us/step": mean(times["decode"]),
             "prefill us/step": mean(times["prefill"]), "us/step": mean(times["decode"] + times["prefill"]),
-            "decode steps": len(times["decode"]), "finished": started - batch,
+            "gc us/step": gc_time[0] / ns.steps * 1e6, "decode steps": len(times["decode"]), "finished": started - batch,
             "cached blocks": sched.cache.num_cached_blocks if cache else 0}
 
 
@@ -145,7 +160,7 @@ def main() -> None:
         on["tree us/step"] = tree_us_per_step(batch, ns)
         rows += [off, on]
     print_table(rows, ["batch", "cache", "decode us/step", "prefill us/step", "us/step", "on - off", "tree us/step",
-                       "decode steps", "finished", "cached blocks"])
+                       "gc us/step", "decode steps", "finished", "cached blocks"])
     write_json(ns.json, rows)
 
 
