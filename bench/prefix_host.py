@@ -8,7 +8,7 @@ leave (`Scheduler.finish`). Finished sequences are replaced by new ones, so that
 full; the KV cache is sized so that the cache's blocks must be evicted to make room. Timed:
 `schedule()` and `finish()`, split into decode steps and steps that prefill.
 
-    python bench/prefix_host.py                       # batch 64 and 256, the table below
+    python bench/prefix_host.py                       # batch 64 and 256
     python bench/prefix_host.py --batch 8 --steps 50  # a quick look
 
 Columns: decode us/step (scheduler work of a decode step of the whole batch), prefill us/step (of a
