@@ -179,6 +179,37 @@ def test_simulated_hits_evictions_and_preemptions_happen(monkeypatch):
     assert sched.prefix_hit_tokens > 0 and sched.num_preemptions > 0 and sum(evicted) > 0
 
 
+
+def test_decode_steps_leave_the_tree_alone(monkeypatch):
+    """A prompt's blocks join the tree as its prefill fills them (a request beside it shares them at
+    once); its output's blocks only when it finishes: decode steps do no tree work."""
+    inserts = []
+    insert = PrefixCache.insert
+    monkeypatch.setattr(PrefixCache, "insert", lambda self, *a: inserts.append(a) or insert(self, *a))
+    sched = Scheduler(BlockAllocator(32, 4), -1, 4)
+    first = Sequence("0", 0, list(range(1, 11)), SamplingParams(temperature=0), 9)
+    second = Sequence("1", 0, list(range(1, 10)) + [77], SamplingParams(temperature=0), 2)
+    sched.add(first)
+    decode_inserts, step = 0, 0
+    while sched.has_work():
+        if step == 3:
+            sched.add(second)
+        before = len(inserts)
+        seqs, batch = sched.schedule()
+        decode_inserts += batch.is_decode and len(inserts) - before
+        for seq, sample in zip(seqs, batch.sample):
+            if sample:
+                seq.output_ids.append(100 + step)
+                if len(seq.output_ids) >= seq.max_tokens:
+                    sched.finish(seq, "length")
+        sched.check()
+        step += 1
+    assert second.num_cached_tokens == 8  # the first's prompt blocks, while it was decoding
+    assert decode_inserts == 0
+    # the first computed its 10 prompt and 8 of its 9 output tokens: 4 whole blocks are in the tree
+    assert len(sched.cache.match(first.all_ids, 10)) == 4
+
+
 # --- the engine ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def folder(ckpt_root):
@@ -339,3 +370,107 @@ def test_tp2_with_the_cache_equals_tp1_without(folder, reference):
         assert llm.engine.scheduler.prefix_hit_tokens > 100
         _evicted_while_waiting(llm, reference)
         _no_leak(llm)
+
+
+
+def _computed_tokens(llm) -> list[int]:
+    """Records the tokens each step computes (every stage and rank runs the steps rank 0 sends)."""
+    runner, computed = llm.engine.runner, []
+    execute = runner.execute
+    runner.execute = lambda batch: computed.append(sum(map(len, batch.token_ids))) or execute(batch)
+    return computed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "pp2-tp2"])
+def test_pipeline_stages_with_the_cache_equal_tp1_without(folder, reference, tp):
+    """pp=2 (each stage holds its layers' part of every cached block): hits, a small cache's
+    evictions and prompts side by side give tp=1's tokens without the cache; a prompt whose prefix is
+    cached computes only its new tokens on every stage."""
+    prompts = _prompts()
+    with ptp.LLM(str(folder), dtype="float32", device="cpu", block_size=4, pp_size=2, tp=tp, num_kv_blocks=24) as llm:
+        _checked(llm)
+        computed = _computed_tokens(llm)
+        assert _generate(llm, prompts) == reference["one"]
+        # prompt 5 repeats prompt 0 (37 tokens): 36 from the cache, its last token computed
+        assert llm.generate(prompts[5], GREEDY, use_tqdm=False)[0].num_cached_tokens == 36
+        assert computed[-GREEDY.max_tokens:] == [1] * GREEDY.max_tokens
+        assert _generate(llm, _prompts(1), one_by_one=False) == reference["batch"]
+        assert llm.engine.scheduler.prefix_hit_tokens > 100
+        _no_leak(llm)
+
+
+# --- the deterministic mode ----------------------------------------------------------------------
+def _needle_with_and_without_a_hit(llm, needle, other=None, max_tokens=6, sampled=True):
+    """The needle's greedy logprobs (and, with `sampled`, seeded samples beside them): from a cold
+    cache, after `other` left the shared prefix's blocks in the cache (if given), and repeated (its
+    own blocks cached). Returns the runs and the cached token counts of the runs after the first."""
+    params = [ptp.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)]
+    if sampled:
+        params.append(ptp.SamplingParams(temperature=0.8, seed=1234, max_tokens=max_tokens, ignore_eos=True))
+    sched = llm.engine.scheduler
+
+    def needle_run():
+        outs = llm.generate([needle] * len(params), params, use_tqdm=False)
+        g = outs[0].outputs[0]
+        return ([g.token_ids, [next(iter(d.values())) for d in g.logprobs]] + [o.outputs[0].token_ids for o in outs[1:]],
+                outs[0].num_cached_tokens)
+    sched.cache.evict(sched.cache.num_evictable)  # cold
+    cold, cached = needle_run()
+    assert cached == 0
+    runs, hits = [cold], []
+    if other is not None:
+        sched.cache.evict(sched.cache.num_evictable)
+        llm.generate(other, ptp.SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        run, hit = needle_run()
+        runs.append(run)
+        hits.append(hit)
+    run, hit = needle_run()  # the needle's own blocks cached
+    _no_leak(llm)
+    return runs + [run], tuple(hits + [hit])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_deterministic_mode_gives_the_same_bits_with_and_without_a_hit(folder, dtype):
+    """--enable-deterministic-inference: a prompt whose first blocks come from the cache (they end in
+    the middle of an attention split) gives the logprobs and samples of the same prompt computed
+    from scratch, bit for bit."""
+    rng = random.Random(11)
+    prefix = [rng.randrange(3, 380) for _ in range(22)]
+    needle, other = prefix + [rng.randrange(3, 380) for _ in range(3)], prefix + [7, 8, 9]
+    with ptp.LLM(str(folder), dtype=dtype, device="cpu", block_size=4, enable_deterministic_inference=True,
+                 max_model_len=256) as llm:
+        llm.engine.runner.attention.split_tokens = 8  # hits of 5 and 7 blocks end mid-split
+        runs, hits = _needle_with_and_without_a_hit(llm, needle, other)
+    assert hits == (20, 24)
+    assert runs[1] == runs[0], [a - b for a, b in zip(runs[1][1], runs[0][1])]
+    assert runs[2] == runs[0], [a - b for a, b in zip(runs[2][1], runs[0][1])]
+
+
+INTERPRETED = """
+import random, tempfile
+from pathlib import Path
+import ptp
+from helpers import make_checkpoint
+from test_prefix_cache import _needle_with_and_without_a_hit
+# one layer and one KV head: the interpreter runs a program per prompt row, KV head, split and layer
+folder = make_checkpoint(Path(tempfile.mkdtemp()), "llama", seed=6, num_hidden_layers=1, num_key_value_heads=1)
+rng = random.Random(12)
+with ptp.LLM(str(folder), dtype="float32", device="cpu", attention_backend="triton", torch_compile="off",
+             enable_deterministic_inference=True, max_model_len=256) as llm:
+    llm.engine.runner.attention.split_tokens = 64  # the kernel's smallest: 90 tokens in 2 splits, a hit of 80 ends mid-split
+    runs, hits = _needle_with_and_without_a_hit(llm, [rng.randrange(3, 380) for _ in range(90)], max_tokens=2,
+                                                sampled=False)
+print(hits, runs[0] == runs[1])
+"""
+
+
+@pytest.mark.slow
+def test_deterministic_mode_with_a_hit_in_the_triton_kernels():
+    """The same with the Triton attention (the fixed-split kernel over prompt rows), RMSNorm and
+    log-softmax kernels, in the interpreter: a prompt computed whole, then again with all but its
+    last 10 tokens from the cache."""
+    from test_kernels import in_interpreter
+
+    stdout = in_interpreter(INTERPRETED)
+    assert stdout.split("\n")[-2] == "(80,) True", stdout

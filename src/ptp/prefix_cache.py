@@ -3,9 +3,9 @@
 Each node below the root is one full block: its key is the block's `block_size` token ids, its path
 from the root the tokens before them, so a node's keys and values depend on exactly the tokens on
 its path (causal attention, positions from 0). A new sequence walks the tree along its tokens and
-takes the blocks it finds instead of computing them; the blocks a sequence computes join the tree as
-soon as they are full (so that requests running side by side share a system prompt) and stay there
-after it finishes.
+takes the blocks it finds instead of computing them; the blocks of its prompt join the tree as soon
+as they are full (so that requests running side by side share a system prompt), those of its output
+when it finishes or is preempted (no tree work per decode step), and all stay there after it.
 
 Ownership is counted per block by the allocator (`BlockAllocator.refs`): the tree holds each of its
 blocks once, and each sequence whose table lists a block holds it once more. A sequence holds the
@@ -86,19 +86,21 @@ class PrefixCache:
         Stops before a block with a placeholder id (< 0: a token the host does not know yet). A block
         the tree already has for the same tokens replaces the sequence's own copy in `table` (the copy
         is freed). Returns the deepest node the sequence now holds."""
-        bs, alloc = self.block_size, self.allocator
+        bs, alloc, refs, nodes = self.block_size, self.allocator, self.allocator.refs, self.nodes
         now = next(self._clock)
+        placeholders = bool(tokens) and min(tokens) < 0  # one C-speed scan instead of one per block
         for i in range(len(tokens) // bs):
             key = tuple(tokens[i * bs: (i + 1) * bs])
-            if min(key) < 0:
+            if placeholders and min(key) < 0:
                 break
             at = node.depth
             child = node.children.get(key)
             if child is None:
-                child = Node(key, table[at], node, at + 1, now)
+                block = table[at]
+                child = Node(key, block, node, at + 1, now)
                 node.children[key] = child
-                self.nodes[child.block] = child
-                alloc.share(child.block)  # the sequence holds it too: not evictable
+                nodes[block] = child
+                refs[block] += 1  # the tree's hold; the sequence holds it too: not evictable
             elif child.block != table[at]:
                 self._share(child, now)
                 alloc.drop(table[at])

@@ -15,8 +15,8 @@ burst of new prompts delays each running stream by one short step at a time. Wit
 
 With the prefix cache (ptp.prefix_cache; on unless `--disable-radix-cache`), an admitted sequence
 starts from the longest run of whole blocks the cache holds for its tokens (never all of them: the
-last token is computed, for its logits); the blocks a sequence computes join the cache as they fill,
-and stay there when it finishes or is preempted. Blocks held by the cache alone are reused, least
+last token is computed, for its logits); the blocks of its prompt join the cache as they fill, those
+of its output when it finishes or is preempted, and all stay there. Blocks held by the cache alone are reused, least
 recently used first, before any running sequence is preempted.
 """
 from __future__ import annotations
@@ -184,7 +184,10 @@ class Scheduler:
         )
         for s, n in chosen:
             s.num_computed += n
-            if self.cache is not None:  # after the batch took its copy of the tables: insert may swap blocks
+            # a prompt's blocks join the cache as its prefill fills them (requests side by side share a
+            # system prompt); an output's, when its sequence lets go (_release): no tree work in decode.
+            # After the batch took its copy of the tables: insert may swap blocks.
+            if self.cache is not None and s.num_computed - n < len(s.prompt_ids):
                 self._cache_computed(s)
         return seqs, batch
 
