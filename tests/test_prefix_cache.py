@@ -252,8 +252,8 @@ def _checked(llm):
     sched = llm.engine.scheduler
     schedule = sched.schedule
 
-    def checked():
-        step = schedule()
+    def checked(*args, **kwargs):
+        step = schedule(*args, **kwargs)
         sched.check()
         return step
     sched.schedule = checked
@@ -374,10 +374,17 @@ def test_tp2_with_the_cache_equals_tp1_without(folder, reference):
 
 
 def _computed_tokens(llm) -> list[int]:
-    """Records the tokens each step computes (every stage and rank runs the steps rank 0 sends)."""
-    runner, computed = llm.engine.runner, []
-    execute = runner.execute
-    runner.execute = lambda batch: computed.append(sum(map(len, batch.token_ids))) or execute(batch)
+    """Records the tokens each step computes, as rank 0 schedules them (every stage and rank runs the
+    steps rank 0 sends, micro-batches too)."""
+    sched, computed = llm.engine.scheduler, []
+    schedule = sched.schedule
+
+    def recorded(*args, **kwargs):
+        step = schedule(*args, **kwargs)
+        if step is not None:
+            computed.append(sum(map(len, step[1].token_ids)))
+        return step
+    sched.schedule = recorded
     return computed
 
 

@@ -139,8 +139,9 @@ class Scheduler:
             budget = min(budget, self.max_tokens_per_step)
         chosen: list[tuple[Sequence, int]] = []
         preempted = False
-        while queue and budget > 0 and len(chosen) < max_seqs:
-            seq = queue.pop(0)
+        for seq in queue:
+            if budget <= 0 or len(chosen) >= max_seqs:
+                break
             if seq.status is not Status.RUNNING or seq.in_flight:
                 continue  # preempted below by an earlier sequence, or in a micro-batch on its way
             n = min(len(seq) - seq.num_computed, budget)
@@ -177,7 +178,7 @@ class Scheduler:
             return None
         seqs = [s for s, _ in chosen]
         batch = StepBatch(
-            token_ids=[s.all_ids[s.num_computed: s.num_computed + n] for s, n in chosen],
+            token_ids=[s.token_slice(s.num_computed, s.num_computed + n) for s, n in chosen],
             starts=[s.num_computed for s, _ in chosen],
             block_tables=[list(s.block_table) for s in seqs],
             sample=[s.num_computed + n == len(s) for s, n in chosen],
