@@ -4,6 +4,7 @@ the step schedule of ptp.overlap, which owns the steps in flight."""
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import os
 import threading
@@ -74,6 +75,11 @@ class Engine:
         if under_torchrun() and self.d.world_size > 1:  # torchrun's ranks: the watchdog meets them in its store
             from ptp.ranks import TorchrunWatchdog
             self.spawned = TorchrunWatchdog(args, self.d)
+        # Start-up's objects (modules, compiled code, captured graphs) live as long as the process: move them
+        # out of the garbage collector's reach, so that its full collections scan only what steps allocate
+        # (as vLLM and SGLang do); else each one walks every object of torch and the model.
+        gc.collect()
+        gc.freeze()
         self.max_model_len = self.runner.model.model.rotary.max_positions
         self.channel = StepChannel(self.d) if self.d.world_size > 1 else None
         self.is_leader = self.d.is_leader

@@ -153,6 +153,7 @@ class ModelRunner:
         import gc
 
         self.decode = self.model = self.kv_cache = self.attention = None
+        gc.unfreeze()  # the engine froze start-up's objects, these among them
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
