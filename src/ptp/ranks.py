@@ -192,6 +192,15 @@ class Progress:
         self.values[1] = phase
         self.values[2] = time.monotonic()
 
+    @contextlib.contextmanager
+    def busy(self):
+        """A step: running from here to its end, then idle."""
+        self.mark(RUNNING, self.step + 1)
+        try:
+            yield
+        finally:
+            self.mark(IDLE)
+
     def start_heartbeat(self) -> None:
         def beat():
             while True:
@@ -280,14 +289,9 @@ class SpawnedRanks:
                 raise RankFailedError(f"this node's other ranks did not start within {timeout:.0f} s.")
             time.sleep(0.05)
 
-    @contextlib.contextmanager
     def busy(self):
         """Around each step of rank 0: while one runs, the watchdog expects progress."""
-        self.progress.mark(RUNNING, self.progress.step + 1)
-        try:
-            yield
-        finally:
-            self.progress.mark(IDLE)
+        return self.progress.busy()
 
     def _watch(self) -> None:
         while not self.closing:
@@ -465,13 +469,8 @@ class TorchrunWatchdog:
                 pass
             time.sleep(HEARTBEAT_SECONDS)
 
-    @contextlib.contextmanager
     def busy(self):
-        self.progress.mark(RUNNING, self.progress.step + 1)
-        try:
-            yield
-        finally:
-            self.progress.mark(IDLE)
+        return self.progress.busy()
 
     def _watch(self) -> None:
         self.watch_store = store = self._connect()  # a connection of its own: the heartbeat thread uses the other
