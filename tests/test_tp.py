@@ -44,17 +44,16 @@ def test_tp_equals_tp1(reference, arch, tp):
 
 def test_tp8_with_kv_heads_replicated_four_times(ckpt_root):
     """Eight gloo ranks on a model with 8 heads and 2 KV heads (each KV head held by four ranks): logits and
-    8 greedy tokens equal tp=1, and each rank holds about 1/8 of the sharded weights."""
+    32 greedy tokens equal tp=1, and each rank holds about 1/8 of the sharded weights."""
     folder = make_checkpoint(ckpt_root, "llama", seed=8, num_attention_heads=8)
     prompt = tokenizer().encode(PROMPT)
-    greedy8 = ptp.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)  # eight ranks on two cores: few steps
     llm = ptp.LLM(str(folder), dtype="float32", device="cpu")
-    tokens = llm.generate([prompt], greedy8)[0].token_ids
+    tokens = llm.generate([prompt], GREEDY32)[0].token_ids
     logits = ptp_logits(llm, prompt, tokens)
     with ptp.LLM(str(folder), dtype="float32", device="cpu", tp=8) as llm8:
         errors = [rel_err(g, r) for g, r in zip(ptp_logits(llm8, prompt, tokens), logits)]
         assert max(errors) <= 1e-4, errors
-        assert llm8.generate([prompt], greedy8)[0].token_ids == tokens
+        assert llm8.generate([prompt], GREEDY32)[0].token_ids == tokens
         _check_parameter_bytes(llm8, 8)
 
 
