@@ -96,13 +96,30 @@ def hf_model(folder: Path):
 
 @torch.no_grad()
 def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and the last-position logits before each one (full recompute: no cache)."""
-    ids, logits = list(prompt), []
+    """Greedy tokens and the last-position logits before each one, by full recompute (no cache).
+
+    A causal model's logits at position i see only the ids up to i, so one forward over the prompt
+    and the tokens gives every step's logits at once. transformers' cache only proposes the tokens;
+    the forward checks each is its logits' argmax, and from a token that is not, proposes again."""
+    ids, end = list(prompt), len(prompt) + steps
+    while True:
+        seq = ids + _cached_greedy(model, ids, end - len(ids))
+        logits = model(torch.tensor([seq[:-1]]), use_cache=False).logits[0, len(prompt) - 1:].float()
+        best = logits.argmax(-1).tolist()
+        wrong = [i for i in range(len(ids) - len(prompt), steps) if best[i] != seq[len(prompt) + i]]
+        if not wrong:
+            return seq[len(prompt):], list(logits)
+        ids = seq[:len(prompt) + wrong[0]] + [best[wrong[0]]]
+
+
+def _cached_greedy(model, ids: list[int], steps: int) -> list[int]:
+    out, past, x = [], None, torch.tensor([ids])
     for _ in range(steps):
-        out = model(torch.tensor([ids])).logits[0, -1].float()
-        logits.append(out)
-        ids.append(int(out.argmax()))
-    return ids[len(prompt):], logits
+        # the cache is the 4th argument and the output's 2nd field: transformers renamed it
+        logits, past = model(x, None, None, past, use_cache=True, return_dict=False)[:2]
+        out.append(int(logits[0, -1].argmax()))
+        x = torch.tensor([[out[-1]]])
+    return out
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -7,7 +7,6 @@ import ptp
 from helpers import MOE_ARCHS, hf_greedy, hf_model, make_checkpoint, ptp_logits, rel_err, tokenizer
 
 PROMPT = "Tensor parallelism splits every layer"
-GREEDY32 = ptp.SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +22,16 @@ def reference(ckpt_root):
     return out
 
 
-def _check_against_transformers(llm, reference_entry):
+def _check_against_transformers(llm, reference_entry, steps: int = 32):
+    """Logits and greedy tokens of the first `steps` of the reference's 32 (greedy: a prefix of them)."""
     folder, tokens, logits = reference_entry
+    tokens, logits = tokens[:steps], logits[:steps]
+    assert len(set(tokens)) > 4, tokens  # routing errors must be able to show
     prompt = tokenizer().encode(PROMPT)
     errors = [rel_err(g, r) for g, r in zip(ptp_logits(llm, prompt, tokens), logits)]
-    assert max(errors) <= 1e-4, errors
-    assert llm.generate([prompt], GREEDY32)[0].token_ids == tokens
+    assert len(errors) == steps and max(errors) <= 1e-4, errors
+    assert llm.generate([prompt], ptp.SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))[0].token_ids \
+        == tokens
 
 
 @pytest.mark.parametrize("arch", list(MOE_ARCHS))
@@ -53,7 +56,7 @@ def test_moe_in_the_compiled_decode_step(reference):
 ])
 def test_moe_tp_and_ep_equal_transformers(reference, arch, tp, ep):
     with ptp.LLM(str(reference[arch][0]), dtype="float32", device="cpu", tp=tp, ep=ep) as llm:
-        _check_against_transformers(llm, reference[arch])
+        _check_against_transformers(llm, reference[arch], steps=12)  # gloo ranks on two cores: fewer steps
         per_rank = llm.engine.runner.rank_weight_bytes  # equal but for the uneven vocabulary shards
         assert len(per_rank) == tp and max(per_rank) - min(per_rank) <= 0.01 * max(per_rank), per_rank
 

@@ -98,7 +98,7 @@ def test_two_nodes_serve_an_openai_request(folder, tp1_text):
                 if httpx.get(f"http://127.0.0.1:{http}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.5)
+                time.sleep(0.1)
         reply = httpx.post(f"http://127.0.0.1:{http}/v1/completions", timeout=60, json={
             "model": "tiny", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True})
         assert reply.status_code == 200, reply.text

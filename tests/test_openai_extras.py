@@ -111,9 +111,10 @@ def _lm_eval(model: str, model_args: str, tasks_dir) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=TASKS,
-                                  task_manager=TaskManager(include_path=str(tasks_dir)), log_samples=True,
-                                  batch_size=1)
+    # only the tasks of tasks_dir are indexed: lm-eval's thousands of built-in task files are not read
+    manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=TASKS, task_manager=manager,
+                                  log_samples=True, batch_size=1)
     return {task: {s["doc_id"]: s["resps"] for s in out["samples"][task]} for task in TASKS}
 
 

