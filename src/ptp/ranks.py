@@ -225,6 +225,19 @@ class Progress:
         return time.monotonic() - self.values[3]
 
 
+def report_hang(rank: int, step: int, timeout: float, cause: str, lines: list[str], fate: str) -> str:
+    """The watchdog's account of a step that made no progress (every rank's state in `lines`), written
+    to the log with this rank's Python stack; returned as the replica's failure."""
+    failure = (
+        f"watchdog: step {step} of rank {rank} made no progress for {timeout:g} s (--watchdog-timeout): "
+        f"{cause}.\n  rank {rank} (pid {os.getpid()}): step {step}, {PHASES[RUNNING]}\n" + "\n".join(lines) +
+        f"\nEvery rank's Python stack follows in the log; the ranks are {fate} and this replica fails.")
+    print(f"ptp: {failure}", file=sys.stderr, flush=True)
+    print(f"ptp: Python stack of rank {rank} (pid {os.getpid()}):", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(all_threads=True)
+    return failure
+
+
 def process_state(pid: int) -> str:
     """The kernel's word for a process's state ('stopped', 'running', ...), from /proc where there is one."""
     try:
@@ -328,14 +341,7 @@ class SpawnedRanks:
             behind = min(pr.step for pr in self.rank_progress)
             who = ", ".join(self.name(r) for r, pr in zip(self.ranks, self.rank_progress) if pr.step == behind)
             cause = f"no rank is frozen; the furthest behind: {who} (step {behind})"
-        self.failure = (
-            f"watchdog: step {step} of rank {self.base_rank} made no progress for {self.watchdog_timeout:g} s "
-            f"(--watchdog-timeout): {cause}.\n  rank {self.base_rank} (pid {os.getpid()}): step {step}, "
-            f"{PHASES[RUNNING]}\n" + "\n".join(lines) +
-            "\nEvery rank's Python stack follows in the log; the ranks are killed and this replica fails.")
-        print(f"ptp: {self.failure}", file=sys.stderr, flush=True)
-        print(f"ptp: Python stack of rank {self.base_rank} (pid {os.getpid()}):", file=sys.stderr, flush=True)
-        faulthandler.dump_traceback(all_threads=True)
+        self.failure = report_hang(self.base_rank, step, self.watchdog_timeout, cause, lines, "killed")
         for r, p in zip(self.ranks, self.procs):
             try:  # a stopped rank writes its stack once continued; it is killed right after
                 os.kill(p.pid, STACK_SIGNAL)
@@ -521,14 +527,7 @@ class TorchrunWatchdog:
             cause = f"{who} stopped making progress (its process is stopped or frozen)"
         else:
             cause = "no rank is frozen (a collective or the network is stuck)"
-        self.failure = (
-            f"watchdog: step {step} of rank {self.rank} made no progress for {self.watchdog_timeout:g} s "
-            f"(--watchdog-timeout): {cause}.\n  rank {self.rank} (pid {os.getpid()}): step {step}, "
-            f"{PHASES[RUNNING]}\n" + "\n".join(lines) +
-            "\nEvery rank's Python stack follows in the log; the ranks are stopped and this replica fails.")
-        print(f"ptp: {self.failure}", file=sys.stderr, flush=True)
-        print(f"ptp: Python stack of rank {self.rank} (pid {os.getpid()}):", file=sys.stderr, flush=True)
-        faulthandler.dump_traceback(all_threads=True)
+        self.failure = report_hang(self.rank, step, self.watchdog_timeout, cause, lines, "stopped")
         try:
             self.watch_store.set(self.abort_key, f"step {step} made no progress")
         except Exception:
