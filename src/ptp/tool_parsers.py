@@ -10,6 +10,7 @@ is not a well-formed call stays content: a model that writes half a call has not
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import re
@@ -244,7 +245,7 @@ def _tag(text: str, i: int, tags: tuple[str, ...]) -> int | None:
     raise _NotACall
 
 
-class _Reader:
+class _Reader(abc.ABC):
     """A family's calls read as the text arrives. `content_end`: how much of the text is content that
     can go out; `calls`: the calls begun so far. Once the text leaves the family's format, reading
     stops and the end of the stream settles what is left."""
@@ -262,8 +263,9 @@ class _Reader:
         except (_NotACall, json.JSONDecodeError):
             self.stopped = True
 
+    @abc.abstractmethod
     def read(self, text: str) -> None:
-        raise NotImplementedError
+        """Read on from where the last call left: each family's own format."""
 
     def call_at(self, text: str, i: int, name: str | None = None) -> int | None:
         """Begin the call whose object starts at i; its end if it is already whole."""
