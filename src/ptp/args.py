@@ -197,8 +197,10 @@ ENVIRONMENT = (
                                 "add+RMSNorm kernel (for A/B runs)"),
     ("PTP_DISABLE_FUSED_MOE", "1: mixture-of-experts layers through the torch path on the GPU too, not the fused "
                               "MoE kernel (for A/B runs)"),
-    ("PTP_PROFILE", "1: rank 0 logs where each step's host time goes, at shutdown"),
-    ("PTP_KERNEL_PROFILE", "N: every rank logs its kernels' GPU time over N decode steps, after 32 warm ones"),
+    ("PTP_PROFILE", "1: rank 0 logs where each step's host time goes and, on CUDA, each kind of step's device "
+                    "time, at shutdown"),
+    ("PTP_KERNEL_PROFILE", "N: every rank logs its kernels' GPU time over N decode steps, after 32 warm ones; "
+                           "N:all (or N:all:S): over N steps of every kind (after S)"),
     ("PTP_DEBUG_EXIT", "N: a process still alive N seconds after its engine's shutdown began prints every "
                        "thread's stack"),
 )

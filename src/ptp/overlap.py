@@ -50,6 +50,12 @@ def on_device(seq: Sequence, blocked: list[int]) -> bool:
         and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
 
 
+def step_kind(batch: StepBatch) -> str:
+    """'decode' (one token per sequence), 'prefill' (prompt chunks only) or 'mixed'."""
+    singles = sum(len(t) == 1 for t in batch.token_ids)
+    return "decode" if singles == len(batch.token_ids) else "prefill" if singles == 0 else "mixed"
+
+
 def prompt_scoring(seqs: list[Sequence], batch: StepBatch) -> list[tuple[Sequence, int, int]]:
     """(sequence, chunk start, chunk length) of the step's chunks that give prompt logprobs still
     missing; marks them in batch.all_logits, so that every row of theirs gets logits."""
@@ -83,6 +89,9 @@ class OverlapSchedule:
         self._flip = 0
         self.num_overlapped = 0  # steps queued before their predecessor's tokens were known
         self.profile = collections.Counter() if os.environ.get("PTP_PROFILE") else None
+        # PTP_PROFILE on CUDA: each step's device time (events around its kernels), by kind of step
+        self._gpu_steps: list[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] | None = (
+            [] if self.profile is not None and runner.device.type == "cuda" else None)
 
     def step(self) -> list[SeqUpdate]:
         """One step: queue the next step, then take the tokens of the one in flight (see the module's doc)."""
@@ -100,7 +109,15 @@ class OverlapSchedule:
             drawn = ahead and not all(s.params.greedy for s in sampling)
             batch.share_tokens = drawn and self.world_size > 1
             scoring = prompt_scoring(seqs, batch)
+            timed = self._gpu_steps is not None and self.profile["seen"] >= PROFILE_SKIP_STEPS
+            if timed:
+                began = torch.cuda.Event(enable_timing=True)
+                began.record()
             logits = self.execute(batch)
+            if timed:
+                ended = torch.cuda.Event(enable_timing=True)
+                ended.record()
+                self._gpu_steps.append((step_kind(batch), sum(len(t) for t in batch.token_ids), began, ended))
             if scoring:  # the prompt rows' logits follow the sampled rows'
                 logits = self._score_prompts(scoring, logits, len(sampling))
             if sampling:
@@ -142,7 +159,20 @@ class OverlapSchedule:
             return None
         parts = {k: v for k, v in self.profile.items() if k not in ("seen", "steps")}
         steps = self.profile["steps"]
-        return f"per step over {steps} steps: " + ", ".join(f"{k} {v / steps * 1e3:.3f} ms" for k, v in parts.items())
+        report = f"per step over {steps} steps: " + ", ".join(f"{k} {v / steps * 1e3:.3f} ms" for k, v in parts.items())
+        if self._gpu_steps:
+            torch.cuda.synchronize()
+            wall = sum(v for k, v in parts.items() if k != "broadcast")
+            by_kind = collections.defaultdict(lambda: [0, 0, 0.0])
+            for kind, tokens, began, ended in self._gpu_steps:
+                by_kind[kind][0] += 1
+                by_kind[kind][1] += tokens
+                by_kind[kind][2] += began.elapsed_time(ended) / 1e3
+            busy = sum(t for _, _, t in by_kind.values())
+            report += (f"; the device ran steps {busy:.2f} s of {wall:.2f} s ({busy / wall:.0%}): " + ", ".join(
+                f"{kind} {n} steps, {tok} tokens, {t:.2f} s ({t / n * 1e3:.2f} ms each)"
+                for kind, (n, tok, t) in sorted(by_kind.items())))
+        return report
 
     # --- the step left in flight -----------------------------------------------------------------
     def _tokens_to_host(self, rows: int):

@@ -38,15 +38,32 @@ def kernel_table(prof, steps: int, top: int = 30) -> str:
 
 
 class StepProfiler:
-    """Profiles `steps` decode steps after `skip` of them, then logs kernel_table (one per rank)."""
+    """Profiles `steps` decode steps (or steps of every kind) after `skip` of them, then logs
+    kernel_table (one per rank)."""
 
-    def __init__(self, steps: int, rank: int, skip: int = 32):
-        self.steps, self.rank, self.skip = steps, rank, skip
+    def __init__(self, steps: int, rank: int, skip: int = 32, every_kind: bool = False):
+        self.steps, self.rank, self.skip, self.every_kind = steps, rank, skip, every_kind
         self.seen = 0
         self.prof = None
 
+    @classmethod
+    def from_spec(cls, spec: str, rank: int) -> "StepProfiler":
+        """PTP_KERNEL_PROFILE: `N` (N decode steps after 32), `N:all` (N steps of every kind: prefill,
+        mixed and decode) or `N:all:S` (after S steps)."""
+        parts = spec.split(":")
+        try:
+            steps = int(parts[0])
+            every = len(parts) > 1 and parts[1] == "all"
+            skip = int(parts[2]) if len(parts) > 2 else 32
+            if len(parts) > 1 and not every or len(parts) > 3:
+                raise ValueError(spec)
+        except ValueError:
+            raise ValueError(f"PTP_KERNEL_PROFILE={spec!r}: expected N, N:all or N:all:S (N steps profiled, "
+                             f"after S of them)") from None
+        return cls(steps, rank, skip, every)
+
     def tick(self) -> None:
-        """Call before each decode step."""
+        """Call before each step it counts (decode steps, or every step)."""
         import logging
 
         import torch
@@ -60,6 +77,7 @@ class StepProfiler:
         elif self.seen == self.skip + self.steps + 1 and self.prof is not None:
             torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
-            logging.getLogger("ptp").info("rank %d, %d decode steps:\n%s", self.rank, self.steps,
+            logging.getLogger("ptp").info("rank %d, %d %s steps:\n%s", self.rank, self.steps,
+                                          "every kind of" if self.every_kind else "decode",
                                           kernel_table(self.prof, self.steps))
             self.prof = None

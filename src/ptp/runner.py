@@ -106,7 +106,7 @@ class ModelRunner:
         self.profiler = None
         if os.environ.get("PTP_KERNEL_PROFILE") and d.device.type == "cuda":
             from ptp.profiling import StepProfiler
-            self.profiler = StepProfiler(int(os.environ["PTP_KERNEL_PROFILE"]), d.rank)
+            self.profiler = StepProfiler.from_spec(os.environ["PTP_KERNEL_PROFILE"], d.rank)
         self.run_layer = None
         if (cuda_graphs or compile_decode or compile_prefill) and not getattr(self.attention, "compiled_steps", True):
             log.info("the %s attention backend runs every step eagerly (no compiled steps, no CUDA graphs)",
@@ -248,7 +248,7 @@ class ModelRunner:
 
     def _execute(self, batch: StepBatch, hidden=None):
         """This stage's part of the step (the whole step without pipeline parallelism)."""
-        if self.profiler is not None and batch.is_decode:
+        if self.profiler is not None and (batch.is_decode or self.profiler.every_kind):
             self.profiler.tick()
         if self._takes_decode(batch):
             return self.decode.run(batch)
