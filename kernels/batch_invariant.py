@@ -39,13 +39,16 @@ class Tile(NamedTuple):
 
 # The rule, one line. A row's bits are fixed by the order in which its K products are summed: the
 # BLOCK_K chunks, walked in order, and inside each chunk the tensor-core instructions' own sums.
-# - False: the whole tile is chosen by the weight's shape (N, K); the row count never matters. Safe
-#   on any GPU, but prefill runs in the small tile that batch-1 decode needs.
-# - True: BLOCK_K (and the K order) stay fixed per weight shape; BLOCK_M, BLOCK_N, warps and
-#   stages follow M. A 16-row tile compiles to mma.sync on Hopper, 64 rows and more to wgmma: this
-#   is right only where both instructions sum a chunk alike, bit for bit, which
-#   bench/det_matmul.py checks on the GPU (its "bitwise" table, per candidate tile).
+# - False (used now): the whole tile is chosen by the weight's shape (N, K) and the row count never
+#   matters, so a row's bits cannot depend on its batch on any GPU. Prefill then runs in the narrow
+#   tile that batch-1 decode needs, which costs throughput.
+# - True: BLOCK_K (and the K order) stay fixed per weight shape; BLOCK_M, BLOCK_N, warps and stages
+#   follow M. On Hopper a 16-row tile compiles to mma.sync and 64 rows or more to wgmma: this is
+#   right only where every tile sums a chunk alike, bit for bit. Not yet shown on a GPU, hence
+#   False; bench/det_matmul.py shows it (its "bitwise" table, per candidate tile): where wgmma tiles
+#   agree with one another but not with mma.sync, set DECODE_BLOCK_M = 64 as well.
 TILE_FOLLOWS_ROWS = False
+DECODE_BLOCK_M = 16  # rows of the decode tile: tl.dot's least (mma.sync on Hopper); 64 is wgmma's least
 
 # Parallelism at a few rows comes from N alone (no split-K): columns per program are the widest
 # of these that still give at least PROGRAMS programs (four per SM of an H100/H200), else the
@@ -62,9 +65,9 @@ def config_for(n: int, k: int, m: int, element_size: int = 2) -> Tile:
     the pipeline fits in shared memory; it is the weight's, so it does not follow m either."""
     block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
     block_n = next((b for b in DECODE_BLOCK_N if triton.cdiv(n, b) >= PROGRAMS), DECODE_BLOCK_N[-1])
-    # Decode: 16 rows (tl.dot's least), enough stages to keep ~16 KB of weights in flight per program.
-    tile = Tile(16, block_n, block_k, 4, 8)
-    if TILE_FOLLOWS_ROWS and m > 16:
+    # Decode: enough stages to keep ~16 KB of weights in flight per program.
+    tile = Tile(DECODE_BLOCK_M, block_n, block_k, 4, 8)
+    if TILE_FOLLOWS_ROWS and m > DECODE_BLOCK_M:
         if m <= 128:  # a batch of decodes: still streaming the weights, now through wgmma
             tile = Tile(64, max(block_n, 32), block_k, 4, 6)
         else:  # prefill: the large tile, compute bound
