@@ -59,7 +59,8 @@ def candidates(n: int, k: int) -> dict[str, Tile]:
     bn, bk = d.block_n, d.block_k
     out = {"fixed": d, "16xN*2": Tile(16, min(2 * bn, 128), bk, 4, d.stages), "16xN s4": d._replace(stages=4),
            "32xN": Tile(32, bn, bk, 4, 6), "64xN": Tile(64, bn, bk, 4, 6), "64x64": Tile(64, 64, bk, 4, 5),
-           "128x128": Tile(128, 128, bk, 8, 4), "128x256": Tile(128, 256, bk, 8, 3), "256x128": Tile(256, 128, bk, 8, 3)}
+           "128x128": Tile(128, 128, bk, 8, 4), "128x256": Tile(128, 256, bk, 8, 3),
+           "256x128": Tile(256, 128, bk, 8, 3)}
     return {name: bi._fit(t, 2) for name, t in out.items()}
 
 
@@ -136,7 +137,8 @@ def timings(name: str, n: int, k: int, rows: list[int], same: set[str], device: 
         best = min(safe, key=safe.get)
         weight_gb = n * k * w.element_size() / 1e9
         rate = (lambda us: weight_gb / us * 1e6) if m <= 64 else (lambda us: 2 * m * n * k / us / 1e6)
-        out.append({"shape": name, "M": m, "cuBLAS_us": t["cuBLAS"], "fixed_us": t["fixed"], "fixed_tile": str(picks["fixed"]),
+        out.append({"shape": name, "M": m, "cuBLAS_us": t["cuBLAS"], "fixed_us": t["fixed"],
+                    "fixed_tile": str(picks["fixed"]),
                     "rows_us": t["rows"], "rows_tile": str(picks["rows"]), "best_same_us": t[best],
                     "best_same_tile": str(picks[best]), "unit": "GB/s" if m <= 64 else "TFLOP/s",
                     "cuBLAS_rate": rate(t["cuBLAS"]), "fixed_rate": rate(t["fixed"]), "rows_rate": rate(t["rows"]),
@@ -179,8 +181,10 @@ def main() -> None:
         for m in time_rows:
             at = [t for t in times if t["M"] == m]
             if len(at) == len(shapes):
-                total = {c: sum(t[c + "_us"] * t["per_step"] for t in at) / 1e3 for c in ("cuBLAS", "fixed", "rows", "best_same")}
-                print(f"M={m}: one step's projections (ms): cuBLAS {total['cuBLAS']:.3f}, fixed rule {total['fixed']:.3f}, "
+                total = {c: sum(t[c + "_us"] * t["per_step"] for t in at) / 1e3
+                         for c in ("cuBLAS", "fixed", "rows", "best_same")}
+                print(f"M={m}: one step's projections (ms): cuBLAS {total['cuBLAS']:.3f}, "
+                      f"fixed rule {total['fixed']:.3f}, "
                       f"rows rule {total['rows']:.3f}, fastest bitwise-safe tile per shape {total['best_same']:.3f}")
     ok = all(c["rows_equal_alone"] == "same" for c in checks if c["candidate"] == "rows")
     wgmma_ok = all(c["vs_64_row_alone"] == "same" for c in checks if c["tile"].split("x")[0] in ("64", "128", "256"))
@@ -188,6 +192,9 @@ def main() -> None:
           f"alone on every shape here: {ok}; every tile of 64 rows or more equals the 64-row tile's row alone: "
           f"{wgmma_ok} (if only the second: TILE_FOLLOWS_ROWS = True with DECODE_BLOCK_M = 64). "
           f"Now: TILE_FOLLOWS_ROWS = {bi.TILE_FOLLOWS_ROWS}, DECODE_BLOCK_M = {bi.DECODE_BLOCK_M}.")
+    if device == "cpu":
+        print("(In the interpreter tl.dot is numpy's BLAS, which may sum a row by its place in the tile: the "
+              "bitwise table speaks for the GPU only.)")
     print(f"{time.perf_counter() - started:.0f} s on {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}")
     print("command: " + ("TRITON_INTERPRET=1 " if device == "cpu" else "") + "python " + " ".join(sys.argv))
     write_json(ns.json, checks + times)

@@ -16,6 +16,7 @@ split size mode (kernels/paged_attention.py).
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -47,7 +48,8 @@ class Tile(NamedTuple):
 #   right only where every tile sums a chunk alike, bit for bit. Not yet shown on a GPU, hence
 #   False; bench/det_matmul.py shows it (its "bitwise" table, per candidate tile): where wgmma tiles
 #   agree with one another but not with mma.sync, set DECODE_BLOCK_M = 64 as well.
-TILE_FOLLOWS_ROWS = False
+# PTP_DET_TILE_FOLLOWS_ROWS=1 turns it on for one run (A/B measurements: bench/deterministic.py).
+TILE_FOLLOWS_ROWS = os.environ.get("PTP_DET_TILE_FOLLOWS_ROWS", "0") == "1"
 DECODE_BLOCK_M = 16  # rows of the decode tile: tl.dot's least (mma.sync on Hopper); 64 is wgmma's least
 
 # Parallelism at a few rows comes from N alone (no split-K): columns per program are the widest
