@@ -8,7 +8,10 @@ their K products in different orders and differ in the last bits. Here:
 - `matmul`: the tile comes from `config_for(N, K, M)`, whose BLOCK_K is chosen by the weight's shape
   (N, K) alone; one program walks the whole K dimension in BLOCK_K chunks, in order, into one
   float32 accumulator (no split-K). Which other parts of the tile may follow the row count M is
-  one switch, TILE_FOLLOWS_ROWS (see its comment).
+  one switch, TILE_FOLLOWS_ROWS (see its comment). The rule used: none do, the whole tile is the
+  weight shape's, because only that is batch-invariant whatever the GPU's instructions do inside a
+  chunk; whether mma.sync (16-row tiles) and wgmma (64+) sum a chunk alike, which would let
+  prefill take large tiles, is what bench/det_matmul.py measures on the GPU.
 - `log_softmax`: one program per row, the vocabulary walked in fixed-size chunks in order.
 
 RMSNorm is one row per program already (kernels/rms_norm.py) and decode attention has a fixed
@@ -67,7 +70,7 @@ def config_for(n: int, k: int, m: int, element_size: int = 2) -> Tile:
     the pipeline fits in shared memory; it is the weight's, so it does not follow m either."""
     block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
     block_n = next((b for b in DECODE_BLOCK_N if triton.cdiv(n, b) >= PROGRAMS), DECODE_BLOCK_N[-1])
-    # Decode: enough stages to keep ~16 KB of weights in flight per program.
+    # Decode: enough stages to keep 14 KB or more of weights in flight per program.
     tile = Tile(DECODE_BLOCK_M, block_n, block_k, 4, 8)
     if TILE_FOLLOWS_ROWS and m > DECODE_BLOCK_M:
         if m <= 128:  # a batch of decodes: still streaming the weights, now through wgmma
