@@ -15,7 +15,8 @@ at one row as inside a batch, and what does each tile cost against cuBLAS?
     rel_err_vs_fp32 is the rows alone against a float32 product (largest error / largest entry).
 (b) time: microseconds per call at M = 1, 8, 64, 256, 2048, 8192, in a CUDA graph with the weights
     rotated through copies that exceed L2 (as in a decode step), for cuBLAS (torch.matmul), the two
-    rules and the fastest candidate that (a) found the same; GB/s of weights read at M <= 64,
+    rules, the fastest candidate that (a) found the same and the fastest candidate of all (every
+    candidate's time is in the --json output); GB/s of weights read at M <= 64,
     TFLOP/s above. Then one 8B step's projections (32 layers + lm_head) per M for each.
 """
 from __future__ import annotations
@@ -130,11 +131,13 @@ def timings(name: str, n: int, k: int, rows: list[int], same: set[str], device: 
         calls = (24 if m <= 256 else 4) if device == "cuda" else 2
         t = {"cuBLAS": time_us(lambda w: torch.matmul(x, w.T), ws, calls)}
         picks = {"fixed": rule_tile(n, k, m, False), "rows": rule_tile(n, k, m, True)}
-        picks.update({c: tiles[c] for c in same if c in tiles and c != "fixed"})
+        picks.update({c: tile for c, tile in tiles.items() if c != "fixed"})
         for c, tile in picks.items():
             t[c] = time_us(lambda w: matmul(x, w, tile=tile), ws, calls)
-        safe = {c: us for c, us in t.items() if c not in ("cuBLAS", "rows")}
+        safe = {c: us for c, us in t.items() if c == "fixed" or c in same and c != "rows"}
         best = min(safe, key=safe.get)
+        every = {c: us for c, us in t.items() if c not in ("cuBLAS", "rows")}
+        fastest = min(every, key=every.get)
         weight_gb = n * k * w.element_size() / 1e9
         rate = (lambda us: weight_gb / us * 1e6) if m <= 64 else (lambda us: 2 * m * n * k / us / 1e6)
         out.append({"shape": name, "M": m, "cuBLAS_us": t["cuBLAS"], "fixed_us": t["fixed"],
@@ -142,7 +145,8 @@ def timings(name: str, n: int, k: int, rows: list[int], same: set[str], device: 
                     "rows_us": t["rows"], "rows_tile": str(picks["rows"]), "best_same_us": t[best],
                     "best_same_tile": str(picks[best]), "unit": "GB/s" if m <= 64 else "TFLOP/s",
                     "cuBLAS_rate": rate(t["cuBLAS"]), "fixed_rate": rate(t["fixed"]), "rows_rate": rate(t["rows"]),
-                    "best_same_rate": rate(t[best]), "per_step": SHAPES.get(name, TINY.get(name, (0, 0, 1)))[2]})
+                    "best_same_rate": rate(t[best]), "fastest_us": t[fastest], "fastest_tile": str(picks[fastest]),
+                    "tiles_us": {str(picks[c]): us for c, us in every.items()}, "per_step": SHAPES.get(name, TINY.get(name, (0, 0, 1)))[2]})
         del x
     del ws, w
     return out
@@ -176,7 +180,7 @@ def main() -> None:
             times += timings(name, n, k, [m for m in time_rows if m <= limit], same, device, dtype)
         print()
         print_table(times, ["shape", "M", "cuBLAS_us", "fixed_us", "rows_us", "best_same_us", "best_same_tile", "unit",
-                            "cuBLAS_rate", "fixed_rate", "rows_rate", "best_same_rate"])
+                            "cuBLAS_rate", "fixed_rate", "rows_rate", "best_same_rate", "fastest_us", "fastest_tile"])
         print()
         for m in time_rows:
             at = [t for t in times if t["M"] == m]
