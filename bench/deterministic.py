@@ -8,6 +8,9 @@ Runs the same checks with the flag off and on (one engine after the other, same 
   number of distinct outputs (1 is the goal);
 - cost: offline throughput (--num-prompts prompts, greedy) and batch-1 decode (ms per token).
 
+The matmul's tile rule (kernels/batch_invariant.py, TILE_FOLLOWS_ROWS) is printed with the results;
+PTP_DET_TILE_FOLLOWS_ROWS=1 runs with the tile following the row count.
+
     python bench/deterministic.py --model llama-3.1-8b --load-format dummy --dtype bfloat16
 """
 from __future__ import annotations
@@ -131,16 +134,24 @@ def main() -> None:
         tput_ns = argparse_copy(ns, output_len=ns.throughput_output_len)
         tok_s = throughput(llm, tput_ns, vocab)
         ms = batch1_ms_per_token(llm, vocab, ns.decode_tokens)
-        rows.append({"flag": mode, "needles_identical": f"{same}/{total}", "batches": len(ns.batches),
+        rows.append({"flag": mode, "tile_rule": tile_rule(), "needles_identical": f"{same}/{total}",
+                     "batches": len(ns.batches),
                      "sampled_distinct": f"{distinct} of {ns.runs}", "output_tok_s": tok_s, "batch1_ms_per_tok": ms})
         llm.shutdown()
     if len(rows) == 2:
         off, on = rows
         on["throughput_cost_%"] = 100 * (1 - on["output_tok_s"] / off["output_tok_s"])
         on["batch1_cost_%"] = 100 * (on["batch1_ms_per_tok"] / off["batch1_ms_per_tok"] - 1)
-    print_table(rows, ["flag", "needles_identical", "batches", "sampled_distinct", "output_tok_s",
+    print_table(rows, ["flag", "tile_rule", "needles_identical", "batches", "sampled_distinct", "output_tok_s",
                        "batch1_ms_per_tok", "throughput_cost_%", "batch1_cost_%"])
     write_json(ns.json, rows)
+
+
+def tile_rule() -> str:
+    """How the batch-invariant matmul picks its tile: by the weight's shape alone, or following M too."""
+    from ptp.kernels import batch_invariant as bi
+
+    return f"rows (decode {bi.DECODE_BLOCK_M} rows)" if bi.TILE_FOLLOWS_ROWS else "weight shape"
 
 
 def argparse_copy(ns, **changes):

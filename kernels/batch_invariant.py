@@ -5,8 +5,13 @@ A library GEMM picks its tiles, and often splits the K dimension across programs
 of the call: row 0 of a [1, K] @ [K, N] product and row 0 of a [64, K] @ [K, N] product then sum
 their K products in different orders and differ in the last bits. Here:
 
-- `matmul`: one tile configuration for every row count (only the weight's shape could choose,
-  and it does not), the whole K dimension walked by one program in a fixed order, no split-K.
+- `matmul`: the tile comes from `config_for(N, K, M)`, whose BLOCK_K is chosen by the weight's shape
+  (N, K) alone; one program walks the whole K dimension in BLOCK_K chunks, in order, into one
+  float32 accumulator (no split-K). Which other parts of the tile may follow the row count M is
+  one switch, TILE_FOLLOWS_ROWS (see its comment). The rule used: none do, the whole tile is the
+  weight shape's, because only that is batch-invariant whatever the GPU's instructions do inside a
+  chunk; whether mma.sync (16-row tiles) and wgmma (64+) sum a chunk alike, which would let
+  prefill take large tiles, is what bench/det_matmul.py measures on the GPU.
 - `log_softmax`: one program per row, the vocabulary walked in fixed-size chunks in order.
 
 RMSNorm is one row per program already (kernels/rms_norm.py) and decode attention has a fixed
@@ -14,47 +19,127 @@ split size mode (kernels/paged_attention.py).
 """
 from __future__ import annotations
 
+import os
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-# The one tile of `matmul`: rows x columns x K-chunk, warps, pipeline stages. Small tiles keep a
-# batch-1 step's grid wide enough to stream the weights (N / 64 programs), and tensor cores
-# still serve large row counts.
-BLOCK_M, BLOCK_N, BLOCK_K, WARPS, STAGES = 64, 64, 64, 4, 3
+from ptp.kernels import pdl_for
 
 
-@triton.jit
+class Tile(NamedTuple):
+    """A launch of `_matmul`: rows x columns x K-chunk per program, warps, pipeline stages."""
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.warps} s{self.stages}"
+
+
+# The rule, one line. A row's bits are fixed by the order in which its K products are summed: the
+# BLOCK_K chunks, walked in order, and inside each chunk the tensor-core instructions' own sums.
+# - False (used now): the whole tile is chosen by the weight's shape (N, K) and the row count never
+#   matters, so a row's bits cannot depend on its batch on any GPU. Prefill then runs in the narrow
+#   tile that batch-1 decode needs, which costs throughput.
+# - True: BLOCK_K (and the K order) stay fixed per weight shape; BLOCK_M, BLOCK_N, warps and stages
+#   follow M. On Hopper a 16-row tile compiles to mma.sync and 64 rows or more to wgmma: this is
+#   right only where every tile sums a chunk alike, bit for bit. Not yet shown on a GPU, hence
+#   False; bench/det_matmul.py shows it (its "bitwise" table, per candidate tile): where wgmma tiles
+#   agree with one another but not with mma.sync, set DECODE_BLOCK_M = 64 as well.
+# PTP_DET_TILE_FOLLOWS_ROWS=1 turns it on for one run (A/B measurements: bench/deterministic.py).
+TILE_FOLLOWS_ROWS = os.environ.get("PTP_DET_TILE_FOLLOWS_ROWS", "0") == "1"
+DECODE_BLOCK_M = 16  # rows of the decode tile: tl.dot's least (mma.sync on Hopper); 64 is wgmma's least
+
+# Parallelism at a few rows comes from N alone (no split-K): columns per program are the widest
+# of these that still give at least PROGRAMS programs (four per SM of an H100/H200), else the
+# narrowest. 4096 columns -> 16 per program (256 programs), 28672 -> 32, 128256 -> 64.
+DECODE_BLOCK_N = (64, 32, 16)
+PROGRAMS = 4 * 132
+BLOCK_K = 64  # the large tile's natural K-chunk on Hopper; at one row: 128 contiguous bytes per weight row
+SMEM_BUDGET = 200 * 1024  # bytes of shared memory one program's pipeline may take (227 KB on Hopper)
+
+
+def config_for(n: int, k: int, m: int, element_size: int = 2) -> Tile:
+    """The tile of an [m, k] @ [n, k].T product. BLOCK_K depends on (n, k) alone, always; the rest
+    does too unless TILE_FOLLOWS_ROWS. element_size (bytes of x and weight) only caps the stages so
+    the pipeline fits in shared memory; it is the weight's, so it does not follow m either."""
+    block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
+    block_n = next((b for b in DECODE_BLOCK_N if triton.cdiv(n, b) >= PROGRAMS), DECODE_BLOCK_N[-1])
+    # Decode: enough stages to keep 14 KB or more of weights in flight per program.
+    tile = Tile(DECODE_BLOCK_M, block_n, block_k, 4, 8)
+    if TILE_FOLLOWS_ROWS and m > DECODE_BLOCK_M:
+        if m <= 128:  # a batch of decodes: still streaming the weights, now through wgmma
+            tile = Tile(64, max(block_n, 32), block_k, 4, 6)
+        else:  # prefill: the large tile, compute bound
+            tile = Tile(128, 256 if n >= 256 else 128, block_k, 8, 3)
+    return _fit(tile, element_size)
+
+
+def _fit(tile: Tile, element_size: int) -> Tile:
+    """The tile with as many of its stages as fit in SMEM_BUDGET (at least 1)."""
+    per_stage = (tile.block_m + tile.block_n) * tile.block_k * element_size
+    return tile._replace(stages=max(1, min(tile.stages, SMEM_BUDGET // per_stage)))
+
+
+@triton.jit(do_not_specialize=["M"])  # one compiled kernel per tile, whatever the row count
 def _matmul(X, W, B, Y, M, N, K, s_xm, s_wn, s_ym,
-            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Y[m, n] = sum_k X[m, k] W[n, k] (+ B[n]), K walked in BLOCK_K chunks in order, float32 sums."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Y[m, n] = sum_k X[m, k] W[n, k] (+ B[n]), K walked in BLOCK_K chunks in order, float32 sums.
+
+    Programs are numbered so that GROUP_M row tiles in turn sweep the column tiles (the weights they
+    share stay in L2); which program computes a tile does not change how it is computed."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * tiles_n
+    first_m = (pid // group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % rows_in_group
+    pid_n = (pid % group) // rows_in_group
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = X + rm[:, None].to(tl.int64) * s_xm + rk[None, :]
     w_ptrs = W + rn[None, :].to(tl.int64) * s_wn + rk[:, None]
+    m_ok = rm < M
+    n_ok = rn < N
+    if USE_PDL:  # x comes from the kernel before (kernels/__init__.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + rk) < K
-        x = tl.load(x_ptrs + k0, mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
+        if EVEN_K:
+            x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs + k0, mask=n_ok[None, :], other=0.0)
+        else:  # the last chunk padded with zeros: adding 0 * 0 leaves the sum's bits as they were
+            k_ok = (k0 + rk) < K
+            x = tl.load(x_ptrs + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w, acc)
     if HAS_BIAS:
-        acc += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rm[:, None].to(tl.int64) * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-             mask=(rm < M)[:, None] & (rn < N)[None, :])
+             mask=m_ok[:, None] & n_ok[None, :])
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T (+ bias) -> [M, N] in x's dtype; row m's bits depend on row m alone."""
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           tile: Tile | None = None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K].T (+ bias) -> [M, N] in x's dtype; row m's bits depend on row m alone.
+
+    The tile is config_for(N, K, M) unless given (bench/det_matmul.py compares candidates)."""
     m, k = x.shape
     n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"matmul: x has {k} columns but the weight {tuple(weight.shape)} expects {weight.shape[1]}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     if weight.stride(-1) != 1:
@@ -62,10 +147,13 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    tile = tile or config_for(n, k, m, weight.element_size())
+    use_pdl = pdl_for(x)
+    grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
     _matmul[grid](x, weight, bias if bias is not None else y, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-                  HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=WARPS, num_stages=STAGES)
+                  HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, EVEN_K=k % tile.block_k == 0,
+                  USE_PDL=use_pdl, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=8,
+                  num_warps=tile.warps, num_stages=tile.stages, launch_pdl=use_pdl)
     return y
 
 

@@ -104,19 +104,22 @@ def test_without_the_flag_the_triton_kernels_change_with_the_batch():
 
 KERNELS = """
 import torch
-from ptp.kernels.batch_invariant import log_softmax, matmul
+from ptp.kernels.batch_invariant import config_for, log_softmax, matmul
 from test_kernels import run_case
 from ptp.kernels.paged_attention import paged_decode
 
 g = torch.Generator().manual_seed(0)
-for k, n, bias in ((96, 80, True), (64, 200, False)):
-    x, w = torch.randn(150, k, generator=g), torch.randn(n, k, generator=g)
+for k, n, bias in ((96, 80, True), (160, 40, False)):  # K = 96: two chunks, 160: three, the last ones padded
+    x, w = torch.randn(40, k, generator=g), torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
     full = matmul(x, w, b)
     want = x.double() @ w.double().T + (b.double() if bias else 0)
     assert (full.double() - want).abs().max() < 1e-4
-    for m in (1, 3, 64, 65, 149):
+    for m in (1, 3, 17, 39):  # rows kept in place: the interpreter's tl.dot (numpy) may sum by place
         assert torch.equal(matmul(x[:m], w, b), full[:m]), m
+    # The check above can fail: the same rows summed in chunks of half the BLOCK_K are other bits.
+    tile = config_for(n, k, 40, 4)
+    assert not torch.equal(matmul(x, w, b, tile=tile._replace(block_k=tile.block_k // 2)), full)
 x = torch.randn(5, 3000, generator=g) * 4
 assert (log_softmax(x) - torch.log_softmax(x, -1)).abs().max() < 1e-5
 assert torch.equal(log_softmax(x[:1]), log_softmax(x)[:1])
@@ -143,12 +146,57 @@ print("split-K", (run([0], 10, splits=1) - run([0], 10, splits=3)).abs().max().i
 """
 
 
+@pytest.mark.parametrize("follows_rows", [False, True], ids=["fixed", "rows"])
+def test_matmul_tile_block_k_never_follows_the_row_count(monkeypatch, follows_rows):
+    """config_for under either rule: BLOCK_K (which fixes a row's sums) is the same at every row count,
+    under the fixed rule the whole tile is, and every tile suits tl.dot and fits in shared memory."""
+    import triton
+
+    from ptp.kernels import batch_invariant as bi
+
+    monkeypatch.setattr(bi, "TILE_FOLLOWS_ROWS", follows_rows)
+    for n in (80, 512, 1024, 4096, 6144, 14336, 28672, 128256):
+        for k in (64, 96, 1024, 4096, 14336):
+            for size in (2, 4):
+                tiles = [bi.config_for(n, k, m, size) for m in (1, 2, 7, 16, 17, 64, 129, 333, 2048, 8192, 65536)]
+                assert len({t.block_k for t in tiles}) == 1, (n, k, tiles)
+                if not follows_rows:
+                    assert len(set(tiles)) == 1, (n, k, tiles)
+                for t in tiles:
+                    assert all(v >= 16 and v == triton.next_power_of_2(v) for v in t[:3]), t
+                    assert (t.block_m + t.block_n) * t.block_k * size * t.stages <= bi.SMEM_BUDGET, t
+    at_one_row = bi.config_for(4096, 4096, 1)  # the 8B model's o_proj at batch 1: at least 2 programs per SM
+    assert 4096 // at_one_row.block_n >= 256, at_one_row
+
+
 def test_batch_invariant_kernels_in_interpreter():
-    """The matmul's rows and the log-softmax's rows do not depend on how many rows come along; fixed
+    """The matmul's rows and the log-softmax's rows do not depend on how many rows come along, and
+    the matmul agrees with a float64 product (another BLOCK_K gives other bits: the row check can
+    fail). fp32 only: the interpreter's tl.dot gets bf16 operands wrong (the GPU test below). Fixed
     split size attention gives one row the same bits whatever the grid (wider block tables, other
     rows), while the default split count changes them (split-K)."""
     stdout = in_interpreter(KERNELS)
     assert float(stdout.split()[-1]) > 0, stdout  # the default mode's splits do move the bits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_matmul_rows_alone_equal_rows_in_a_batch_cuda():
+    """bf16 on the GPU, tile from config_for as configured: rows computed alone equal the same rows
+    inside batches of 2 to 2048 rows, and the product is torch's within bf16 rounding."""
+    from ptp.kernels.batch_invariant import matmul
+
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((4096, 4096), (1000, 1100)):
+        x = torch.randn(2048, k, generator=g).cuda().bfloat16()
+        w = (torch.randn(n, k, generator=g) / k ** 0.5).cuda().bfloat16()
+        b = torch.randn(n, generator=g).cuda().bfloat16()
+        alone = torch.cat([matmul(x[i: i + 1], w, b) for i in (0, 1, 6, 63, 332, 2047)])
+        for m in (2, 7, 64, 333, 2048):
+            y = matmul(x[:m], w, b)
+            rows = [i for i in (0, 1, 6, 63, 332, 2047) if i < m]
+            assert torch.equal(y[rows], alone[: len(rows)]), (n, k, m)
+        want = (x.float() @ w.float().T + b.float())
+        torch.testing.assert_close(y.float(), want, rtol=1.6e-2, atol=2e-2)
 
 
 def _tp_logprobs(folder, tp, others):

@@ -142,12 +142,12 @@ def set_deterministic(on: bool) -> None:
 def batch_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias where each row's bits depend on that row alone, whatever the row count.
 
-    CUDA: kernels/batch_invariant.py's matmul, one tile for every row count, no split-K, no autotuner
-    (tensor cores compute every row of a tile alike). CPU, the Triton interpreter included: the BLAS
-    matmul with the rows padded to a multiple of 8 and at least 16; with fewer rows (1-7, 9-11,
-    measured on MKL) it takes kernels that sum in another order. (The interpreter's tl.dot is numpy's
-    BLAS, whose result for a row depends on the row's place in the tile: the kernel's own test keeps
-    rows in place, tests/test_deterministic.py.)"""
+    CUDA: kernels/batch_invariant.py's matmul, its tile from config_for (BLOCK_K by the weight's shape
+    alone, so every row's K products are summed in one order), no split-K, no autotuner. CPU, the
+    Triton interpreter included: the BLAS matmul with the rows padded to a multiple of 8 and at
+    least 16; with fewer rows (1-7, 9-11, measured on MKL) it takes kernels that sum in another order.
+    (The interpreter's tl.dot is numpy's BLAS, whose result for a row depends on the row's place in
+    the tile: the kernel's own test keeps rows in place, tests/test_deterministic.py.)"""
     if x.is_cuda:
         from ptp.kernels.batch_invariant import matmul
 
