@@ -60,11 +60,14 @@ class ReplicaSockets:
 def warm_up(engine) -> None:
     """Short generations through every rank, so that the replica says it is ready only when a request
     can run: one prompt alone, then two at once (a batched prefill step's attention takes another
-    kernel, whose first call initialises cuDNN, else paid by the first burst of users)."""
+    kernel, whose first call initialises cuDNN, else paid by the first burst of users), then a
+    one-token prompt beside a longer one: a step that mixes single-token rows with prompt chunks,
+    which the compiled prefill layer compiles apart (seconds, else paid by the first request whose
+    prompt is cached but for its last token)."""
     from ptp.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0)
-    for prompts in ([[0, 1, 2]], [[0, 1, 2], [3, 4, 5, 6]]):
+    for prompts in ([[0, 1, 2]], [[0, 1, 2], [3, 4, 5, 6]], [[7], [8, 9, 10, 11]]):
         for p in prompts:
             engine.add_request(p, params)
         while engine.has_unfinished():
