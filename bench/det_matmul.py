@@ -6,8 +6,8 @@ at one row as inside a batch, and what does each tile cost against cuBLAS?
 
 (a) bitwise: random bf16 inputs (float32 on CPU); each sampled row of M = 2, 7, 64, 333, 2048, 8192 rows, computed with
     each candidate tile, against the same row computed alone (M = 1) with the decode tile that
-    config_for picks at one row (and, in the last column, alone with a 64-row tile: wgmma's least,
-    for DECODE_BLOCK_M = 64). The "fixed" candidate is that decode tile at every M (the rule
+    config_for picks at one row (and, in the last column, alone with a 64-row tile:
+    wgmma's least). The "fixed" candidate is that decode tile at every M (the rule
     TILE_FOLLOWS_ROWS = False); "rows" is config_for's choice per M under TILE_FOLLOWS_ROWS = True;
     the others share the decode tile's BLOCK_K and differ in rows, columns, warps or stages (16-row
     tiles compile to mma.sync on Hopper, 64 rows and more to wgmma). A tile marked "same" may serve
@@ -192,10 +192,9 @@ def main() -> None:
                       f"rows rule {total['rows']:.3f}, fastest bitwise-safe tile per shape {total['best_same']:.3f}")
     ok = all(c["rows_equal_alone"] == "same" for c in checks if c["candidate"] == "rows")
     wgmma_ok = all(c["vs_64_row_alone"] == "same" for c in checks if c["tile"].split("x")[0] in ("64", "128", "256"))
-    print(f"\nTILE_FOLLOWS_ROWS = True (decode tile {bi.DECODE_BLOCK_M} rows) keeps every sampled row equal to the row "
-          f"alone on every shape here: {ok}; every tile of 64 rows or more equals the 64-row tile's row alone: "
-          f"{wgmma_ok} (if only the second: TILE_FOLLOWS_ROWS = True with DECODE_BLOCK_M = 64). "
-          f"Now: TILE_FOLLOWS_ROWS = {bi.TILE_FOLLOWS_ROWS}, DECODE_BLOCK_M = {bi.DECODE_BLOCK_M}.")
+    print(f"\nTILE_FOLLOWS_ROWS = True keeps every sampled row equal to the row alone on every shape here: {ok}; "
+          f"every tile of 64 rows or more equals the 64-row tile's row alone: {wgmma_ok} (if only the second, the "
+          f"decode tiles must be 64 rows too). Now: TILE_FOLLOWS_ROWS = {bi.TILE_FOLLOWS_ROWS}.")
     if device == "cpu":
         print("(In the interpreter tl.dot is numpy's BLAS, which may sum a row by its place in the tile: the "
               "bitwise table speaks for the GPU only.)")

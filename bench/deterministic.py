@@ -151,7 +151,7 @@ def tile_rule() -> str:
     """How the batch-invariant matmul picks its tile: by the weight's shape alone, or following M too."""
     from ptp.kernels import batch_invariant as bi
 
-    return f"rows (decode {bi.DECODE_BLOCK_M} rows)" if bi.TILE_FOLLOWS_ROWS else "weight shape"
+    return "follows the rows (K-chunk per weight shape)" if bi.TILE_FOLLOWS_ROWS else "weight shape"
 
 
 def argparse_copy(ns, **changes):

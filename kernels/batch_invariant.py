@@ -7,11 +7,11 @@ their K products in different orders and differ in the last bits. Here:
 
 - `matmul`: the tile comes from `config_for(N, K, M)`, whose BLOCK_K is chosen by the weight's shape
   (N, K) alone; one program walks the whole K dimension in BLOCK_K chunks, in order, into one
-  float32 accumulator (no split-K). Which other parts of the tile may follow the row count M is
-  one switch, TILE_FOLLOWS_ROWS (see its comment). The rule used: none do, the whole tile is the
-  weight shape's, because only that is batch-invariant whatever the GPU's instructions do inside a
-  chunk; whether mma.sync (16-row tiles) and wgmma (64+) sum a chunk alike, which would let
-  prefill take large tiles, is what bench/det_matmul.py measures on the GPU.
+  float32 accumulator (no split-K). The rest of the tile (rows, columns, warps, stages) follows M
+  for speed: on an H200 (Triton 3.6) every tile from 16x16 to 256x128 with the same BLOCK_K gave the
+  same bits for a row, alone or among 2-8192 rows, mma.sync (16- and 32-row tiles) and wgmma (64+)
+  alike (bench/det_matmul.py checks this per GPU; PTP_DET_TILE_FOLLOWS_ROWS=0 fixes the whole tile
+  by the weight's shape where it would not hold).
 - `log_softmax`: one program per row, the vocabulary walked in fixed-size chunks in order.
 
 RMSNorm is one row per program already (kernels/rms_norm.py) and decode attention has a fixed
@@ -41,26 +41,15 @@ class Tile(NamedTuple):
         return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.warps} s{self.stages}"
 
 
-# The rule, one line. A row's bits are fixed by the order in which its K products are summed: the
-# BLOCK_K chunks, walked in order, and inside each chunk the tensor-core instructions' own sums.
-# - False (used now): the whole tile is chosen by the weight's shape (N, K) and the row count never
-#   matters, so a row's bits cannot depend on its batch on any GPU. Prefill then runs in the narrow
-#   tile that batch-1 decode needs, which costs throughput.
-# - True: BLOCK_K (and the K order) stay fixed per weight shape; BLOCK_M, BLOCK_N, warps and stages
-#   follow M. On Hopper a 16-row tile compiles to mma.sync and 64 rows or more to wgmma: this is
-#   right only where every tile sums a chunk alike, bit for bit. Not yet shown on a GPU, hence
-#   False; bench/det_matmul.py shows it (its "bitwise" table, per candidate tile): where wgmma tiles
-#   agree with one another but not with mma.sync, set DECODE_BLOCK_M = 64 as well.
-# PTP_DET_TILE_FOLLOWS_ROWS=1 turns it on for one run (A/B measurements: bench/deterministic.py).
-TILE_FOLLOWS_ROWS = os.environ.get("PTP_DET_TILE_FOLLOWS_ROWS", "0") == "1"
-DECODE_BLOCK_M = 16  # rows of the decode tile: tl.dot's least (mma.sync on Hopper); 64 is wgmma's least
-
-# Parallelism at a few rows comes from N alone (no split-K): columns per program are the widest
-# of these that still give at least PROGRAMS programs (four per SM of an H100/H200), else the
-# narrowest. 4096 columns -> 16 per program (256 programs), 28672 -> 32, 128256 -> 64.
-DECODE_BLOCK_N = (64, 32, 16)
-PROGRAMS = 4 * 132
+# Whether BLOCK_M, BLOCK_N, warps and stages follow the row count M (BLOCK_K and the K order never
+# do). A row's bits are fixed by the order in which its K products are summed: the BLOCK_K chunks,
+# walked in order, and inside each chunk the tensor-core instructions' own sums, which
+# bench/det_matmul.py found equal for every tile on an H200. Off (PTP_DET_TILE_FOLLOWS_ROWS=0), the
+# whole tile is the weight shape's decode tile: batch-invariant whatever the instructions do, and
+# slow for prefill.
+TILE_FOLLOWS_ROWS = os.environ.get("PTP_DET_TILE_FOLLOWS_ROWS", "1") == "1"
 BLOCK_K = 64  # the large tile's natural K-chunk on Hopper; at one row: 128 contiguous bytes per weight row
+NARROW = 8192  # output columns up to which a few rows stream the weights in 32-column programs
 SMEM_BUDGET = 200 * 1024  # bytes of shared memory one program's pipeline may take (227 KB on Hopper)
 
 
@@ -69,14 +58,19 @@ def config_for(n: int, k: int, m: int, element_size: int = 2) -> Tile:
     does too unless TILE_FOLLOWS_ROWS. element_size (bytes of x and weight) only caps the stages so
     the pipeline fits in shared memory; it is the weight's, so it does not follow m either."""
     block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
-    block_n = next((b for b in DECODE_BLOCK_N if triton.cdiv(n, b) >= PROGRAMS), DECODE_BLOCK_N[-1])
-    # Decode: enough stages to keep 14 KB or more of weights in flight per program.
-    tile = Tile(DECODE_BLOCK_M, block_n, block_k, 4, 8)
-    if TILE_FOLLOWS_ROWS and m > DECODE_BLOCK_M:
-        if m <= 128:  # a batch of decodes: still streaming the weights, now through wgmma
-            tile = Tile(64, max(block_n, 32), block_k, 4, 6)
+    narrow = n <= NARROW
+    # A few rows (decode): stream the weights. Up to NARROW columns, 32-column programs with a deep
+    # pipeline (4096 columns: 128 programs, each a long K walk), beyond it 64x64 tiles (28672
+    # columns: 448 programs). Fastest of the tiles timed by bench/det_matmul.py on an H200 (the
+    # 8B shapes, within 0-20% of cuBLAS at one row).
+    tile = Tile(16, 32, block_k, 4, 8) if narrow else Tile(64, 64, block_k, 4, 5)
+    if TILE_FOLLOWS_ROWS and m > 16:
+        if m <= 128:  # a batch of decodes: still streaming the weights, through wgmma
+            tile = Tile(64, 32, block_k, 4, 6) if narrow else Tile(64, 64, block_k, 4, 5)
+        elif m <= 512 and narrow:
+            tile = Tile(64, 64, block_k, 4, 5)
         else:  # prefill: the large tile, compute bound
-            tile = Tile(128, 256 if n >= 256 else 128, block_k, 8, 3)
+            tile = Tile(256, 128, block_k, 8, 3)
     return _fit(tile, element_size)
 
 

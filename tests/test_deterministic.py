@@ -165,8 +165,9 @@ def test_matmul_tile_block_k_never_follows_the_row_count(monkeypatch, follows_ro
                 for t in tiles:
                     assert all(v >= 16 and v == triton.next_power_of_2(v) for v in t[:3]), t
                     assert (t.block_m + t.block_n) * t.block_k * size * t.stages <= bi.SMEM_BUDGET, t
-    at_one_row = bi.config_for(4096, 4096, 1)  # the 8B model's o_proj at batch 1: at least 2 programs per SM
-    assert 4096 // at_one_row.block_n >= 256, at_one_row
+    # at batch 1 the weights stream through many programs: the 8B model's o_proj in 128, gate_up in 448
+    assert 4096 // bi.config_for(4096, 4096, 1).block_n >= 128
+    assert 28672 // bi.config_for(28672, 4096, 1).block_n >= 448
 
 
 def test_batch_invariant_kernels_in_interpreter():

@@ -197,9 +197,9 @@ ENVIRONMENT = (
                                 "add+RMSNorm kernel (for A/B runs)"),
     ("PTP_DISABLE_FUSED_MOE", "1: mixture-of-experts layers through the torch path on the GPU too, not the fused "
                               "MoE kernel (for A/B runs)"),
-    ("PTP_DET_TILE_FOLLOWS_ROWS", "1: with --enable-deterministic-inference, the batch-invariant matmul's tile "
-                                  "follows the row count too, its K-chunk still fixed per weight shape (for A/B "
-                                  "runs; kernels/batch_invariant.py says when this keeps rows bitwise equal)"),
+    ("PTP_DET_TILE_FOLLOWS_ROWS", "0: with --enable-deterministic-inference, the batch-invariant matmul's whole "
+                                  "tile is fixed by the weight's shape, not only its K-chunk (for GPUs where "
+                                  "bench/det_matmul.py finds tiles that sum a row differently)"),
     ("PTP_PROFILE", "1: rank 0 logs where each step's host time goes and, on CUDA, each kind of step's device "
                     "time, at shutdown"),
     ("PTP_KERNEL_PROFILE", "N: every rank logs its kernels' GPU time over N decode steps, after 32 warm ones; "
