@@ -1,8 +1,9 @@
 """Mixture-of-experts checks and measurements (kernels/fused_moe.py, models/moe.py).
 
     # the kernel alone at the Qwen3-30B-A3B shape, bf16: error against a float32 per-expert reference,
-    # GPU time in a CUDA graph, and % of memory bandwidth on the expert bytes each batch reads
-    python bench/moe.py kernel --batch-sizes 1,2,4,8,16,32,64
+    # GPU time in a CUDA graph, and % of memory bandwidth on the expert bytes each batch reads; then
+    # the router kernel alone (kernels/moe_router.py) beside the torch routing it replaces
+    python bench/moe.py kernel --batch-sizes 1,4,16,64
     # compiled + graphed greedy tokens equal eager (and transformers) on a tiny fp32 checkpoint written here
     python bench/moe.py check
     # whole-model decode at the Qwen3-30B-A3B shape (dummy bf16 weights): bench/latency.py, e.g.
@@ -14,6 +15,7 @@ compares the compiled step (no graphs) with eager: both only show that the scrip
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -45,7 +47,8 @@ def kernel(ns) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from ptp.kernels.fused_moe import fused_moe
+    from ptp.kernels.fused_moe import default_config, fused_moe
+    from ptp.kernels.moe_router import FUSED_ALIGN_MAX_TOKENS
 
     shape = TINY if ns.tiny else QWEN3_30B
     device = "cpu" if ns.tiny else "cuda"
@@ -57,36 +60,82 @@ def kernel(ns) -> None:
     expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     bw = bandwidth(device_name)
-    rows = []
+    rows, router_rows = [], []
     for bs in [int(b) for b in ns.batch_sizes.split(",")]:
         x = torch.randn(bs, h, generator=gen, device=device).to(dtype)
-        probs = torch.randn(bs, e, generator=gen, device=device).softmax(-1)
-        weights, ids = probs.topk(k, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
+        routings = []  # a different routing each timed call: the experts read are mostly not in L2
+        for _ in range(8 if device == "cuda" else 1):
+            probs = torch.randn(bs, e, generator=gen, device=device).softmax(-1)
+            weights, ids = probs.topk(k, dim=-1)
+            routings.append((weights / weights.sum(-1, keepdim=True), ids))
+        weights, ids = routings[0]
         want = reference(x, w13, w2, weights, ids)
-        config = None
+        config = default_config(bs * k)  # under the interpreter: both kinds of kernel at the batch sizes asked
         if device == "cuda":
             from ptp.models.moe import _config
-            config = _config(x, w13, w2, k)  # measured (or cached) as the model would pick it
+            config = _config(x, w13, w2, k) or config  # measured (or cached) as the model would pick it
         got = fused_moe(x, w13, w2, weights, ids, config).float()
         err = float((got - want).abs().max() / want.abs().max())
-        row = {"batch": bs, "experts_read": int(ids.unique().numel()), "rel_err": err, "config": config}
+        read = sum(int(i.unique().numel()) for _, i in routings) / len(routings)
+        kind = "one-slot" if config[0] == 1 else "grouped"
+        row = {"batch": bs, "experts_read": round(read, 1), "rel_err": err, "kernels": kind, "config": config}
         if device == "cuda":
             from ptp.parallel.comm import time_in_graph
 
-            us = time_in_graph(lambda: fused_moe(x, w13, w2, weights, ids, config), 20)
-            nbytes = row["experts_read"] * expert_bytes + x.numel() * x.element_size() * 2
+            turn = itertools.count()
+
+            def run():
+                w, i = routings[next(turn) % len(routings)]
+                return fused_moe(x, w13, w2, w, i, config)
+
+            us = time_in_graph(run, 24)
+            nbytes = read * expert_bytes + x.numel() * x.element_size() * 2
             row.update(us=us, gb_s=nbytes / us / 1e3, pct_of_bandwidth=100 * nbytes / us / 1e-6 / bw if bw else None)
         rows.append(row)
-    print_table(rows, ["batch", "experts_read", "rel_err", "us", "gb_s", "pct_of_bandwidth", "config"])
-    print(f"device: {device_name}; shape {shape}, {dtype}; bytes = experts read x {expert_bytes / 1e6:.1f} MB "
-          f"+ activations in and out; bandwidth for the %: {bw / 1e12 if bw else '?'} TB/s; "
-          f"rel_err = max |kernel - float32 per-expert reference| / max |reference|")
+        router_rows.append(router_row(x, e, k, config[0], gen))
+    print_table(rows, ["batch", "experts_read", "rel_err", "us", "gb_s", "pct_of_bandwidth", "kernels", "config"])
+    print(f"device: {device_name}; shape {shape}, {dtype}; bytes = experts read (mean over 8 routings, one per "
+          f"call) x {expert_bytes / 1e6:.1f} MB + activations in and out; bandwidth for the %: "
+          f"{bw / 1e12 if bw else '?'} TB/s; rel_err = max |kernel - float32 per-expert reference| / max |reference|")
+    print_table(router_rows, ["batch", "block_m", "ids_equal", "weights_err", "router_us", "torch_us"])
+    print("router: kernels/moe_router.py (softmax, top-k, renormalisation, and the slot sort for block_m > 1 up to "
+          f"{FUSED_ALIGN_MAX_TOKENS} tokens) in one launch; torch_us: softmax + topk + renormalisation + moe_align "
+          "as torch ops; ids_equal / weights_err against route_torch on float32 logits")
+    print(f"command: python bench/moe.py kernel --batch-sizes {ns.batch_sizes}{' --tiny' if ns.tiny else ''}")
     write_json(ns.json, [{"bench": "moe_kernel", "device": device_name, **r, "config": list(r["config"] or [])}
-                         for r in rows])
+                         for r in rows] + [{"bench": "moe_router", "device": device_name, **r} for r in router_rows])
     bad = [r for r in rows if r["rel_err"] > (1e-5 if dtype == torch.float32 else 2e-2)]
+    bad += [r for r in router_rows if not r["ids_equal"] or r["weights_err"] > 1e-2]
     if bad:
         sys.exit(f"kernel error too large: {bad}")
+
+
+def router_row(x, experts: int, top_k: int, block_m: int, gen) -> dict:
+    """The router kernel on random logits in x's dtype, against route_torch on the same logits in
+    float32, and its GPU time beside the torch routing (route_torch + moe_align) it replaces."""
+    import torch
+
+    from ptp.kernels.fused_moe import moe_align
+    from ptp.kernels.moe_router import route, route_torch
+
+    logits = torch.randn(x.shape[0], experts, generator=gen, device=x.device).to(x.dtype)
+    weights, ids, aligned = route(logits, top_k, True, torch.float32, block_m=block_m)
+    want_w, want_ids = route_torch(logits.float(), top_k, True, torch.float32)
+    ids_equal = torch.equal(ids.long(), want_ids)
+    if aligned is not None:
+        ids_equal = ids_equal and all(torch.equal(a, b) for a, b in zip(aligned, moe_align(want_ids, experts, block_m)))
+    row = {"batch": x.shape[0], "block_m": block_m, "ids_equal": ids_equal,
+           "weights_err": float((weights - want_w).abs().max())}
+    if x.is_cuda:
+        from ptp.parallel.comm import time_in_graph
+
+        def torch_routing():
+            w, i = route_torch(logits, top_k, True, torch.float32)
+            return moe_align(i, experts, block_m) if block_m > 1 else w
+
+        row.update(router_us=time_in_graph(lambda: route(logits, top_k, True, torch.float32, block_m=block_m), 50),
+                   torch_us=time_in_graph(torch_routing, 50))
+    return row
 
 
 def check(ns) -> None:
@@ -142,7 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
     k = sub.add_parser("kernel", help="the fused kernel alone: error, time, %% of bandwidth")
-    k.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
+    k.add_argument("--batch-sizes", default="1,4,16,64")
     k.add_argument("--tiny", action="store_true", help="a small shape under TRITON_INTERPRET=1 on CPU")
     c = sub.add_parser("check", help="compiled + graphed greedy tokens equal eager and transformers")
     c.add_argument("--device", default="cuda")

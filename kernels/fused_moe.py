@@ -1,19 +1,32 @@
-"""The experts of a mixture-of-experts layer in two Triton kernels, and the same in torch.
+"""The experts of a mixture-of-experts layer in Triton kernels, and the same in torch.
 
-Each token goes to top_k experts; a (token, k) pair is a "slot" (slot = token * top_k + k). The
-kernels read each expert's weights once per block of its slots:
+Each token goes to top_k experts; a (token, k) pair is a "slot" (slot = token * top_k + k). Two
+ways to run them, chosen per shape by the tile's BLOCK_M (`choose_config` in models/moe.py times
+both on the GPU and caches the fastest, like the skinny GEMM):
 
+BLOCK_M > 1, the grouped GEMM (tensor cores; many tokens). The kernels read each expert's weights
+once per block of its slots:
 1. `moe_align` sorts the slots by expert and pads every expert's run to a multiple of BLOCK_M, into
    a buffer sized by an upper bound (every expert that could get a slot padded by BLOCK_M - 1): no
    shape depends on the routing, so the step runs inside torch.compile and CUDA graphs. Blocks past
-   the last used one are marked with expert -1 and return at once.
+   the last used one are marked with expert -1 and return at once. (kernels/moe_router.py can do
+   this in the router's own launch.)
 2. gate_up: for each block, the grouped GEMM x[tokens] @ w13[e].T, SiLU(gate) * up, stored per slot.
 3. down: act[slots] @ w2[e].T, scaled by the slot's router weight, stored per slot in float32;
    the sum over top_k is one reduction in torch.
 
+BLOCK_M == 1, one slot per program (matrix-vector products; a few tokens, as in a batch-1 decode
+step, where the grouped GEMM pads each expert's one slot to a whole tensor-core tile and leaves
+most of the GPU idle): no sorting at all.
+1. gate_up: a program per (slot, BLOCK_N rows of w13[e]) streams those rows of its expert.
+2. down: a program per (token, BLOCK_N rows of w2) walks the token's top_k experts and sums their
+   weighted outputs in float32, so the layer's output is written once, in x's dtype: no float32
+   buffer to zero, no reduction and no cast after it.
+At one token the 8 x 9.4 MB of a Qwen3-30B-A3B layer's experts are read by hundreds of programs
+instead of the few dozen tiles of the grouped GEMM.
+
 Slots routed to experts another rank holds (expert id == the number of local experts) take no
 part: their rows stay zero, and that rank's output carries them into the all-reduce.
-The tile is chosen per shape by `choose_config` (timed on the GPU and cached, like the skinny GEMM).
 """
 from __future__ import annotations
 
@@ -22,7 +35,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ptp.kernels import pdl_for
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the tiles timed for each shape (both kernels use one).
+# BLOCK_M == 1: the one-slot-per-program kernels, whose float32 partial sums are BLOCK_N x BLOCK_K
+# (two of them in gate_up) spread over the warps' threads.
+GEMV_CONFIGS = [(1, 4, 512, 4, 1), (1, 8, 256, 4, 1), (1, 8, 512, 8, 1), (1, 16, 128, 4, 1),
+                (1, 16, 256, 8, 1), (1, 4, 256, 4, 2), (1, 8, 256, 4, 2), (1, 16, 128, 4, 2)]
+GEMV_MAX_SLOTS = 64  # beyond (8 tokens at top-8), each slot re-reading its expert costs more than a tile
 CONFIGS = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 64, 4, 4), (16, 128, 64, 4, 3),
            (16, 32, 256, 4, 3), (32, 64, 64, 4, 4), (32, 128, 64, 4, 3), (64, 64, 64, 4, 3),
            (64, 128, 64, 4, 4), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3)]
@@ -30,11 +50,15 @@ INTERPRET_CONFIG = (16, 16, 32, 4, 1)  # under TRITON_INTERPRET: small tiles, so
 
 
 def configs_for(slots: int) -> list[tuple[int, int, int, int, int]]:
-    """Tiles worth timing for `slots` (tokens x top_k) slots: blocks no taller than the slots."""
-    return [c for c in CONFIGS if c[0] <= max(16, triton.next_power_of_2(slots))]
+    """Tiles worth timing for `slots` (tokens x top_k) slots: blocks no taller than the slots, and
+    the one-slot kernels for a few slots."""
+    grouped = [c for c in CONFIGS if c[0] <= max(16, triton.next_power_of_2(slots))]
+    return (GEMV_CONFIGS if slots <= GEMV_MAX_SLOTS else []) + grouped
 
 
 def default_config(slots: int) -> tuple[int, int, int, int, int]:
+    if slots <= 16:
+        return (1, 8, 256, 4, 1)
     if slots <= 64:
         return (16, 64, 128, 4, 4)
     return (64, 128, 64, 4, 4) if slots >= 2048 else (32, 64, 64, 4, 4)
@@ -77,8 +101,8 @@ ALIGN_MAX_SLOTS = 8192  # beyond (prefill), the torch align: one program walking
 
 
 @triton.jit
-def _align_kernel(IDS, SORTED, EXPERTS, S, E, CAP, NUM_BLOCKS,
-                  BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
+def align_slots(IDS, SORTED, EXPERTS, S, E, CAP, NUM_BLOCKS,
+                BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
     """moe_align in one program: count the slots of each expert, pad the counts to BLOCK_M, lay the
     experts' runs end to end, then write each slot into its expert's run (in slot order)."""
     experts = tl.arange(0, E_P2)
@@ -110,6 +134,17 @@ def _align_kernel(IDS, SORTED, EXPERTS, S, E, CAP, NUM_BLOCKS,
         seen += tl.sum(hit, axis=0)
 
 
+@triton.jit
+def _align_kernel(IDS, SORTED, EXPERTS, S, E, CAP, NUM_BLOCKS,
+                  BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
+    align_slots(IDS, SORTED, EXPERTS, S, E, CAP, NUM_BLOCKS, BLOCK_M, E_P2, CHUNK)
+
+
+def align_chunk(e_p2: int) -> int:
+    """Slots per step of align_slots: a [CHUNK, E_P2] comparison tile of at most 4096 entries."""
+    return max(16, min(64, 4096 // e_p2))
+
+
 def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """moe_align in one kernel launch (the decode step: tens of small torch ops per layer otherwise)."""
     flat = topk_ids.reshape(-1).to(torch.int32)
@@ -118,7 +153,7 @@ def moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     sorted_ids = torch.empty(cap, dtype=torch.int32, device=flat.device)
     expert_ids = torch.empty(cap // block_m, dtype=torch.int32, device=flat.device)
     e_p2 = triton.next_power_of_2(num_experts + 1)
-    chunk = max(16, min(64, 4096 // e_p2))
+    chunk = align_chunk(e_p2)
     _align_kernel[(1,)](flat, sorted_ids, expert_ids, slots, num_experts, cap, cap // block_m,
                         BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, num_warps=4)
     return sorted_ids, expert_ids
@@ -188,13 +223,99 @@ def _down_kernel(ACT, W2, OUT, SORTED, EXPERTS, TOPW, S, N, K, s_at, s_we, s_wn,
     tl.store(OUT + slots[:, None].to(tl.int64) * s_ot + n[None, :], acc, mask=ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _gate_up_gemv_kernel(X, W13, ACT, IDS, N, K, E, s_xt, s_we, s_wn, s_at,
+                         TOP_K: tl.constexpr, USE_PDL: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ACT[slot, n] = SiLU(x[token] . w13[e, n]) * (x[token] . w13[e, N + n]) for this program's
+    slot and BLOCK_N rows n, as float32 partial sums [BLOCK_N, BLOCK_K] reduced once at the end."""
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if USE_PDL:  # the expert id is the router's output: nothing can be read before it is written
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    e = tl.load(IDS + slot).to(tl.int64)
+    if e >= E:  # held by another rank: down skips this slot
+        return
+    token = (slot // TOP_K).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    kk = tl.arange(0, BLOCK_K)
+    g_ptrs = W13 + e * s_we + n[:, None].to(tl.int64) * s_wn + kk[None, :]  # [BLOCK_N, BLOCK_K]
+    u_ptrs = g_ptrs + N * s_wn
+    x_ptrs = X + token * s_xt + kk
+    gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + kk) < K
+        a = tl.load(x_ptrs + k0, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        w_mask = n_ok[:, None] & k_ok[None, :]
+        gate += tl.load(g_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * a
+        up += tl.load(u_ptrs + k0, mask=w_mask, other=0.0).to(tl.float32) * a
+    g = tl.sum(gate, 1)
+    act = g * tl.sigmoid(g) * tl.sum(up, 1)
+    tl.store(ACT + slot.to(tl.int64) * s_at + n, act.to(ACT.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _down_gemv_kernel(ACT, W2, OUT, IDS, TOPW, N, K, E, s_at, s_we, s_wn, s_ot,
+                      TOP_K: tl.constexpr, USE_PDL: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT[token, n] = sum_k weight[slot] * (act[slot] . w2[e, n]) over the token's top_k slots,
+    for this program's BLOCK_N rows n: one float32 partial sum over all of them, rounded once."""
+    token = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    kk = tl.arange(0, BLOCK_K)
+    w_rows = W2 + n[:, None].to(tl.int64) * s_wn + kk[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    steps = tl.cdiv(K, BLOCK_K)
+    for i in range(0, TOP_K * steps):  # one loop over (expert, k0): one pipeline over all the weights
+        slot = token * TOP_K + i // steps
+        k0 = (i % steps) * BLOCK_K
+        e = tl.load(IDS + slot).to(tl.int64)
+        mine = e < E  # an expert held by another rank adds nothing here
+        k_ok = ((k0 + kk) < K) & mine
+        scale = tl.load(TOPW + slot).to(tl.float32)
+        a = tl.load(ACT + slot.to(tl.int64) * s_at + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + tl.where(mine, e, 0) * s_we + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * (a * scale)[None, :]
+    tl.store(OUT + token.to(tl.int64) * s_ot + n, tl.sum(acc, 1).to(OUT.dtype.element_ty), mask=n_ok)
+
+
+def _experts_gemv(x, w13, w2, topk_weights, topk_ids, block_n, block_k, warps, stages) -> torch.Tensor:
+    tokens, hidden = x.shape
+    experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    ids = topk_ids.to(torch.int32).contiguous()
+    act = torch.empty(tokens * top_k, inter, dtype=x.dtype, device=x.device)
+    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    use_pdl = pdl_for(x)
+    common = dict(TOP_K=top_k, USE_PDL=use_pdl, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                  num_stages=stages, launch_pdl=use_pdl)
+    _gate_up_gemv_kernel[(tokens * top_k, triton.cdiv(inter, block_n))](
+        x, w13, act, ids, inter, hidden, experts, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        **common)
+    _down_gemv_kernel[(tokens, triton.cdiv(hidden, block_n))](
+        act, w2, out, ids, topk_weights.contiguous(), hidden, inter, experts, act.stride(0), w2.stride(0),
+        w2.stride(1), out.stride(0), **common)
+    return out
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, config: tuple[int, int, int, int, int] | None = None,
+              aligned: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) -> [T, H] in x's dtype.
 
     x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_ids [T, k] local expert
     ids, E for an expert held elsewhere (it adds nothing here). config: (BLOCK_M, BLOCK_N, BLOCK_K,
-    warps, stages), default_config's without one.
+    warps, stages), default_config's without one. aligned: moe_align's result for BLOCK_M where the
+    router already made it (kernels/moe_router.py); BLOCK_M == 1 needs none.
     """
     tokens, hidden = x.shape
     experts, two_i, _ = w13.shape
@@ -205,8 +326,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         config = INTERPRET_CONFIG if not x.is_cuda else default_config(slots)
     bm, bn, bk, warps, stages = config
     x = x.contiguous()
-    align = moe_align_triton if slots <= ALIGN_MAX_SLOTS else moe_align
-    sorted_ids, expert_ids = align(topk_ids, experts, bm)
+    if bm == 1:
+        return _experts_gemv(x, w13, w2, topk_weights, topk_ids, bn, bk, warps, stages)
+    if aligned is None:
+        align = moe_align_triton if slots <= ALIGN_MAX_SLOTS else moe_align
+        aligned = align(topk_ids, experts, bm)
+    sorted_ids, expert_ids = aligned
     act = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
     out = torch.zeros(slots, hidden, dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32

@@ -146,10 +146,10 @@ def test_layouts_that_cannot_place_the_experts_are_refused(reference, ckpt_root)
 
 # --- the fused kernel under TRITON_INTERPRET=1 ----------------------------------------------------
 
-def kernel_case(tokens, experts, top_k, hidden, width, local=None, first=0, empty=0, seed=0):
+def kernel_case(tokens, experts, top_k, hidden, width, local=None, first=0, empty=0, seed=0, config=None):
     """Max error of kernels/fused_moe.py (and of its torch path) against a float32 per-expert loop.
     local/first: this rank holds experts [first, first + local) (expert parallelism); empty: that
-    many experts get no token."""
+    many experts get no token; config: the kernel's tile (BLOCK_M 1: the one-slot kernels)."""
     from ptp.kernels.fused_moe import fused_moe, fused_moe_torch, moe_align, moe_align_triton
 
     g = torch.Generator().manual_seed(seed)
@@ -169,7 +169,7 @@ def kernel_case(tokens, experts, top_k, hidden, width, local=None, first=0, empt
                 want[t] += weights[t, j] * (w2[e] @ (torch.nn.functional.silu(gate) * up))
     mine = ids - first
     mine = torch.where((mine >= 0) & (mine < local), mine, local)
-    got = fused_moe(x, w13, w2, weights, mine)
+    got = fused_moe(x, w13, w2, weights, mine, config)
     torch_path = fused_moe_torch(x, w13, w2, weights, mine)
     for block_m in (16, 32):  # the one-launch align (decode) lays out the slots as the torch one (prefill)
         if any(not torch.equal(a, b) for a, b in zip(moe_align(mine, local, block_m), moe_align_triton(mine, local, block_m))):
@@ -187,6 +187,81 @@ KERNEL_CASES = [  # tokens, experts, top-k, hidden, width, (local, first, empty)
     (33, 16, 3, 40, 16, 4, 4, 6),        # 4 local experts, some of them empty
     (64, 4, 2, 16, 16, 2, 0),
 ]
+
+
+GEMV_CASES = [  # the one-slot-per-program kernels (BLOCK_M 1) of a few tokens; the tile last
+    (1, 16, 8, 64, 48, None, 0, 0, 0, (1, 8, 16, 4, 1)),   # K not a multiple of BLOCK_K in down
+    (3, 8, 2, 48, 40, None, 0, 5, 0, (1, 16, 32, 4, 1)),    # 5 of 8 experts never chosen
+    (4, 16, 4, 64, 24, 8, 8, 0, 0, (1, 4, 32, 4, 1)),       # expert parallelism: experts 8-15 here
+]
+
+
+def router_case(tokens, experts, top_k, renormalize, ties, first=0, count=None, block_m=16, seed=0):
+    """kernels/moe_router.py's route against route_torch (the model's CPU path): the same expert ids,
+    weights within float32 rounding, and the slots sorted as moe_align sorts them. ties: scores
+    drawn from three values, so that most top-k choices fall between equal probabilities."""
+    from ptp.kernels.fused_moe import moe_align
+    from ptp.kernels.moe_router import route, route_torch
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, 3, (tokens, experts), generator=g).float() if ties else torch.randn(tokens, experts, generator=g)
+    count = experts if count is None else count
+    weights, ids, aligned = route(logits, top_k, renormalize, torch.float32, first, count, block_m)
+    want_w, want_ids = route_torch(logits, top_k, renormalize, torch.float32, first, count)
+    if not torch.equal(ids.long(), want_ids):
+        return float("inf")
+    if aligned is not None and any(not torch.equal(a, b) for a, b in zip(aligned, moe_align(want_ids, count, block_m))):
+        return float("inf")
+    return float((weights - want_w).abs().max())
+
+
+ROUTER_CASES = [  # tokens, experts, top-k, renormalise, ties, (first, count, BLOCK_M)
+    (1, 128, 8, True, False),              # Qwen3-30B-A3B at batch 1, with the slot sort in the launch
+    (1, 128, 8, False, True),
+    (3, 4, 1, False, False, 0, None, 1),   # no slot sort (the one-slot kernels need none)
+    (16, 8, 2, True, True, 4, 4, 32),      # Mixtral-like, expert parallelism: experts 4-7 here
+    (64, 16, 8, True, True),               # past the fused sort: routing programs of ROWS tokens
+    (37, 60, 4, False, False, 30, 30),
+]
+
+
+def test_router_and_one_slot_kernels_in_interpreter():
+    """The router kernel equals route_torch (ties included), and the one-slot expert kernels equal a
+    float32 per-expert loop, under TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    from test_kernels import in_interpreter
+
+    stdout = in_interpreter(
+        "from test_moe import router_case, ROUTER_CASES, kernel_case, GEMV_CASES\n"
+        "for case in ROUTER_CASES:\n"
+        "    err = router_case(*case)\n"
+        "    print(case, err)\n"
+        "    assert err < 1e-6, (case, err)\n"
+        "for case in GEMV_CASES:\n"
+        "    err = kernel_case(*case)\n"
+        "    print(case, err)\n"
+        "    assert err < 1e-5, (case, err)\n")
+    assert stdout.count("\n") == len(ROUTER_CASES) + len(GEMV_CASES)
+
+
+def test_route_torch_is_the_reference_routing():
+    """route_torch, as transformers routes (softmax in float32, top-k, renormalised or not, rounded to
+    the model's dtype or not) on scores without ties; with ties, the lowest indices first."""
+    from ptp.kernels.moe_router import route_torch
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 16, generator=g).to(torch.bfloat16) * 4
+    for renormalize in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            want_w, want_ids = torch.topk(probs, 4, dim=-1)
+            if renormalize:
+                want_w = want_w / want_w.sum(-1, keepdim=True)
+            weights, ids = route_torch(logits, 4, renormalize, dtype)
+            assert torch.equal(ids, want_ids) and torch.equal(weights, want_w.to(dtype)), (renormalize, dtype)
+    tied = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, 0.0, 2.0, 1.0]])
+    assert route_torch(tied, 3, True, torch.float32)[1].tolist() == [[1, 3, 4]]
+    assert route_torch(tied, 3, True, torch.float32, first=2, count=2)[1].tolist() == [[2, 1, 2]]
 
 
 def test_fused_moe_kernel_matches_reference_in_interpreter():

@@ -1,8 +1,9 @@
 """Mixtures of experts: Mixtral, Qwen2-MoE (a shared expert with a sigmoid gate), Qwen3-MoE (q/k norm).
 
 The decoder is llama.py's; the MLP of each sparse layer is a `SparseMoeBlock`: a router (softmax
-over the experts in float32, top-k, renormalised where the model says so, as transformers does)
-and the experts, held per rank as `ExpertPlacement` says:
+over the experts in float32, top-k, renormalised where the model says so, as transformers does;
+kernels/moe_router.py) and the experts (kernels/fused_moe.py), held per rank as `ExpertPlacement`
+says:
 
 - `--tp N` alone: every rank holds every expert, a 1/N slice of its intermediate dimension;
 - `--ep E` (E divides N): ranks in groups of N / E hold the same E-th of the experts, whole
@@ -14,11 +15,11 @@ in the layer's one all-reduce, with the shared expert's row-parallel partial sum
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ptp.config import ModelConfig
@@ -58,17 +59,19 @@ class Experts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(placement.count, 2 * width, config.hidden_size))
         self.w2 = nn.Parameter(torch.empty(placement.count, config.hidden_size, width))
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        first, count = self.placement.first, self.placement.count
-        local = topk_ids
-        if count != self.num_experts:
-            local = topk_ids - first
-            local = torch.where((local >= 0) & (local < count), local, count)  # count: held by another rank
+    def forward(self, x: torch.Tensor, logits: torch.Tensor, top_k: int, renormalize: bool,
+                round_weights: bool) -> torch.Tensor:
+        """The experts' weighted sum for router logits [T, experts]: on the GPU the router kernel and
+        the fused experts in one operator; elsewhere (and with PTP_DISABLE_FUSED_MOE=1) in torch."""
         if x.is_cuda and FUSED:
-            return fused_experts(x, self.w13, self.w2, topk_weights, local)
+            return routed_experts(x, logits, self.w13, self.w2, top_k, renormalize, round_weights,
+                                  self.placement.first)
         from ptp.kernels.fused_moe import fused_moe_torch
+        from ptp.kernels.moe_router import route_torch
 
-        return fused_moe_torch(x, self.w13, self.w2, topk_weights, local)
+        weights, ids = route_torch(logits, top_k, renormalize, x.dtype if round_weights else torch.float32,
+                                   self.placement.first, self.placement.count)
+        return fused_moe_torch(x, self.w13, self.w2, weights, ids)
 
 
 class SparseMoeBlock(nn.Module):
@@ -85,13 +88,7 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.round_weights:
-            weights = weights.to(x.dtype)
-        out = self.experts(x, weights, ids)
+        out = self.experts(x, self.gate(x), self.top_k, self.norm_topk_prob, self.round_weights)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return all_reduce(out)
@@ -145,17 +142,23 @@ def tp_plan(config: ModelConfig) -> dict:
 _CHOICE: dict[str, list] = {}
 
 
-@torch.library.custom_op("ptp::fused_moe", mutates_args=())
-def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """kernels/fused_moe.py with the tile that measured fastest for this shape on this GPU."""
-    from ptp.kernels.fused_moe import fused_moe
+@torch.library.custom_op("ptp::routed_experts", mutates_args=())
+def routed_experts(x: torch.Tensor, logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
+                   renormalize: bool, round_weights: bool, first: int) -> torch.Tensor:
+    """The router kernel (kernels/moe_router.py: softmax, top-k, renormalisation, this rank's expert
+    ids from `first` on, and at small batches the slots sorted for the tile's BLOCK_M) and then
+    kernels/fused_moe.py with the tile that measured fastest for this shape on this GPU."""
+    from ptp.kernels.fused_moe import default_config, fused_moe
+    from ptp.kernels.moe_router import route
 
-    return fused_moe(x, w13, w2, topk_weights, topk_ids, _config(x, w13, w2, topk_ids.shape[1]))
+    config = _config(x, w13, w2, top_k) or default_config(x.shape[0] * top_k)
+    weights, ids, aligned = route(logits, top_k, renormalize, x.dtype if round_weights else torch.float32,
+                                  first, w13.shape[0], block_m=config[0])
+    return fused_moe(x, w13, w2, weights, ids, config, aligned)
 
 
-@fused_experts.register_fake
-def _(x, w13, w2, topk_weights, topk_ids):
+@routed_experts.register_fake
+def _(x, logits, w13, w2, top_k, renormalize, round_weights, first):
     return torch.empty_like(x)
 
 
@@ -170,35 +173,48 @@ def _config(x, w13, w2, top_k: int) -> tuple | None:
     key = f"{x.shape[0]}x{top_k} {tuple(w13.shape)} {tuple(w2.shape)} {str(x.dtype).removeprefix('torch.')}"
     if not _CHOICE:
         _CHOICE.update(load_machine_cache("fused-moe"))
-    config = _CHOICE.get(key)
-    if not (isinstance(config, list) and tuple(config) in configs_for(x.shape[0] * top_k)):
+    entry = _CHOICE.get(key)
+    offered = [list(c) for c in configs_for(x.shape[0] * top_k)]
+    # A choice made among other tiles (an older ptp) is measured again: a new tile may win.
+    if not (isinstance(entry, dict) and entry.get("offered") == offered and entry.get("config") in offered):
         if torch.cuda.is_current_stream_capturing():
             return None  # the default tile; warm-up runs come before any capture, so this is rare
         timings = tune_fused_moe(x, w13, w2, top_k)
-        config = _CHOICE[key] = list(min(timings, key=timings.get))
-        log.debug("fused MoE %s: %s of %s", key, config, timings)
+        best = min(timings, key=timings.get)
+        entry = _CHOICE[key] = {"config": list(best), "us": round(timings[best], 2), "offered": offered}
+        log.debug("fused MoE %s: %s of %s", key, best, timings)
         save_machine_cache("fused-moe", _CHOICE)
-    return tuple(config)
+    return tuple(entry["config"])
 
 
-def tune_fused_moe(x, w13, w2, top_k: int, iters: int = 10) -> dict[tuple, float]:
-    """Microseconds of the kernel per tile of configs_for, in a CUDA graph, under an even random
-    routing of x's tokens over the experts."""
+def tune_fused_moe(x, w13, w2, top_k: int, iters: int = 16) -> dict[tuple, float]:
+    """Microseconds of the kernel per tile of configs_for, in a CUDA graph, under even random
+    routings of x's tokens over the experts: a different one each call, so that (as in a decode
+    step, whose layers each read their own experts) few of the weights read are still in L2."""
     from ptp.kernels.fused_moe import configs_for, fused_moe
     from ptp.parallel.comm import time_in_graph
 
     experts = w13.shape[0]
     gen = torch.Generator(device=x.device).manual_seed(0)
-    scores = torch.rand(x.shape[0], experts, generator=gen, device=x.device)
-    weights, ids = scores.topk(min(top_k, experts), dim=-1)
-    if ids.shape[1] < top_k:  # fewer local experts than top_k: the rest are held elsewhere
-        pad = torch.full((x.shape[0], top_k - ids.shape[1]), experts, device=x.device, dtype=ids.dtype)
-        ids, weights = torch.cat([ids, pad], 1), torch.cat([weights, weights.new_zeros(pad.shape)], 1)
+    routings = []
+    for _ in range(8):
+        scores = torch.rand(x.shape[0], experts, generator=gen, device=x.device)
+        weights, ids = scores.topk(min(top_k, experts), dim=-1)
+        if ids.shape[1] < top_k:  # fewer local experts than top_k: the rest are held elsewhere
+            pad = torch.full((x.shape[0], top_k - ids.shape[1]), experts, device=x.device, dtype=ids.dtype)
+            ids, weights = torch.cat([ids, pad], 1), torch.cat([weights, weights.new_zeros(pad.shape)], 1)
+        routings.append((weights, ids))
+    turn = itertools.count()
+
+    def run(config):
+        weights, ids = routings[next(turn) % len(routings)]
+        return fused_moe(x, w13, w2, weights, ids, config)
+
     out = {}
     for config in configs_for(x.shape[0] * top_k):
         try:
-            fused_moe(x, w13, w2, weights, ids, config)  # compiles it, outside the graph
-            out[config] = time_in_graph(lambda c=config: fused_moe(x, w13, w2, weights, ids, c), iters)
+            run(config)  # compiles it, outside the graph
+            out[config] = time_in_graph(lambda c=config: run(c), iters)
         except Exception as e:  # noqa: BLE001  a tile this GPU cannot run (shared memory) is skipped
             log.debug("fused MoE tile %s failed: %s", config, e)
     return out
