@@ -16,7 +16,7 @@ import torch
 from ptp.attention import DecodeMeta
 from ptp.attention.meta import PrefillMeta
 from ptp.kernels import pdl_enabled
-from ptp.kv_cache import slot
+from ptp.kv_cache import slot, table_rows
 from ptp.step import StepBatch
 
 log = logging.getLogger("ptp")
@@ -115,17 +115,19 @@ class DecodeGraphs:
         block_size = self.runner.kv_cache.block_size
         starts = batch.starts
         slots = [slot(table, p, block_size) for table, p in zip(batch.block_tables, starts)]
-        pad = bs - n
         if self.copied is not None:
             # The pinned staging buffers are copied asynchronously; a rank that never waits for its GPU
             # (ranks > 0) must not overwrite them before the previous step's copies have run.
             self.copied.synchronize()
-        vec = self.host_vec
-        vec[:, :bs] = torch.tensor([[t[0] for t in batch.token_ids] + [0] * pad, starts + [0] * pad,
-                                    slots + [self.runner.scratch_slot] * pad, [s + 1 for s in starts] + [0] * pad])
+        vec, v = self.host_vec, self.host_vec.numpy()  # numpy writes: far less host time than torch.tensor of lists
+        v[0, :n] = [t[0] for t in batch.token_ids]
+        v[1, :n] = starts
+        v[2, :n] = slots
+        v[3, :n] = v[1, :n] + 1
+        v[:, n:bs] = 0
+        v[2, n:bs] = self.runner.scratch_slot
         width = max(len(t) for t in batch.block_tables)
-        self.host_tables[:n, :width] = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables],
-                                                    dtype=torch.int32)
+        self.host_tables.numpy()[:n, :width] = table_rows(batch.block_tables, width)
         self.ids[:bs].copy_(vec[0, :bs], non_blocking=True)
         self.pos[:bs].copy_(vec[1, :bs], non_blocking=True)
         self.slots[:bs].copy_(vec[2, :bs], non_blocking=True)
@@ -217,12 +219,12 @@ class PrefillGraphs:
         bucket = next(b for b in self.buckets if b >= n)
         if self.copied is not None:
             self.copied.synchronize()  # the pinned buffer's previous copy has run (ranks > 0 never wait)
-        host = self.host
-        host[0, :n] = torch.tensor(toks)
-        host[0, n:bucket] = 0
-        host[1, :n] = torch.tensor([slot(table, p, block_size) for p in range(n)])
-        host[1, n:bucket] = self.runner.scratch_slot
-        host[0, -1] = n - 1
+        host, h = self.host, self.host.numpy()
+        h[0, :n] = toks
+        h[0, n:bucket] = 0
+        h[1, :n] = [slot(table, p, block_size) for p in range(n)]
+        h[1, n:bucket] = self.runner.scratch_slot
+        h[0, -1] = n - 1
         self.ids[:bucket].copy_(host[0, :bucket], non_blocking=True)
         self.slots[:bucket].copy_(host[1, :bucket], non_blocking=True)
         self.row.copy_(host[0, -1:], non_blocking=True)

@@ -18,6 +18,7 @@ import logging
 import os
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,7 +29,7 @@ from ptp.config import ModelConfig
 from ptp.errors import ConfigError
 from ptp.graphs import DecodeGraphs, PrefillGraphs
 from ptp.hub import ModelFiles
-from ptp.kv_cache import KVCache, slot
+from ptp.kv_cache import KVCache, longs
 from ptp.loader import load_model
 from ptp.parallel.comm import broadcast_from_first, gather_vocab, set_fixed_order
 from ptp.parallel.mesh import Dist
@@ -260,9 +261,9 @@ class ModelRunner:
         for toks, start, table, sample, every in zip(batch.token_ids, batch.starts, batch.block_tables,
                                                      batch.sample, all_logits):
             ids.extend(toks)
-            pos = range(start, start + len(toks))
-            positions.extend(pos)
-            slots.extend(slot(table, p, block_size) for p in pos)
+            pos = np.arange(start, start + len(toks))  # numpy per row, not Python per token
+            positions.append(pos)
+            slots.append(np.asarray(table, dtype=np.int64)[pos // block_size] * block_size + pos % block_size)
             if every:  # prompt logprobs: every row's logits, after the sampled rows
                 extra_rows.extend(range(row, row + len(toks)))
             row += len(toks)
@@ -270,8 +271,9 @@ class ModelRunner:
                 logit_rows.append(row - 1)
         sampled = len(logit_rows)
         logit_rows += extra_rows
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
-        input_ids, pos_t, slot_t = as_tensor(ids), as_tensor(positions), as_tensor(slots)
+        as_tensor = lambda x: longs(x).to(device, non_blocking=True)  # noqa: E731
+        pos_t, slot_t = (torch.from_numpy(np.concatenate(x)).to(device, non_blocking=True) for x in (positions, slots))
+        input_ids = as_tensor(ids)
         if self.deterministic:
             meta = rows_meta(batch.starts, [len(t) for t in batch.token_ids], batch.block_tables, slot_t, device)
         else:

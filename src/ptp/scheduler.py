@@ -147,6 +147,10 @@ class Scheduler:
             n = min(len(seq) - seq.num_computed, budget)
             if n == 0:
                 continue  # its next token is still on its way from the step in flight
+            if n == 1 and seq.num_computed < len(seq.block_table) * self.allocator.block_size:
+                chosen.append((seq, 1))  # a decode token with room in its last block: no allocator work
+                budget -= 1
+                continue
             while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)

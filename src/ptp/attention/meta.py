@@ -5,7 +5,10 @@ import dataclasses
 import itertools
 import weakref
 
+import numpy as np
 import torch
+
+from ptp.kv_cache import longs, table_rows
 
 
 @dataclasses.dataclass
@@ -45,25 +48,30 @@ class PrefillMeta:
         key_blocks = max(1, PAD_KEYS // block_size)
         max_blocks = max(-(-(s + q) // block_size) for s, q in zip(starts, query_lens))
         max_blocks = -(-max_blocks // key_blocks) * key_blocks
-        tables = torch.zeros(batch, max_blocks, dtype=torch.long)
-        q_index = torch.full((batch, max_q), sum(query_lens), dtype=torch.long)
-        out_index, offset = [], 0
-        for b, (table, q_len) in enumerate(zip(block_tables, query_lens)):
-            row = table[:max_blocks]
-            tables[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            q_index[b, :q_len] = torch.arange(offset, offset + q_len)
-            out_index.extend(range(b * max_q, b * max_q + q_len))
-            offset += q_len
-        q_pos = torch.tensor(starts).view(-1, 1, 1) + torch.arange(max_q).view(1, -1, 1)
-        k_pos = torch.arange(max_blocks * block_size).view(1, 1, -1)
+        tables = torch.from_numpy(table_rows([t[:max_blocks] for t in block_tables], max_blocks, np.int64))
+        # q_index[b, j]: token offset + j for the row's queries, T (the zero pad row) past them
+        offsets = np.cumsum([0, *query_lens[:-1]])
+        lens = np.asarray(query_lens)
+        cols = np.arange(max_q)
+        valid = cols[None, :] < lens[:, None]
+        q_index = np.where(valid, offsets[:, None] + cols[None, :], sum(query_lens))
+        out_index = np.flatnonzero(valid.reshape(-1))
+        # The mask is computed on the device from the rows' starts and lengths (a [B, max_q, keys]
+        # tensor built on the host and copied would cost host time and a large transfer each step).
+        starts_t = longs(starts).to(device, non_blocking=True)
+        lens_t = torch.from_numpy(lens.astype(np.int64)).to(device, non_blocking=True)
+        q_cols = torch.arange(max_q, device=device)
+        q_pos = starts_t.view(-1, 1, 1) + q_cols.view(1, -1, 1)
+        k_pos = torch.arange(max_blocks * block_size, device=device).view(1, 1, -1)
         mask = k_pos <= q_pos
         if sliding_window is not None:
             mask &= k_pos > q_pos - sliding_window
-        q_valid = torch.arange(max_q).view(1, -1, 1) < torch.tensor(query_lens).view(-1, 1, 1)
+        q_valid = q_cols.view(1, -1, 1) < lens_t.view(-1, 1, 1)
         mask = torch.where(q_valid, mask, k_pos == 0)  # padded query rows attend to one key: no NaN
         causal = batch == 1 and starts[0] == 0 and sliding_window is None
-        return cls(slot_mapping, tables.to(device), q_index.to(device),
-                   torch.tensor(out_index, dtype=torch.long).to(device), mask.unsqueeze(1).to(device), causal)
+        return cls(slot_mapping, tables.to(device, non_blocking=True),
+                   torch.from_numpy(q_index).to(device, non_blocking=True),
+                   torch.from_numpy(out_index).to(device, non_blocking=True), mask.unsqueeze(1), causal)
 
 
 @dataclasses.dataclass
@@ -80,8 +88,8 @@ class MixedMeta:
 
 def tables_tensor(tables: list[list[int]], device) -> torch.Tensor:
     """Block tables as one int32 tensor, rows padded with zeros (one tensor built, not one per row)."""
-    width = max(len(t) for t in tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(device, non_blocking=True)
+    rows = table_rows(tables, max(len(t) for t in tables))
+    return torch.from_numpy(rows).to(device, non_blocking=True)
 
 
 def step_meta(starts: list[int], query_lens: list[int], block_tables: list[list[int]], slot_mapping: torch.Tensor,
@@ -90,7 +98,7 @@ def step_meta(starts: list[int], query_lens: list[int], block_tables: list[list[
     single = [i for i, n in enumerate(query_lens) if n == 1]
 
     def decode_meta(rows, slots):
-        lens = torch.tensor([starts[i] + 1 for i in rows], dtype=torch.int32).to(device, non_blocking=True)
+        lens = longs(starts[i] + 1 for i in rows).to(device, torch.int32, non_blocking=True)
         return DecodeMeta(slots, tables_tensor([block_tables[i] for i in rows], device), lens)
 
     if len(single) == len(query_lens):
@@ -99,9 +107,8 @@ def step_meta(starts: list[int], query_lens: list[int], block_tables: list[list[
         return PrefillMeta.build(starts, query_lens, block_tables, slot_mapping, block_size, sliding_window, device)
     offsets = list(itertools.accumulate(query_lens, initial=0))
     chunked = [i for i, n in enumerate(query_lens) if n > 1]
-    decode_tokens = torch.tensor([offsets[i] for i in single]).to(device, non_blocking=True)
-    chunk_tokens = torch.tensor([t for i in chunked for t in range(offsets[i], offsets[i + 1])]).to(device,
-                                                                                                   non_blocking=True)
+    decode_tokens = longs(offsets[i] for i in single).to(device, non_blocking=True)
+    chunk_tokens = longs(t for i in chunked for t in range(offsets[i], offsets[i + 1])).to(device, non_blocking=True)
     chunks = PrefillMeta.build([starts[i] for i in chunked], [query_lens[i] for i in chunked],
                                [block_tables[i] for i in chunked], slot_mapping[chunk_tokens], block_size,
                                sliding_window, device)
@@ -115,11 +122,11 @@ def rows_meta(starts: list[int], query_lens: list[int], block_tables: list[list[
     whether it came in a prompt (whole or in chunks), was recomputed after a preemption, or was
     decoded: one kernel, one order of the context, whatever else is in the step."""
     lens = [s + i + 1 for s, n in zip(starts, query_lens) for i in range(n)]
-    lens_t = torch.tensor(lens, dtype=torch.int32).to(device, non_blocking=True)
+    lens_t = longs(lens).to(device, torch.int32, non_blocking=True)
     tables = tables_tensor(block_tables, device)
     if all(n == 1 for n in query_lens):
         return DecodeMeta(slot_mapping, tables, lens_t)
-    seq = torch.tensor([b for b, n in enumerate(query_lens) for _ in range(n)], dtype=torch.long)
+    seq = longs(b for b, n in enumerate(query_lens) for _ in range(n))
     return DecodeMeta(slot_mapping, tables, lens_t, seq.to(device, non_blocking=True))
 
 
