@@ -206,18 +206,6 @@ def test_a_disconnect_frees_its_blocks(server):
     assert server.metric("ptp:request_success_total", finished_reason="abort") == aborted + 1
 
 
-def test_sigterm_stops_every_rank_cleanly(folder):
-    s = Server(folder, "--tp", "2")
-    children = subprocess.run(["pgrep", "-P", str(s.proc.pid)], capture_output=True, text=True).stdout.split()
-    start = time.time()
-    assert s.stop(signal.SIGTERM, timeout=30) == 0
-    assert time.time() - start < 30
-    deadline = time.time() + 10  # ranks have exited (status checked by rank 0); helpers may linger a moment
-    while time.time() < deadline and any(_alive(pid) for pid in children):
-        time.sleep(0.2)
-    assert not any(_alive(pid) for pid in children)
-
-
 def _alive(pid: str) -> bool:
     try:
         return "zombie" not in open(f"/proc/{pid}/status").read().lower()
@@ -335,19 +323,38 @@ def test_a_9mb_body_is_refused_by_its_size_while_health_answers(server, chunked)
     assert sorted(waits)[len(waits) // 2] < 0.1, waits
 
 
-def test_an_idle_server_outlives_the_dist_timeout(folder):
+@pytest.fixture(scope="module")
+def tp2_server(folder):
+    """A tp=2 server whose followers wait for steps in collectives bounded by a short --dist-timeout: the
+    idle test leaves it serving, the SIGTERM test after it stops it (one start-up for both)."""
+    s = Server(folder, "--tp", "2", "--dist-timeout", "4")
+    yield s
+    if s.proc.poll() is None:
+        assert s.stop() == 0
+
+
+def test_an_idle_server_outlives_the_dist_timeout(tp2_server):
     """Follower ranks wait for the next step in a collective bounded by --dist-timeout: a server left
     idle for longer than that still answers, with every rank alive."""
-    s = Server(folder, "--tp", "2", "--dist-timeout", "4")
-    try:
-        workers = spawned_ranks(s.proc.pid)
-        time.sleep(10)
-        assert s.proc.poll() is None and all(alive(pid) for pid in workers), s.proc.stdout.read()[-3000:]
-        r = httpx.post(s.url + "/v1/completions", timeout=30, json={"model": MODEL, "prompt": "x", "max_tokens": 4})
-        assert r.status_code == 200, r.text
-    finally:
-        code = s.stop()
-    assert code == 0
+    s = tp2_server
+    workers = spawned_ranks(s.proc.pid)
+    time.sleep(10)
+    assert s.proc.poll() is None and all(alive(pid) for pid in workers), s.proc.stdout.read()[-3000:]
+    r = httpx.post(s.url + "/v1/completions", timeout=30, json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+
+
+def test_sigterm_stops_every_rank_cleanly(tp2_server):
+    s = tp2_server
+    assert s.proc.poll() is None, "the tp=2 server stopped before this test"
+    children = subprocess.run(["pgrep", "-P", str(s.proc.pid)], capture_output=True, text=True).stdout.split()
+    start = time.time()
+    assert s.stop(signal.SIGTERM, timeout=30) == 0
+    assert time.time() - start < 30
+    deadline = time.time() + 10  # ranks have exited (status checked by rank 0); helpers may linger a moment
+    while time.time() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in children)
 
 
 def alive(pid: int) -> bool:
