@@ -19,14 +19,15 @@ def in_interpreter(code: str) -> str:
     return out.stdout
 
 
-def check_cases(name: str, cases: str, tol: float) -> None:
-    """Every case of `cases` (a list in this module) through `name`: error below tol, in the interpreter."""
+def check_cases(name: str, cases: str, tol: float, then: str = "") -> None:
+    """Every case of `cases` (a list in this module) through `name`: error below tol, in the interpreter;
+    then `then` (more code, silent) in the same process."""
     stdout = in_interpreter(
         f"from test_kernels import {name}, {cases}\n"
         f"for case in {cases}:\n"
         f"    err = {name}(*case)\n"
         f"    print(case, err)\n"
-        f"    assert err < {tol}, (case, err)\n")
+        f"    assert err < {tol}, (case, err)\n" + then)
     assert stdout.count("\n") == len(globals()[cases])
 
 
@@ -250,11 +251,10 @@ def _reference_norm(norm, x, residual):
 def test_rms_norm_kernel_matches_model_in_interpreter():
     # bf16 within one rounding step: the interpreter truncates float32 -> bfloat16 (the GPU rounds to
     # nearest, and its test below asks for equality)
-    check_cases("norm_case", "NORM_CASES", 0.02)
-    in_interpreter("from test_kernels import norm_case\n"
-                   "import torch\n"
-                   "err = norm_case(1, 256, True, torch.float32)\n"
-                   "assert err < 1e-6, err\n")
+    # and float32 to within rounding (one interpreter process for both)
+    check_cases("norm_case", "NORM_CASES", 0.02, then="import torch\n"
+                                                      "err = norm_case(1, 256, True, torch.float32)\n"
+                                                      "assert err < 1e-6, err\n")
 
 
 @pytest.mark.gpu
