@@ -142,11 +142,11 @@ def test_ctrl_c_twice_exits_at_once_quietly(folder):
     assert not left, f"processes of the server still alive: {left}"
 
 
-@pytest.mark.parametrize("torchrun", [0, 3], ids=["server", "torchrun3"])
+@pytest.mark.parametrize("torchrun", [0, 2], ids=["server", "torchrun2"])
 def test_sigkill_of_the_main_process_leaves_no_process_behind(folder, torchrun):
-    s = Server(folder, *KV, *(("--tp", "2") if not torchrun else ("--dp-size", "3")), torchrun=torchrun)
+    s = Server(folder, *KV, *(("--tp", "2") if not torchrun else ("--dp-size", "2")), torchrun=torchrun)
     tree = descendants(s.proc.pid)
-    assert len(tree) >= (4 if torchrun else 2), tree  # ranks and the front end, or the replica and its rank
+    assert len(tree) >= (3 if torchrun else 2), tree  # ranks and the front end, or the replica and its rank
     try:
         s.proc.kill()
         s.proc.wait(5)
