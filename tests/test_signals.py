@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from helpers import make_checkpoint
-from test_server import MODEL, Server, alive, descendants
+from test_server import MODEL, Server, _same_text_as_llm, alive, descendants, llm_texts
 
 pytestmark = pytest.mark.slow
 LONG = 3000  # tokens: a generation that lasts seconds on the tiny model
@@ -110,8 +110,13 @@ def test_sigterm_lets_a_stream_finish_then_every_process_exits_0(folder):
     assert "Traceback" not in output and "Task was destroyed" not in output, output[-3000:]
 
 
-def test_sigterm_to_torchrun_lets_a_stream_finish(folder):
+def test_openai_client_under_torchrun_tp2_then_sigterm_to_torchrun_lets_a_stream_finish(folder):
     s = Server(folder, *KV, torchrun=2)
+    try:
+        _same_text_as_llm(s, llm_texts(folder))
+    except BaseException:
+        kill_all([s.proc.pid, *descendants(s.proc.pid)])
+        raise
     lines, code, output = sigterm_during_a_stream(s, s.proc.pid, DRAINED)
     assert lines[0] == 200 and lines[-1] == "[DONE]", lines[-3:]
     reasons, usage = finish_of(lines)
