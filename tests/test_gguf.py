@@ -48,6 +48,8 @@ def test_default_model_answers_paris(llm):
     out = llm.chat(QUESTION, ptp.SamplingParams(temperature=0, max_tokens=32))[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"
+    # the default CPU KV cache: one sequence of the model's 8k context, not four (1.4 GiB, zero-filled at start)
+    assert llm.engine.kv_capacity_tokens == llm.engine.max_model_len == 8192
 
 
 def test_tokenizer_matches_transformers(llm, hf_reference):
