@@ -70,30 +70,42 @@ async def _chat_all(url: str, stream: bool, count: int = 32) -> list[str]:
         return await asyncio.gather(*(one(client, i) for i in range(count)))
 
 
+@pytest.fixture(scope="module")
+def dp2xtp2_server(folder):
+    """Two replicas of tp=2: the answers test uses it, then the killed-rank test (next in the module) ends
+    it (one start-up of five processes for both)."""
+    s = Server(folder, "--dp-size", "2", "--tp", "2")
+    yield s
+    if s.proc.poll() is None:
+        s.proc.kill()
+
+
 @pytest.mark.parametrize("flags", [("--dp-size", "2"), ("--dp-size", "2", "--tp", "2")], ids=["dp2", "dp2xtp2"])
-def test_server_dp2_answers_like_dp1_and_uses_both_replicas(folder, reference, flags):
-    s = Server(folder, *flags)
+def test_server_dp2_answers_like_dp1_and_uses_both_replicas(folder, reference, flags, request):
+    shared = "--tp" in flags
+    s = request.getfixturevalue("dp2xtp2_server") if shared else Server(folder, *flags)
     try:
         expected = [reference["chats"][i % 8] for i in range(32)]
         for stream in (False, True):
             assert asyncio.run(_chat_all(s.url, stream)) == expected
         per_replica = [s.metric("ptp:replica_requests_finished", replica=str(r)) for r in range(2)]
         assert all(n > 0 for n in per_replica) and sum(per_replica) >= 64, per_replica
-        if "--tp" in flags:  # SIGTERM leaves no process of the server behind
+        if not shared:  # SIGTERM leaves no process of the server behind (a replica's followers: test_signals)
             tree = descendants(s.proc.pid)
-            assert len(tree) >= 4  # two replicas, a follower rank each (and helpers)
+            assert len(tree) >= 2  # two replicas (and helpers)
             assert s.stop(signal.SIGTERM, timeout=60) == 0
             deadline = time.time() + 10
             while time.time() < deadline and any(_alive(str(p)) for p in tree):
                 time.sleep(0.2)
             assert not [p for p in tree if _alive(str(p))]
     finally:
-        if s.proc.poll() is None:
+        if not shared and s.proc.poll() is None:
             assert s.stop() == 0
 
 
-def test_a_killed_rank_in_replica_1_gives_503_and_an_exit_naming_it(folder):
-    s = Server(folder, "--dp-size", "2", "--tp", "2")
+def test_a_killed_rank_in_replica_1_gives_503_and_an_exit_naming_it(dp2xtp2_server):
+    s = dp2xtp2_server
+    assert s.proc.poll() is None, "the dp2 x tp2 server stopped before this test"
     try:
         replicas = subprocess.run(["pgrep", "-P", str(s.proc.pid)], capture_output=True, text=True).stdout.split()
         ranks = spawned_ranks(s.proc.pid)

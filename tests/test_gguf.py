@@ -3,6 +3,8 @@ import pytest
 import torch
 
 import ptp
+from ptp.gguf_file import _plain_array_reader
+from ptp import hub
 from ptp.hub import default_gguf
 from helpers import hf_greedy, ptp_logits, rel_err
 
@@ -28,7 +30,8 @@ def hf_reference(gguf_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))
+        # ptp's reader is gguf's over a plain view of the same memory map (numpy.memmap's slices are slow)
+        patch.setattr(gguf, "GGUFReader", functools.lru_cache(_plain_array_reader()))
         patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                      dtype=torch.float32).eval()
@@ -45,6 +48,8 @@ def test_default_model_answers_paris(llm):
     out = llm.chat(QUESTION, ptp.SamplingParams(temperature=0, max_tokens=32))[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"
+    # the default CPU KV cache: one sequence of the model's 8k context, not four (1.4 GiB, zero-filled at start)
+    assert llm.engine.kv_capacity_tokens == llm.engine.max_model_len == 8192
 
 
 def test_tokenizer_matches_transformers(llm, hf_reference):
@@ -60,7 +65,7 @@ def test_weights_match_gguf_dequantization(llm, gguf_path):
     """Spot-check de-quantized tensors against the gguf package's own, including the q/k row order."""
     import gguf
 
-    reader = gguf.GGUFReader(str(gguf_path))
+    reader = gguf.GGUFReader(str(gguf_path))  # gguf's own, over numpy.memmap: independent of ptp's open_reader
     tensors = {t.name: t for t in reader.tensors}
     model = llm.engine.runner.model
     down = tensors["blk.3.ffn_down.weight"]
@@ -71,6 +76,10 @@ def test_weights_match_gguf_dequantization(llm, gguf_path):
     raw = torch.from_numpy(gguf.quants.dequantize(q.data, q.tensor_type).copy())
     ours = model.model.layers[0].self_attn.qkv_proj.weight[:576]  # q rows come first
     assert torch.equal(ours[0], raw[0]) and torch.equal(ours[32], raw[1]) and torch.equal(ours[1], raw[2])
+    # the tokenizer's fields as ptp's reader of the file parsed them (the one its tokenizer was built from)
+    ptp_file = hub.open_gguf(gguf_path)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+        assert ptp_file.field(key) == reader.fields[key].contents(), key
 
 
 def test_logits_and_greedy_match_transformers(llm, hf_reference):
@@ -92,7 +101,7 @@ def test_tp3_matches_tp1_and_other_tp_are_refused(llm):
     for tp in (2, 4):
         with pytest.raises(ptp.ConfigError, match=f"tp={tp} .*9 attention heads.*Valid tp values for it: 1, 3"):
             ptp.LLM(dtype="float32", device="cpu", tp=tp)
-    # a short context: on CPU the KV cache is sized from it (the model's own would make 1.4 GiB per rank)
+    # a short context: on CPU the KV cache is sized from it (the model's own 8k tokens make 360 MiB per rank)
     with ptp.LLM(dtype="float32", device="cpu", tp=3, max_model_len=128) as tp3:
         assert max(rel_err(a, b) for a, b in zip(ptp_logits(tp3, prompt, ref.token_ids[:4]), ref_logits)) <= 1e-4
         out = tp3.generate([prompt], greedy)[0]
@@ -101,15 +110,13 @@ def test_tp3_matches_tp1_and_other_tp_are_refused(llm):
 
 def test_the_file_is_parsed_once_per_process(monkeypatch):
     """The config, the tokenizer and the weights of the GGUF file come from one reader of it."""
-    import gguf
-
-    from ptp import hub
+    from ptp import gguf_file, hub
     from ptp.gguf_file import GGUFFile
     from ptp.loader import load_model
 
     opened = []
-    reader = gguf.GGUFReader
-    monkeypatch.setattr(gguf, "GGUFReader", lambda path, *a, **k: opened.append(path) or reader(path, *a, **k))
+    reader = gguf_file.open_reader
+    monkeypatch.setattr(gguf_file, "open_reader", lambda path: opened.append(path) or reader(path))
     # the weights read as zeros of their shapes: this test counts the file's parsing, not its de-quantizing
     monkeypatch.setattr(GGUFFile, "tensor", lambda self, name: torch.zeros(
         [int(d) for d in reversed(self.tensors[name].shape)]))

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import ptp
-from helpers import ARCHS, make_checkpoint, ptp_logits, rel_err, tokenizer
+from helpers import make_checkpoint, ptp_logits, rel_err, tokenizer
 
 pytestmark = pytest.mark.slow
 PROMPT = "Pipeline stages pass hidden states"
@@ -48,7 +48,9 @@ def _check_equal(llm, ref):
     assert llm.engine.scheduler.num_preemptions > 0
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+# qwen2 and qwen3 run through pipeline stages in test_pp3_uneven_equals_tp1 (qwen2, tied) and
+# test_pp2_tp2_equals_tp1 (qwen3): here the two architectures that have no other pp=2 test against tp=1 logits.
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_pp2_equals_tp1(reference, arch):
     ref = reference(arch)
     with ptp.LLM(str(ref[0]), dtype="float32", device="cpu", pp_size=2, **SQUEEZED) as llm:

@@ -12,10 +12,11 @@ import httpx
 import pytest
 
 from helpers import make_checkpoint
-from test_server import MODEL, Server, alive, descendants
+from test_server import MODEL, Server, _same_text_as_llm, alive, descendants, llm_texts
 
 pytestmark = pytest.mark.slow
 LONG = 3000  # tokens: a generation that lasts seconds on the tiny model
+DRAINED = 200  # tokens: a stream that outlasts the checks made while it drains (a second at least), not much more
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +101,26 @@ def sigterm_during_a_stream(s: Server, target: int, max_tokens: int) -> tuple[li
 
 def test_sigterm_lets_a_stream_finish_then_every_process_exits_0(folder):
     s = Server(folder, "--tp", "2", *KV)
-    lines, code, output = sigterm_during_a_stream(s, s.proc.pid, 600)
+    lines, code, output = sigterm_during_a_stream(s, s.proc.pid, DRAINED)
     assert lines[0] == 200 and lines[-1] == "[DONE]", lines[-3:]
     reasons, usage = finish_of(lines)
-    assert reasons == ["length"] and usage["completion_tokens"] == 600, (reasons, usage)
+    assert reasons == ["length"] and usage["completion_tokens"] == DRAINED, (reasons, usage)
     assert code == 0, output[-3000:]
     assert "draining 1 request(s) for up to 25 s (--graceful-timeout)" in output
     assert "Traceback" not in output and "Task was destroyed" not in output, output[-3000:]
 
 
-def test_sigterm_to_torchrun_lets_a_stream_finish(folder):
+def test_openai_client_under_torchrun_tp2_then_sigterm_to_torchrun_lets_a_stream_finish(folder):
     s = Server(folder, *KV, torchrun=2)
-    lines, code, output = sigterm_during_a_stream(s, s.proc.pid, 600)
+    try:
+        _same_text_as_llm(s, llm_texts(folder))
+    except BaseException:
+        kill_all([s.proc.pid, *descendants(s.proc.pid)])
+        raise
+    lines, code, output = sigterm_during_a_stream(s, s.proc.pid, DRAINED)
     assert lines[0] == 200 and lines[-1] == "[DONE]", lines[-3:]
     reasons, usage = finish_of(lines)
-    assert reasons == ["length"] and usage["completion_tokens"] == 600, (reasons, usage)
+    assert reasons == ["length"] and usage["completion_tokens"] == DRAINED, (reasons, usage)
     assert "draining 1 request(s)" in output
     # torchrun itself ends with its SignalException's traceback; no rank failed and no ptp code raised
     assert "exitcode" not in output and "/ptp/" not in output, output[-3000:]
@@ -141,11 +147,11 @@ def test_ctrl_c_twice_exits_at_once_quietly(folder):
     assert not left, f"processes of the server still alive: {left}"
 
 
-@pytest.mark.parametrize("torchrun", [0, 3], ids=["server", "torchrun3"])
+@pytest.mark.parametrize("torchrun", [0, 2], ids=["server", "torchrun2"])
 def test_sigkill_of_the_main_process_leaves_no_process_behind(folder, torchrun):
-    s = Server(folder, *KV, *(("--tp", "2") if not torchrun else ("--dp-size", "3")), torchrun=torchrun)
+    s = Server(folder, *KV, *(("--tp", "2") if not torchrun else ("--dp-size", "2")), torchrun=torchrun)
     tree = descendants(s.proc.pid)
-    assert len(tree) >= (4 if torchrun else 2), tree  # ranks and the front end, or the replica and its rank
+    assert len(tree) >= (3 if torchrun else 2), tree  # ranks and the front end, or the replica and its rank
     try:
         s.proc.kill()
         s.proc.wait(5)
@@ -202,10 +208,14 @@ def test_a_stopped_rank_under_torchrun_gives_503_and_every_process_exits(folder)
             "model": MODEL, "prompt": "x", "max_tokens": LONG, "ignore_eos": True})
         assert r.status_code == 503, r.text
         assert "rank 1 stopped making progress" in r.json()["error"]["message"]
+        answered = time.time()
         s.proc.wait(max(1, 90 - (time.time() - start)))
+        exited = time.time() - answered
         left = gone(tree, max(1, 90 - (time.time() - start)))
     finally:
         kill_all([s.proc.pid, *tree])
     output = s.proc.stdout.read()
     assert "rank 1 (pid" in output and "Python stack of rank 0" in output, output[-3000:]
     assert not left, f"processes of the server still alive 90 s after the rank stopped: {left}"
+    # rank 0 exits on its own: torchrun's kill of a worker that ignores its SIGTERM comes 30 s after it
+    assert exited < 20, f"torchrun exited {exited:.0f} s after the 503 (it killed rank 0?)\n{output[-3000:]}"

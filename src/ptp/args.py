@@ -50,7 +50,8 @@ class EngineArgs:
     max_model_len: int | None = flag(None, "context window in tokens (default: the model's)")
     mem_fraction_static: float = flag(0.88, "fraction of GPU memory for weights and KV cache")
     num_kv_blocks: int | None = flag(None, "KV-cache blocks per rank (default: from --mem-fraction-static on "
-                                     "CUDA; on CPU room for 4 full-length sequences, at most 2 GiB)")
+                                     "CUDA; on CPU room for up to 4 full-length sequences within 256 MiB, and "
+                                     "for one in any case, at most 2 GiB)")
     block_size: int = flag(16, "tokens per KV-cache block")
     chunked_prefill_size: int = flag(8192, "most tokens one step runs (prefill is split into chunks of this "
                                      "size); -1 runs each prompt whole")

@@ -82,6 +82,7 @@ class Replicas:
         self.error: str | None = None
         self.limits: ModelLimits | None = None
         self.stopped: set[int] = set()
+        self.failed: set[int] = set()  # replicas that said they failed: they will not say Stopped
         self._rr = itertools.cycle(range(self.n))
         # prefix_aware: which prompt prefixes each replica was sent (its prefix cache probably holds them)
         self.sent_prefixes = [collections.OrderedDict() for _ in range(self.n)]
@@ -132,6 +133,8 @@ class Replicas:
                         msg = ipc.decode_from_replica(self.pull.recv())
                         if isinstance(msg, ipc.Stopped):
                             self.stopped.add(msg.replica)
+                        elif isinstance(msg, ipc.Failed):
+                            self.failed.add(msg.replica)
                         deliver(msg)
                         continue
                 except (zmq.ZMQError, RuntimeError):  # closed, or the consumer's loop is gone
@@ -282,11 +285,13 @@ class Replicas:
             codes = self.procs.stop(timeout)
         else:  # torchrun's replicas: wait for their word
             deadline = time.time() + timeout
-            while len(self.stopped) < self.n and time.time() < deadline:
+            while len(self.stopped | self.failed) < self.n and time.time() < deadline:
                 if self._reader is None and self.pull.poll(200):
                     msg = ipc.decode_from_replica(self.pull.recv())
                     if isinstance(msg, ipc.Stopped):
                         self.stopped.add(msg.replica)
+                    elif isinstance(msg, ipc.Failed):
+                        self.failed.add(msg.replica)
                 else:
                     time.sleep(0.05)
         self.close()

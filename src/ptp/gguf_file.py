@@ -1,6 +1,7 @@
 """GGUF (llama.cpp) files: model config, tokenizer and de-quantized tensors from one file."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,33 @@ GLOBAL_NAMES = {
 }
 
 
+def open_reader(path: Path):
+    """gguf's reader of the file, over a plain numpy view of its memory map. The reader slices its fields
+    element by element (the tokenizer's ~100k strings and merges), and numpy.memmap runs Python code on
+    every slice: seconds per process that opens the file. The view reads the same mapped bytes."""
+    return _plain_array_reader()(str(path))
+
+
+@functools.cache
+def _plain_array_reader():
+    import gguf
+
+    class PlainArrayReader(gguf.GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:  # GGUFReader.__init__ sets it to the np.memmap
+            self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return PlainArrayReader
+
+
 class GGUFFile:
     def __init__(self, path: Path):
-        import gguf
-
         self.path = path
-        self.reader = gguf.GGUFReader(str(path))
+        self.reader = open_reader(path)
         self.arch = self.field("general.architecture")
         if self.arch not in SUPPORTED_GGUF_ARCHITECTURES:
             raise UnsupportedModelError(

@@ -39,6 +39,7 @@ from ptp.sampling import argmax_rows
 from ptp.step import StepBatch
 
 log = logging.getLogger("ptp")
+CPU_KV_BYTES = 256 << 20  # the default KV cache on CPU holds up to this, or one full-length sequence if more
 
 
 class ModelRunner:
@@ -139,7 +140,10 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = total * fraction - (total - free)
             return max(0, int(budget // per_block) - 1)
-        wanted = 4 * -(-max_model_len // block_size)
+        # CPU: room for up to 4 full-length sequences while they fit in CPU_KV_BYTES, and for one in any case
+        # (the cache is allocated zero-filled at every start: 4 x 8k tokens of a 135M model took 1.4 GiB)
+        sequence = -(-max_model_len // block_size)
+        wanted = min(4 * sequence, max(sequence, CPU_KV_BYTES // per_block))
         return max(1, min(wanted, (2 << 30) // per_block))
 
     def _gather_all(self, value):

@@ -621,9 +621,13 @@ def run_frontend(ns: argparse.Namespace, args: EngineArgs, spawn: bool, addresse
     model_name = ns.served_model_name or default_model_name(args.model)
     metrics = ServerMetrics(args.dp_size)
     files, _, _ = resolve_model(args, None)  # refuses a bad model or tp before any replica starts
-    tokenizer = load_tokenizer(args, files)
-    replicas = Replicas(args, tokenizer, spawn=spawn, warm=True, metrics=metrics, addresses=addresses)
     start = time.perf_counter()
+    replicas = Replicas(args, None, spawn=spawn, warm=True, metrics=metrics, addresses=addresses)
+    try:  # while the replicas start: importing transformers and reading the tokenizer take seconds
+        tokenizer = replicas.tokenizer = load_tokenizer(args, files)
+    except BaseException:
+        replicas.close()
+        raise
     try:
         replicas.wait_ready(timeout=max(600.0, args.dist_timeout))
     except ReplicaFailed as e:
