@@ -9,6 +9,9 @@
     python bench/suite.py perf --tp 1,2,4,8              # several GPUs: the same figures at each tp
     python bench/suite.py perf --ab PTP_DISABLE_PDL=1    # A/B in one run: each step again with this setting
     python bench/suite.py perf --ab=--disable-overlap-schedule   # (flags after "=")
+    python bench/suite.py perf --baseline old             # each decode and throughput step also from an older
+                                                         # checkout, in turn (mkdir old; git archive COMMIT |
+                                                         # tar -x -C old; echo COMMIT > old/COMMIT)
 
 Each step's log goes to OUT/logs/, and each figure to OUT/results.jsonl as one JSON line that also
 holds the device, the date, the commit and the exact command. At the end bench/report.py prints the
@@ -55,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ab", action="append", default=[], metavar="SETTINGS",
                         help="run each step again with these settings: environment variables (NAME=VALUE) and "
                              "engine flags, space-separated; repeatable. The label of such rows is the settings")
+    parser.add_argument("--baseline", default=None, metavar="DIR",
+                        help="perf: run each decode and throughput step also from this checkout of another commit "
+                             "(its own bench scripts and src; engine flags of --baseline-args), right after the "
+                             "current one; each tree compiles into its own inductor cache")
+    parser.add_argument("--baseline-args", default="", help="engine flags for the baseline's runs only")
     parser.add_argument("--eager", action="store_true", help="perf: also batch 1 without compile and CUDA graphs")
     parser.add_argument("--peers", action="store_true", help="perf: also Hugging Face transformers generate")
     parser.add_argument("--prefill-lens", default="16,128,512,2048", help="perf: prompt lengths for time to first token")
@@ -86,6 +94,16 @@ class Suite:
                     "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(BENCH), os.environ.get("PYTHONPATH", "")])}
         self.failed: list[str] = []
 
+    def tree_env(self, tree: Path) -> dict:
+        """The environment of a step run from `tree` (this checkout or --baseline's): its src and bench
+        first on the path, and, with a baseline, an inductor cache of its own (trees whose custom ops
+        differ must not share compiled code)."""
+        if tree == ROOT and not self.ns.baseline:
+            return self.env
+        return {**self.env, "PYTHONPATH": os.pathsep.join([str(tree / "src"), str(tree / "bench"),
+                                                           os.environ.get("PYTHONPATH", "")]),
+                "TORCHINDUCTOR_CACHE_DIR": str(self.out.resolve() / f"inductor-{_commit(tree)}")}
+
     def variants(self) -> list[tuple[str, dict, list[str]]]:
         """(label, environment, engine flags): the plain run, then one per --ab."""
         out = [("", {}, shlex.split(self.ns.engine_args))]
@@ -101,7 +119,7 @@ class Suite:
                 "--tp", str(tp)]
 
     def step(self, name: str, bench: str, argv: list[str], env: dict | None = None, label: str = "",
-             json_flag: bool = True, extra: dict | None = None) -> bool:
+             json_flag: bool = True, extra: dict | None = None, tree: Path = ROOT) -> bool:
         """Run one bench script; its JSON lines go to results.jsonl with what made them. True if it succeeded."""
         raw = self.out / "logs" / f"{name}.jsonl"
         raw.unlink(missing_ok=True)
@@ -114,8 +132,8 @@ class Suite:
         start = time.time()
         with open(self.out / "logs" / f"{name}.log", "w") as log:
             try:
-                proc = subprocess.Popen(argv, cwd=ROOT, env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+                proc = subprocess.Popen(argv, cwd=tree, env={**self.tree_env(tree), **(env or {})},
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 for line in proc.stdout:
                     sys.stdout.write(line)
                     log.write(line)
@@ -124,12 +142,13 @@ class Suite:
                 proc.kill()
                 rc = "timeout"
         rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()] if raw.exists() else []
+        meta = self.meta if tree == ROOT else {**self.meta, "commit": _commit(tree)}
         if rc != 0:
             self.failed.append(name)
             rows.append({"error": f"exit status {rc}", "log": f"logs/{name}.log"})
         with open(self.results, "a") as f:
             for row in rows:
-                row = {"bench": bench, "engine": "ptp", "label": label, **row, **self.meta,
+                row = {"bench": bench, "engine": "ptp", "label": label, **row, **meta,
                        "command": command, "step": name, **(extra or {})}
                 f.write(json.dumps(row) + "\n")
         print(f"=== {name}: {'ok' if rc == 0 else f'FAILED ({rc})'} in {time.time() - start:.0f} s", flush=True)
@@ -162,6 +181,8 @@ class Suite:
                 self.step(f"throughput{sfx}", "throughput",
                           [py, "bench/throughput.py", *base, "--num-prompts", str(ns.num_prompts), "--input-len", n_in,
                            "--output-len", n_out, "--jitter", str(ns.jitter)], env, label)
+            if ns.baseline:
+                self.baseline_perf(tp, n_in, n_out)
             if ns.eager:
                 self.step(f"decode_eager_tp{tp}", "decode",
                           [py, "bench/latency.py", *self.engine_flags(tp), "--torch-compile", "off",
@@ -171,6 +192,20 @@ class Suite:
             self.step("decode_transformers", "decode",
                       [py, "bench/hf_generate.py", "--model", ns.model, "--batch-sizes", ns.batch_sizes,
                        "--input-len", str(ns.input_len), "--output-len", str(min(ns.output_len, 128))])
+
+    def baseline_perf(self, tp: int, n_in: str, n_out: str) -> None:
+        """The decode and throughput steps from --baseline's checkout, with --baseline-args."""
+        ns, py = self.ns, sys.executable
+        tree = Path(ns.baseline).resolve()
+        label = f"baseline {_commit(tree)}"
+        base = [*self.engine_flags(tp), *shlex.split(ns.engine_args), *shlex.split(ns.baseline_args), "--label", label]
+        self.step(f"decode_tp{tp}_baseline", "decode",
+                  [py, "bench/latency.py", *base, "--cuda-graph-max-bs", str(max(_ints(ns.batch_sizes))),
+                   "--batch-sizes", ns.batch_sizes, "--input-len", str(ns.input_len), "--output-len", str(ns.output_len)],
+                  label=label, tree=tree)
+        self.step(f"throughput_tp{tp}_baseline", "throughput",
+                  [py, "bench/throughput.py", *base, "--num-prompts", str(ns.num_prompts), "--input-len", n_in,
+                   "--output-len", n_out, "--jitter", str(ns.jitter)], label=label, tree=tree)
 
     def serve(self) -> None:
         ns, py = self.ns, sys.executable
@@ -261,14 +296,18 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _commit() -> str:
+def _commit(tree: Path = ROOT) -> str:
+    """The commit of a checkout (a COMMIT file names it in an exported tree without git), "-dirty" if
+    its files differ from it."""
+    if (tree / "COMMIT").exists():
+        return (tree / "COMMIT").read_text().strip()
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=tree).returncode != 0
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return tree.name
 
 
 def _software() -> dict:
