@@ -485,3 +485,14 @@ PREFILL_CASES = [  # kv heads, GQA group, head dim, block size, starts, query le
 
 def test_paged_prefill_kernel_matches_padded_sdpa_in_interpreter():
     check_cases("prefill_case", "PREFILL_CASES", 1e-4)
+
+
+def test_paged_prefill_kernel_compiles_for_hopper():
+    from ptp.kernels.paged_prefill import _prefill_fwd
+
+    pointers = dict(Q="bf16", K="bf16", V="bf16", O="bf16", BT="i32", Q_OFF="i32", Q_LEN="i32", START="i32")
+    for group, window in [(4, False), (1, True)]:
+        ptx = hopper_ptx(_prefill_fwd, pointers, dict(
+            GROUP=group, GROUP_PAD=group, D=128, BLOCK_SIZE=16, BLOCK_Q=max(16, 64 // group), BLOCK_N=64,
+            WINDOW=window, IEEE=False), floats=("scale",), num_stages=2)
+        assert "mma" in ptx and "st.global" in ptx, group  # the dots on tensor cores
