@@ -432,7 +432,8 @@ def test_skinny_and_norm_kernels_compile_for_hopper():
     assert "st.global" not in _before_wait(ptx)
 
 
-def prefill_case(kv_heads, group, dim, block_size, starts, query_lens, window=None, seed=0):
+def prefill_case(kv_heads, group, dim, block_size, starts, query_lens, window=None, seed=0, dtype=torch.float32,
+                 device="cpu"):
     """The triton backend's paged prefill (PTP_PAGED_PREFILL=1) against the torch backend's padded SDPA
     on the same step: rows of the given starts and query lengths, scattered blocks; outputs and caches."""
     from ptp.attention.meta import PrefillMeta
@@ -450,28 +451,35 @@ def prefill_case(kv_heads, group, dim, block_size, starts, query_lens, window=No
         tables.append(perm[at: at + n])
         at += n
     slots = torch.tensor([tables[b][p // block_size] * block_size + p % block_size
-                          for b, (s, n) in enumerate(zip(starts, query_lens)) for p in range(s, s + n)])
-    caches = [KVCache(1, blocks, block_size, kv_heads, dim, torch.float32, "cpu") for _ in range(2)]
+                          for b, (s, n) in enumerate(zip(starts, query_lens)) for p in range(s, s + n)], device=device)
+    caches = [KVCache(1, blocks, block_size, kv_heads, dim, dtype, device) for _ in range(2)]
     caches[0].data.copy_(torch.randn(caches[0].data.shape, generator=g))
     caches[1].data.copy_(caches[0].data)
-    q = torch.randn(tokens, heads, dim, generator=g)
-    k, v = torch.randn(tokens, 2, kv_heads, dim, generator=g).unbind(1)
-    meta = PrefillMeta.build(starts, query_lens, tables, slots, block_size, window, "cpu")
+    q = torch.randn(tokens, heads, dim, generator=g).to(device, dtype)
+    k, v = torch.randn(tokens, 2, kv_heads, dim, generator=g).to(device, dtype).unbind(1)
+    meta = PrefillMeta.build(starts, query_lens, tables, slots, block_size, window, device)
     assert not meta.causal
     want = TorchAttention(caches[0], window).forward(meta, 0, q, k, v)
     import ptp.kernels.paged_prefill as kernel
 
     launches, launch = [], kernel.paged_prefill
     kernel.paged_prefill = lambda *args, **kw: launches.append(args) or launch(*args, **kw)
+    before = os.environ.get("PTP_PAGED_PREFILL")
     os.environ["PTP_PAGED_PREFILL"] = "1"
-    got = TritonAttention(caches[1], window).forward(meta, 0, q, k, v)
-    kernel.paged_prefill = launch
+    try:
+        got = TritonAttention(caches[1], window).forward(meta, 0, q, k, v)
+    finally:
+        kernel.paged_prefill = launch
+        if before is None:
+            os.environ.pop("PTP_PAGED_PREFILL")
+        else:
+            os.environ["PTP_PAGED_PREFILL"] = before
     assert len(launches) == 1 and got.shape == want.shape  # the step went through the kernel
     # the kernel again, with query tiles of 16 tokens whatever the group (more tiles per row)
     again = launch(q, *caches[1].layer(0), meta.block_tables, meta.q_offsets, meta.q_lens, meta.q_starts,
                    meta.q_index.shape[1], dim ** -0.5, window, block_q=16)
-    return max((got - want).abs().max().item(), (again - want).abs().max().item(),
-               (caches[0].data - caches[1].data).abs().max().item())
+    return max((got.float() - want.float()).abs().max().item(), (again.float() - want.float()).abs().max().item(),
+               (caches[0].data.float() - caches[1].data.float()).abs().max().item())
 
 
 PREFILL_CASES = [  # kv heads, GQA group, head dim, block size, starts, query lengths, sliding window
@@ -485,6 +493,17 @@ PREFILL_CASES = [  # kv heads, GQA group, head dim, block size, starts, query le
 
 def test_paged_prefill_kernel_matches_padded_sdpa_in_interpreter():
     check_cases("prefill_case", "PREFILL_CASES", 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_paged_prefill_kernel_on_gpu(group):
+    starts, lens = [0, 2048, 37, 512, 16], [300, 128, 90, 1, 513]
+    for window in (None, 1000):
+        err = prefill_case(8 // group if group < 8 else 1, group, 128, 16, starts, lens, window,
+                           dtype=torch.bfloat16, device="cuda")
+        assert err < 3e-2, (group, window, err)
 
 
 def test_paged_prefill_kernel_compiles_for_hopper():
