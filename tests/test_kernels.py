@@ -430,3 +430,88 @@ def test_skinny_and_norm_kernels_compile_for_hopper():
     ptx = hopper_ptx(_add_rms_norm, dict(X="bf16", R="bf16", W="bf16", OUT="bf16", NEW_R="bf16"),
                      dict(HAS_RESIDUAL=True, BLOCK=4096, USE_PDL=True), floats=("eps",))
     assert "st.global" not in _before_wait(ptx)
+
+
+def prefill_case(kv_heads, group, dim, block_size, starts, query_lens, window=None, seed=0, dtype=torch.float32,
+                 device="cpu"):
+    """The triton backend's paged prefill (PTP_PAGED_PREFILL=1) against the torch backend's padded SDPA
+    on the same step: rows of the given starts and query lengths, scattered blocks; outputs and caches."""
+    from ptp.attention.meta import PrefillMeta
+    from ptp.attention.torch_sdpa import TorchAttention
+    from ptp.attention.triton_backend import TritonAttention
+    from ptp.kv_cache import KVCache
+
+    g = torch.Generator().manual_seed(seed)
+    heads, tokens = kv_heads * group, sum(query_lens)
+    need = [-(-(s + n) // block_size) for s, n in zip(starts, query_lens)]
+    blocks = sum(need) + 5
+    perm = torch.randperm(blocks, generator=g).tolist()
+    tables, at = [], 0
+    for n in need:
+        tables.append(perm[at: at + n])
+        at += n
+    slots = torch.tensor([tables[b][p // block_size] * block_size + p % block_size
+                          for b, (s, n) in enumerate(zip(starts, query_lens)) for p in range(s, s + n)], device=device)
+    caches = [KVCache(1, blocks, block_size, kv_heads, dim, dtype, device) for _ in range(2)]
+    caches[0].data.copy_(torch.randn(caches[0].data.shape, generator=g))
+    caches[1].data.copy_(caches[0].data)
+    q = torch.randn(tokens, heads, dim, generator=g).to(device, dtype)
+    k, v = torch.randn(tokens, 2, kv_heads, dim, generator=g).to(device, dtype).unbind(1)
+    meta = PrefillMeta.build(starts, query_lens, tables, slots, block_size, window, device)
+    assert not meta.causal
+    want = TorchAttention(caches[0], window).forward(meta, 0, q, k, v)
+    import ptp.kernels.paged_prefill as kernel
+
+    launches, launch = [], kernel.paged_prefill
+    kernel.paged_prefill = lambda *args, **kw: launches.append(args) or launch(*args, **kw)
+    before = os.environ.get("PTP_PAGED_PREFILL")
+    os.environ["PTP_PAGED_PREFILL"] = "1"
+    try:
+        got = TritonAttention(caches[1], window).forward(meta, 0, q, k, v)
+    finally:
+        kernel.paged_prefill = launch
+        if before is None:
+            os.environ.pop("PTP_PAGED_PREFILL")
+        else:
+            os.environ["PTP_PAGED_PREFILL"] = before
+    assert len(launches) == 1 and got.shape == want.shape  # the step went through the kernel
+    # the kernel again, with query tiles of 16 tokens whatever the group (more tiles per row)
+    again = launch(q, *caches[1].layer(0), meta.block_tables, meta.q_offsets, meta.q_lens, meta.q_starts,
+                   meta.q_index.shape[1], dim ** -0.5, window, block_q=16)
+    return max((got.float() - want.float()).abs().max().item(), (again.float() - want.float()).abs().max().item(),
+               (caches[0].data.float() - caches[1].data.float()).abs().max().item())
+
+
+PREFILL_CASES = [  # kv heads, GQA group, head dim, block size, starts, query lengths, sliding window
+    # from 0, inside a block, at a block boundary; rows longer than one 16-token query tile and shorter
+    (2, 4, 64, 16, [0, 21, 32], [40, 5, 17], None),
+    (2, 1, 64, 16, [0, 7, 48, 3], [70, 9, 2, 33], None),  # 1:1: 64-token query tiles, row 0 spans two
+    (1, 4, 32, 8, [13, 0, 40], [30, 12, 25], 20),          # sliding window shorter than the context
+    (2, 2, 32, 16, [100], [19], 64),                       # one chunk after a cached prefix, window
+]
+
+
+def test_paged_prefill_kernel_matches_padded_sdpa_in_interpreter():
+    check_cases("prefill_case", "PREFILL_CASES", 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_paged_prefill_kernel_on_gpu(group):
+    starts, lens = [0, 2048, 37, 512, 16], [300, 128, 90, 1, 513]
+    for window in (None, 1000):
+        err = prefill_case(8 // group if group < 8 else 1, group, 128, 16, starts, lens, window,
+                           dtype=torch.bfloat16, device="cuda")
+        assert err < 3e-2, (group, window, err)
+
+
+def test_paged_prefill_kernel_compiles_for_hopper():
+    from ptp.kernels.paged_prefill import _prefill_fwd
+
+    pointers = dict(Q="bf16", K="bf16", V="bf16", O="bf16", BT="i32", Q_OFF="i32", Q_LEN="i32", START="i32")
+    for group, window in [(4, False), (1, True)]:
+        ptx = hopper_ptx(_prefill_fwd, pointers, dict(
+            GROUP=group, GROUP_PAD=group, D=128, BLOCK_SIZE=16, BLOCK_Q=max(16, 64 // group), BLOCK_N=64,
+            WINDOW=window, IEEE=False), floats=("scale",), num_stages=2)
+        assert "mma" in ptx and "st.global" in ptx, group  # the dots on tensor cores

@@ -201,6 +201,10 @@ ENVIRONMENT = (
     ("PTP_DET_TILE_FOLLOWS_ROWS", "0: with --enable-deterministic-inference, the batch-invariant matmul's whole "
                                   "tile is fixed by the weight's shape, not only its K-chunk (for GPUs where "
                                   "bench/det_matmul.py finds tiles that sum a row differently)"),
+    ("PTP_PAGED_PREFILL", "1: with the triton attention backend, prefill steps other than one whole prompt from "
+                          "position 0 (batched prompts, later chunks, cached prefixes) attend through the paged "
+                          "prefill kernel, which reads keys through the block tables, instead of SDPA over a padded "
+                          "copy of every row's keys"),
     ("PTP_PROFILE", "1: rank 0 logs where each step's host time goes and, on CUDA, each kind of step's device "
                     "time, at shutdown"),
     ("PTP_KERNEL_PROFILE", "N: every rank logs its kernels' GPU time over N decode steps, after 32 warm ones; "

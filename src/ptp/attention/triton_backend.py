@@ -1,11 +1,15 @@
-"""Decode through ptp's Triton paged-decode kernel (kernels/paged_attention.py); prefill through SDPA."""
+"""Decode through ptp's Triton paged-decode kernel (kernels/paged_attention.py); prefill through SDPA,
+or, with PTP_PAGED_PREFILL=1, steps other than one whole prompt from position 0 through the paged
+prefill kernel (kernels/paged_prefill.py), which reads keys through the block tables in place of
+SDPA over a padded gathered copy."""
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
-from ptp.attention.meta import DecodeMeta
+from ptp.attention.meta import DecodeMeta, PrefillMeta
 from ptp.attention.torch_sdpa import TorchAttention
 from ptp.kernels import sm_count
 
@@ -60,10 +64,23 @@ class TritonAttention(TorchAttention):
         self.fuses_rope = sliding_window is None  # else decode falls back to the torch path
         if sliding_window is not None:
             log.warning("the triton decode kernel has no sliding window; decode uses the torch backend")
+        self.paged_prefill = os.environ.get("PTP_PAGED_PREFILL", "0") == "1"
 
     def forward(self, meta, layer: int, q, k, v, cos_sin=None):
+        if (self.paged_prefill and isinstance(meta, PrefillMeta) and not meta.causal and meta.q_offsets is not None
+                and self.split_tokens is None):
+            return self._paged_prefill(meta, layer, q, k, v)
         if not isinstance(meta, DecodeMeta) or self.sliding_window is not None:
             return super().forward(meta, layer, q, k, v, cos_sin)
         k_cache, v_cache = self.kv_cache.layer(layer)
         return paged_decode(q, k, v, meta.slot_mapping, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                             q.shape[-1] ** -0.5, cos_sin, split_tokens=self.split_tokens, seq_index=meta.seq_index)
+
+    def _paged_prefill(self, meta: PrefillMeta, layer: int, q, k, v):
+        from ptp.kernels.paged_prefill import paged_prefill
+
+        k_cache, v_cache = self.write_kv(layer, meta.slot_mapping, k, v)  # the kernel reads the step's own k, v there
+        # q_index is [B, longest query length rounded up]: a size known on the host, so the grid
+        # needs no read of the lengths from the device
+        return paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.q_offsets, meta.q_lens, meta.q_starts,
+                             meta.q_index.shape[1], q.shape[-1] ** -0.5, self.sliding_window)
