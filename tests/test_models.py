@@ -154,6 +154,6 @@ def test_prefill_op_matches_its_fake(causal):
     q = torch.randn(n, heads, dim, generator=g)
     k, v = torch.randn(2, n, kv, dim, generator=g).unbind(0)
     args = (q, k, v, meta.slot_mapping, meta.block_tables, meta.q_index, meta.out_index, meta.mask, 0, backend.key,
-            meta.q_offsets, meta.q_lens, meta.q_starts)
+            meta.q_rows)
     assert prefill_attention(*args).is_contiguous()
     torch.library.opcheck(prefill_attention, args, test_utils=("test_schema", "test_faketensor"))

@@ -37,11 +37,22 @@ class PrefillMeta:
     # step's own k, v (no gather from the cache, no mask). Not a tensor: it reaches the prefill op
     # through the backend (Bound sets it per step), so compiled code does not specialise on it.
     causal: bool = False
-    # Per row (int32 [B]): its first token among the T, its query length, the position of its first
-    # token: what the triton backend's paged prefill kernel reads instead of q_index and mask.
-    q_offsets: torch.Tensor | None = None
-    q_lens: torch.Tensor | None = None
-    q_starts: torch.Tensor | None = None
+    # Per row, int32 [3, B]: its first token among the T, its query length, the position of its first
+    # token: what the triton backend's paged prefill kernel reads instead of q_index and mask. One
+    # tensor (one copy; three views of it were three storage offsets for compiled code to guard on).
+    q_rows: torch.Tensor | None = None
+
+    @property
+    def q_offsets(self) -> torch.Tensor:
+        return self.q_rows[0]
+
+    @property
+    def q_lens(self) -> torch.Tensor:
+        return self.q_rows[1]
+
+    @property
+    def q_starts(self) -> torch.Tensor:
+        return self.q_rows[2]
 
     @classmethod
     def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]],
@@ -75,11 +86,10 @@ class PrefillMeta:
         mask = torch.where(q_valid, mask, k_pos == 0)  # padded query rows attend to one key: no NaN
         causal = batch == 1 and starts[0] == 0 and sliding_window is None
         rows = torch.from_numpy(np.stack([offsets, lens, np.asarray(starts)]).astype(np.int32))
-        q_offsets, q_lens, q_starts = rows.to(device, non_blocking=True).unbind(0)  # one copy for the three
         return cls(slot_mapping, tables.to(device, non_blocking=True),
                    torch.from_numpy(q_index).to(device, non_blocking=True),
                    torch.from_numpy(out_index).to(device, non_blocking=True), mask.unsqueeze(1), causal,
-                   q_offsets, q_lens, q_starts)
+                   rows.to(device, non_blocking=True))
 
 
 @dataclasses.dataclass
@@ -186,25 +196,23 @@ def _(q, k, v, slot_mapping, block_tables, seq_lens, layer, backend, cos_sin=Non
 @torch.library.custom_op("ptp::prefill_attention", mutates_args=())
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
                       block_tables: torch.Tensor, q_index: torch.Tensor, out_index: torch.Tensor, mask: torch.Tensor,
-                      layer: int, backend: int, q_offsets: torch.Tensor | None = None,
-                      q_lens: torch.Tensor | None = None, q_starts: torch.Tensor | None = None) -> torch.Tensor:
+                      layer: int, backend: int, q_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Write the step's k, v (rotated) into the paged cache and attend, for prompt chunks
     (`PrefillMeta`'s fields): opaque to torch.compile for the same reason as decode_attention."""
     owner = _BACKENDS[backend]
     meta = PrefillMeta(slot_mapping, block_tables, q_index, out_index, mask, getattr(owner, "causal_prefill", False),
-                       q_offsets, q_lens, q_starts)
+                       q_rows)
     return owner.forward(meta, layer, q, k, v)
 
 
 @prefill_attention.register_fake
-def _(q, k, v, slot_mapping, block_tables, q_index, out_index, mask, layer, backend, q_offsets=None, q_lens=None,
-      q_starts=None):
+def _(q, k, v, slot_mapping, block_tables, q_index, out_index, mask, layer, backend, q_rows=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 def _prefill(q, k, v, m: PrefillMeta, layer: int, backend: int) -> torch.Tensor:
     return prefill_attention(q, k, v, m.slot_mapping, m.block_tables, m.q_index, m.out_index, m.mask, layer, backend,
-                             m.q_offsets, m.q_lens, m.q_starts)
+                             m.q_rows)
 
 
 class Bound:

@@ -67,7 +67,7 @@ class TritonAttention(TorchAttention):
         self.paged_prefill = os.environ.get("PTP_PAGED_PREFILL", "0") == "1"
 
     def forward(self, meta, layer: int, q, k, v, cos_sin=None):
-        if (self.paged_prefill and isinstance(meta, PrefillMeta) and not meta.causal and meta.q_offsets is not None
+        if (self.paged_prefill and isinstance(meta, PrefillMeta) and not meta.causal and meta.q_rows is not None
                 and self.split_tokens is None):
             return self._paged_prefill(meta, layer, q, k, v)
         if not isinstance(meta, DecodeMeta) or self.sliding_window is not None:
