@@ -52,7 +52,6 @@ def test_moe_in_the_compiled_decode_step(reference):
     ("mixtral", 2, 2),     # whole experts: four per rank
     ("qwen2_moe", 2, 2),
     ("qwen3_moe", 4, 2),   # two groups of two ranks: four experts per group, each sliced in two
-    ("mixtral", 4, 2),
 ])
 def test_moe_tp_and_ep_equal_transformers(reference, arch, tp, ep):
     with ptp.LLM(str(reference[arch][0]), dtype="float32", device="cpu", tp=tp, ep=ep) as llm:
