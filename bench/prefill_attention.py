@@ -18,25 +18,18 @@ import time
 
 import torch
 
-from common import print_table, write_json
+from common import eager_us, print_table, write_json
 
 
 def timed_us(fn, iters: int, device: torch.device) -> float:
     """Mean microseconds of fn() over iters calls after one warm call (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        return eager_us(fn, iters)
     fn()
-    if device.type != "cuda":
-        begin = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - begin) * 1e6 / iters
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    begin = time.perf_counter()
     for _ in range(iters):
         fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / iters
+    return (time.perf_counter() - begin) * 1e6 / iters
 
 
 def extra_mb(fn, out_bytes: int, device: torch.device) -> float | None:
