@@ -30,6 +30,7 @@ def main() -> None:
     import random
 
     import ptp
+    from ptp.replica import warm_up
 
     llm, args = build_llm(ns)
     vocab = llm.engine.config.vocab_size
@@ -43,13 +44,11 @@ def main() -> None:
         rng = random.Random(2)
         outputs = [max(1, int(ns.output_len * rng.uniform(1 - ns.jitter, 1 + ns.jitter))) for _ in prompts]
     params = [ptp.SamplingParams(temperature=0, ignore_eos=True, max_tokens=m) for m in outputs]
-    # Warm up on the first four requests' shapes (first calls of kernels, cuDNN plans and tile tuning at
-    # those sizes), with other token ids: the timed prompts themselves would then hit the prefix cache.
-    # Then a step mixing a one-token prompt with a longer one, which the compiled layer compiles apart.
-    warm = [[(t + 1) % vocab for t in p] for p in prompts[:4]]
-    llm.generate(warm, params[:4], use_tqdm=False)
-    llm.generate([warm[0][:1], warm[1][2:]], ptp.SamplingParams(temperature=0, ignore_eos=True, max_tokens=4),
-                 use_tqdm=False)
+    # Warm up as a server does (every kind of step compiled), then on the first four requests' shapes
+    # (first calls of kernels, cuDNN plans and tile tuning at those sizes) with other token ids: the
+    # timed prompts themselves would then hit the prefix cache.
+    warm_up(llm.engine)
+    llm.generate([[(t + 1) % vocab for t in p] for p in prompts[:4]], params[:4], use_tqdm=False)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start

@@ -205,7 +205,7 @@ ENVIRONMENT = (
                           "position 0 (batched prompts, later chunks, cached prefixes) attend through the paged "
                           "prefill kernel, which reads keys through the block tables, instead of SDPA over a padded "
                           "copy of every row's keys"),
-    ("PTP_PROFILE", "1: rank 0 logs where each step's host time goes and, on CUDA, each kind of step's device "
+    ("PTP_PROFILE", "1: rank 0 logs where each step's host time goes and, on CUDA, each kind of step's GPU "
                     "time, at shutdown"),
     ("PTP_KERNEL_PROFILE", "N: every rank logs its kernels' GPU time over N decode steps, after 32 warm ones; "
                            "N:all (or N:all:S): over N steps of every kind (after S)"),

@@ -89,7 +89,7 @@ class OverlapSchedule:
         self._flip = 0
         self.num_overlapped = 0  # steps queued before their predecessor's tokens were known
         self.profile = collections.Counter() if os.environ.get("PTP_PROFILE") else None
-        # PTP_PROFILE on CUDA: each step's device time (events around its kernels), by kind of step
+        # PTP_PROFILE on CUDA: each step's GPU time (events around its kernels), by kind of step
         self._gpu_steps: list[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] | None = (
             [] if self.profile is not None and runner.device.type == "cuda" else None)
 
@@ -169,7 +169,7 @@ class OverlapSchedule:
                 by_kind[kind][1] += tokens
                 by_kind[kind][2] += began.elapsed_time(ended) / 1e3
             busy = sum(t for _, _, t in by_kind.values())
-            report += (f"; the device ran steps {busy:.2f} s of {wall:.2f} s ({busy / wall:.0%}): " + ", ".join(
+            report += (f"; the GPU ran steps {busy:.2f} s of {wall:.2f} s ({busy / wall:.0%}): " + ", ".join(
                 f"{kind} {n} steps, {tok} tokens, {t:.2f} s ({t / n * 1e3:.2f} ms each)"
                 for kind, (n, tok, t) in sorted(by_kind.items())))
         return report
