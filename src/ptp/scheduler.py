@@ -147,18 +147,16 @@ class Scheduler:
             n = min(len(seq) - seq.num_computed, budget)
             if n == 0:
                 continue  # its next token is still on its way from the step in flight
-            if n == 1 and seq.num_computed < len(seq.block_table) * self.allocator.block_size:
-                chosen.append((seq, 1))  # a decode token with room in its last block: no allocator work
-                budget -= 1
-                continue
-            while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
+            if self.allocator.blocks_needed(seq.block_table, seq.num_computed + n):  # most decode tokens: none
+                while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                if seq.status is Status.RUNNING:
+                    self.allocator.grow(seq.block_table, seq.num_computed + n)
             if seq.status is Status.RUNNING:
-                self.allocator.grow(seq.block_table, seq.num_computed + n)
                 chosen.append((seq, n))
                 budget -= n
         while admit and self.waiting and budget > 0 and not preempted and len(self.running) < self.max_running \
