@@ -81,7 +81,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
-    padded[num_experts] = 0  # slots held elsewhere take no room
+    padded[num_experts:].zero_()  # slots held elsewhere take no room (no host scalar: graph capture)
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
     order = torch.sort(flat, stable=True).indices  # slots grouped by expert, in slot order

@@ -208,7 +208,8 @@ ENVIRONMENT = (
     ("PTP_PROFILE", "1: rank 0 logs where each step's host time goes and, on CUDA, each kind of step's GPU "
                     "time, at shutdown"),
     ("PTP_KERNEL_PROFILE", "N: every rank logs its kernels' GPU time over N decode steps, after 32 warm ones; "
-                           "N:all (or N:all:S): over N steps of every kind (after S)"),
+                           "N:all (or N:all:S): over N steps of every kind (after S); N:all:S:FILE also writes the host's "
+                           "calls and the kernels as a Chrome trace, FILE.rankR.json"),
     ("PTP_DEBUG_EXIT", "N: a process still alive N seconds after its engine's shutdown began prints every "
                        "thread's stack"),
 )

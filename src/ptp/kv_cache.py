@@ -26,6 +26,26 @@ def longs(values) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.int64).reshape(len(values)))
 
 
+def to_device(values, device, dtype=None) -> torch.Tensor:
+    """Host values (a numpy array, a CPU tensor or a list of numbers) on `device`, without waiting for
+    the GPU. A copy from pageable memory makes the host wait until every kernel queued before it has
+    run (CUDA stages such copies synchronously): a step launched while the previous one runs would
+    wait for that step, and the GPU would then idle while the rest of its launch is built. From
+    pinned memory the copy is queued like a kernel; torch's caching host allocator keeps the pinned
+    block until its copy has run."""
+    if isinstance(values, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(values))
+    elif isinstance(values, torch.Tensor):
+        t = values
+    else:
+        t = torch.tensor(values, dtype=dtype)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def slot(table: list[int], position: int, block_size: int) -> int:
     """The cache slot (block * block_size + offset) of the token at `position` of a sequence whose
     blocks are `table`."""

@@ -89,6 +89,7 @@ class OverlapSchedule:
         self._flip = 0
         self.num_overlapped = 0  # steps queued before their predecessor's tokens were known
         self.profile = collections.Counter() if os.environ.get("PTP_PROFILE") else None
+        self.by_kind = collections.defaultdict(lambda: [0, 0.0, 0.0])  # PTP_PROFILE: steps, launch, wait
         # PTP_PROFILE on CUDA: each step's GPU time (events around its kernels), by kind of step
         self._gpu_steps: list[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] | None = (
             [] if self.profile is not None and runner.device.type == "cuda" else None)
@@ -100,10 +101,11 @@ class OverlapSchedule:
             self._add_placeholders(prev)
         t = time.perf_counter()
         scheduled = self.scheduler.schedule()
-        launched = None
+        launched, kind = None, "none"
         t0 = time.perf_counter()
         if scheduled is not None:
             seqs, batch = scheduled
+            kind = step_kind(batch)
             sampling = [s for s, sample in zip(seqs, batch.sample) if sample]
             ahead = self.overlap and bool(sampling) and all(on_device(s, self.blocks_eos(s)) for s in sampling)
             drawn = ahead and not all(s.params.greedy for s in sampling)
@@ -117,7 +119,7 @@ class OverlapSchedule:
             if timed:
                 ended = torch.cuda.Event(enable_timing=True)
                 ended.record()
-                self._gpu_steps.append((step_kind(batch), sum(len(t) for t in batch.token_ids), began, ended))
+                self._gpu_steps.append((kind, sum(len(t) for t in batch.token_ids), began, ended))
             if scoring:  # the prompt rows' logits follow the sampled rows'
                 logits = self._score_prompts(scoring, logits, len(sampling))
             if sampling:
@@ -140,8 +142,12 @@ class OverlapSchedule:
             if self.profile["seen"] > PROFILE_SKIP_STEPS:
                 self.profile["schedule"] += t0 - t
                 self.profile["launch"] += t1 - t0
-                self.profile["wait for tokens"] += time.perf_counter() - t1
+                waited = time.perf_counter() - t1
+                self.profile["wait for tokens"] += waited
                 self.profile["steps"] += 1
+                self.by_kind[kind][0] += 1
+                self.by_kind[kind][1] += t1 - t0
+                self.by_kind[kind][2] += waited
         return updates
 
     def execute(self, batch: StepBatch) -> torch.Tensor | None:
@@ -160,6 +166,9 @@ class OverlapSchedule:
         parts = {k: v for k, v in self.profile.items() if k not in ("seen", "steps")}
         steps = self.profile["steps"]
         report = f"per step over {steps} steps: " + ", ".join(f"{k} {v / steps * 1e3:.3f} ms" for k, v in parts.items())
+        report += "; by kind of step launched (launch, then wait for the previous step's tokens): " + ", ".join(
+            f"{kind} {n} steps {launch / n * 1e3:.2f} + {wait / n * 1e3:.2f} ms"
+            for kind, (n, launch, wait) in sorted(self.by_kind.items()))
         if self._gpu_steps:
             torch.cuda.synchronize()
             wall = sum(v for k, v in parts.items() if k != "broadcast")

@@ -29,7 +29,7 @@ from ptp.config import ModelConfig
 from ptp.errors import ConfigError
 from ptp.graphs import DecodeGraphs, PrefillGraphs
 from ptp.hub import ModelFiles
-from ptp.kv_cache import KVCache, longs
+from ptp.kv_cache import KVCache, longs, to_device
 from ptp.loader import load_model
 from ptp.parallel.comm import broadcast_from_first, gather_vocab, set_fixed_order
 from ptp.parallel.mesh import Dist
@@ -275,8 +275,8 @@ class ModelRunner:
                 logit_rows.append(row - 1)
         sampled = len(logit_rows)
         logit_rows += extra_rows
-        as_tensor = lambda x: longs(x).to(device, non_blocking=True)  # noqa: E731
-        pos_t, slot_t = (torch.from_numpy(np.concatenate(x)).to(device, non_blocking=True) for x in (positions, slots))
+        as_tensor = lambda x: to_device(longs(x), device)  # noqa: E731
+        pos_t, slot_t = (to_device(np.concatenate(x), device) for x in (positions, slots))
         input_ids = as_tensor(ids)
         if self.deterministic:
             meta = rows_meta(batch.starts, [len(t) for t in batch.token_ids], batch.block_tables, slot_t, device)

@@ -6,6 +6,7 @@ import dataclasses
 import torch
 
 from ptp.errors import ConfigError
+from ptp.kv_cache import to_device
 
 
 @dataclasses.dataclass
@@ -82,15 +83,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
-
-
-def to_device(values: list, device, dtype=None) -> torch.Tensor:
-    """A small host list on the device without waiting for the GPU (a copy from pageable memory
-    would wait for the stream: the sampler of a step in flight must not)."""
-    t = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
 
 
 def argmax_rows(x: torch.Tensor, parts: int = 64) -> torch.Tensor:

@@ -8,7 +8,7 @@ import weakref
 import numpy as np
 import torch
 
-from ptp.kv_cache import longs, table_rows
+from ptp.kv_cache import longs, table_rows, to_device
 
 
 @dataclasses.dataclass
@@ -74,8 +74,8 @@ class PrefillMeta:
         out_index = np.flatnonzero(valid.reshape(-1))
         # The mask is computed on the device from the rows' starts and lengths (a [B, max_q, keys]
         # tensor built on the host and copied would cost host time and a large transfer each step).
-        starts_t = longs(starts).to(device, non_blocking=True)
-        lens_t = torch.from_numpy(lens.astype(np.int64)).to(device, non_blocking=True)
+        starts_t = to_device(longs(starts), device)
+        lens_t = to_device(lens.astype(np.int64), device)
         q_cols = torch.arange(max_q, device=device)
         q_pos = starts_t.view(-1, 1, 1) + q_cols.view(1, -1, 1)
         k_pos = torch.arange(max_blocks * block_size, device=device).view(1, 1, -1)
@@ -86,10 +86,8 @@ class PrefillMeta:
         mask = torch.where(q_valid, mask, k_pos == 0)  # padded query rows attend to one key: no NaN
         causal = batch == 1 and starts[0] == 0 and sliding_window is None
         rows = torch.from_numpy(np.stack([offsets, lens, np.asarray(starts)]).astype(np.int32))
-        return cls(slot_mapping, tables.to(device, non_blocking=True),
-                   torch.from_numpy(q_index).to(device, non_blocking=True),
-                   torch.from_numpy(out_index).to(device, non_blocking=True), mask.unsqueeze(1), causal,
-                   rows.to(device, non_blocking=True))
+        return cls(slot_mapping, to_device(tables, device), to_device(q_index, device), to_device(out_index, device),
+                   mask.unsqueeze(1), causal, to_device(rows, device))
 
 
 @dataclasses.dataclass
@@ -107,7 +105,7 @@ class MixedMeta:
 def tables_tensor(tables: list[list[int]], device) -> torch.Tensor:
     """Block tables as one int32 tensor, rows padded with zeros (one tensor built, not one per row)."""
     rows = table_rows(tables, max(len(t) for t in tables))
-    return torch.from_numpy(rows).to(device, non_blocking=True)
+    return to_device(rows, device)
 
 
 def step_meta(starts: list[int], query_lens: list[int], block_tables: list[list[int]], slot_mapping: torch.Tensor,
@@ -116,7 +114,7 @@ def step_meta(starts: list[int], query_lens: list[int], block_tables: list[list[
     single = [i for i, n in enumerate(query_lens) if n == 1]
 
     def decode_meta(rows, slots):
-        lens = longs(starts[i] + 1 for i in rows).to(device, torch.int32, non_blocking=True)
+        lens = to_device(np.fromiter((starts[i] + 1 for i in rows), np.int32, len(rows)), device)
         return DecodeMeta(slots, tables_tensor([block_tables[i] for i in rows], device), lens)
 
     if len(single) == len(query_lens):
@@ -125,8 +123,8 @@ def step_meta(starts: list[int], query_lens: list[int], block_tables: list[list[
         return PrefillMeta.build(starts, query_lens, block_tables, slot_mapping, block_size, sliding_window, device)
     offsets = list(itertools.accumulate(query_lens, initial=0))
     chunked = [i for i, n in enumerate(query_lens) if n > 1]
-    decode_tokens = longs(offsets[i] for i in single).to(device, non_blocking=True)
-    chunk_tokens = longs(t for i in chunked for t in range(offsets[i], offsets[i + 1])).to(device, non_blocking=True)
+    decode_tokens = to_device(longs(offsets[i] for i in single), device)
+    chunk_tokens = to_device(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in chunked]), device)
     chunks = PrefillMeta.build([starts[i] for i in chunked], [query_lens[i] for i in chunked],
                                [block_tables[i] for i in chunked], slot_mapping[chunk_tokens], block_size,
                                sliding_window, device)
@@ -140,12 +138,12 @@ def rows_meta(starts: list[int], query_lens: list[int], block_tables: list[list[
     whether it came in a prompt (whole or in chunks), was recomputed after a preemption, or was
     decoded: one kernel, one order of the context, whatever else is in the step."""
     lens = [s + i + 1 for s, n in zip(starts, query_lens) for i in range(n)]
-    lens_t = longs(lens).to(device, torch.int32, non_blocking=True)
+    lens_t = to_device(np.asarray(lens, dtype=np.int32), device)
     tables = tables_tensor(block_tables, device)
     if all(n == 1 for n in query_lens):
         return DecodeMeta(slot_mapping, tables, lens_t)
     seq = longs(b for b, n in enumerate(query_lens) for _ in range(n))
-    return DecodeMeta(slot_mapping, tables, lens_t, seq.to(device, non_blocking=True))
+    return DecodeMeta(slot_mapping, tables, lens_t, to_device(seq, device))
 
 
 def mark_unbacked(meta) -> None:
