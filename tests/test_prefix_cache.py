@@ -136,6 +136,53 @@ def _simulate(requests, num_blocks, block_size, budget, mix, max_running, aborts
             for s in sorted(seqs, key=lambda s: int(s.request_id))], sched
 
 
+def _admissions(max_tokens: list[int], max_running: int, batching: bool = True) -> list[tuple[int, int, int]]:
+    """Run sequences of these output lengths through a Scheduler (all waiting at the start); for each
+    step that admitted some while others decoded: (step, sequences admitted, queue length before)."""
+    alloc = BlockAllocator(8192, 4)
+    sched = Scheduler(alloc, 4096, max_running, prefix_cache=False)
+    if not batching:
+        sched.admit_batch = 1
+    for i, n in enumerate(max_tokens):
+        sched.add(Sequence(str(i), i, [1 + i % 3, 2, 3], SamplingParams(temperature=0), n))
+    out, step = [], 0
+    while sched.has_work():
+        waiting, running = len(sched.waiting), len(sched.running)
+        chosen, batch = sched.schedule()
+        admitted = sum(1 for st in batch.starts if st == 0)
+        if admitted and running:
+            out.append((step, admitted, waiting))
+        for seq, sample in zip(chosen, batch.sample):
+            if sample:
+                seq.output_ids.append(7)
+                if len(seq.output_ids) >= seq.max_tokens:
+                    sched.finish(seq, "length")
+        step += 1
+    assert alloc.num_free == 8192
+    return out
+
+
+def test_a_full_batch_admits_its_queue_in_batches():
+    """With the running batch full and a queue waiting, room gathers until an eighth of the batch (or
+    the whole queue) fits: not one prefill step per finishing sequence."""
+    lengths = [2 + (i * 7) % 37 for i in range(300)]  # sequences finish a few per step
+    batched = _admissions(lengths, 64)
+    assert all(n >= min(8, waiting) for _, n, waiting in batched), batched
+    one_by_one = _admissions(lengths, 64, batching=False)
+    assert len(one_by_one) > 2 * len(batched), (len(one_by_one), len(batched))
+
+
+def test_admission_waits_a_bounded_number_of_steps():
+    """One sequence's room frees up while the others decode for long: the queue's first request is
+    admitted after ADMIT_MAX_DEFER steps, not when an eighth of the batch is free."""
+    from ptp.scheduler import ADMIT_MAX_DEFER
+
+    lengths = [3] + [200] * 63 + [5] * 4
+    (step, n, waiting), *_ = _admissions(lengths, 64)
+    assert n == 1 and waiting == 4
+    assert step == 3 + ADMIT_MAX_DEFER  # freed after step 2 (prefill, then two decode steps)
+
+
 def _workload(rng: random.Random) -> dict:
     """A random workload: a few base prompts over 3 token ids (so that prefixes repeat), requests that
     take part of one and add their own tokens, arriving over the first steps; a small cache."""

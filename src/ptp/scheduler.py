@@ -83,6 +83,10 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
 
+ADMIT_BATCH_FRACTION = 8  # with a queue waiting, admit once 1/8 of --max-running-requests is free ...
+ADMIT_MAX_DEFER = 32      # ... or after this many steps
+
+
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, max_tokens_per_step: int, max_running: int, mix: bool = False,
                  prefix_cache: bool = True, prefill_while_decoding: int = 0):
@@ -91,6 +95,9 @@ class Scheduler:
         self.prefill_while_decoding = prefill_while_decoding  # 0: no limit, and no decode step forced between
         self._last_was_prefill = False
         self.max_running = max_running
+        # Admission in batches (see _defer_admission): a full batch frees room a few sequences at a time
+        self.admit_batch = max(1, max_running // ADMIT_BATCH_FRACTION)
+        self._deferred = 0
         self.mix = mix
         self.cache = PrefixCache(allocator) if prefix_cache else None
         self.waiting: deque[Sequence] = deque()
@@ -120,7 +127,7 @@ class Scheduler:
                     if step is not None:
                         self._last_was_prefill = False
                         return step
-            if prefill or (self.waiting and len(self.running) < self.max_running):
+            if prefill or (self.waiting and len(self.running) < self.max_running and not self._defer_admission()):
                 step = self._schedule(prefill, budget=budget, max_seqs=max_seqs)
                 if step is not None:
                     self._last_was_prefill = True
@@ -128,6 +135,21 @@ class Scheduler:
             # nothing to prefill, or no room for it: the running sequences' next tokens
         self._last_was_prefill = False
         return self._schedule(list(self.running), admit=self.mix, max_seqs=max_seqs)
+
+    def _defer_admission(self) -> bool:
+        """Whether to decode now and admit waiting sequences a little later. When the running batch is
+        full and a queue waits, sequences finish a few per step; admitting each few at once makes a
+        prefill step per decode step or two, and a prefill step costs the host about as much to launch
+        whatever its size (every layer's kernels, outside the decode graphs). So room is let gather
+        until `admit_batch` sequences (or the whole queue) fit, for at most ADMIT_MAX_DEFER steps
+        (the queue's first request waits that many decode steps at most). A decode step at such a batch
+        size is bound by the device's compute, so the smaller batch meanwhile costs little."""
+        room = self.max_running - len(self.running)
+        if not self.running or room >= min(len(self.waiting), self.admit_batch) or self._deferred >= ADMIT_MAX_DEFER:
+            self._deferred = 0
+            return False
+        self._deferred += 1
+        return True
 
     def _schedule(self, queue: list[Sequence], admit: bool = True, budget: int | None = None,
                   max_seqs: int = 1 << 62) -> tuple[list[Sequence], StepBatch] | None:
