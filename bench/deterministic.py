@@ -12,6 +12,7 @@ The matmul's tile rule (kernels/batch_invariant.py, TILE_FOLLOWS_ROWS) is printe
 PTP_DET_TILE_FOLLOWS_ROWS=1 runs with the tile following the row count.
 
     python bench/deterministic.py --model llama-3.1-8b --load-format dummy --dtype bfloat16
+    python bench/deterministic.py ... --only on --parts checks      # the checks alone, with the flag
 """
 from __future__ import annotations
 
@@ -120,7 +121,12 @@ def main() -> None:
     parser.add_argument("--throughput-output-len", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens timed at batch 1")
     parser.add_argument("--only", choices=("off", "on"), default=None, help="run one mode only")
+    parser.add_argument("--parts", default="checks,cost",
+                        help="checks (needles and the sampled request), cost (throughput and batch 1), or both")
     ns = parser.parse_args()
+    parts = set(ns.parts.split(","))
+    if not parts or parts - {"checks", "cost"}:
+        parser.error(f"--parts takes checks, cost or checks,cost; got {ns.parts!r}")
     rows = []
     for mode in ("off", "on"):
         if ns.only not in (None, mode):
@@ -129,16 +135,27 @@ def main() -> None:
         llm, args = build_llm(ns)
         vocab = llm.engine.config.vocab_size
         llm.generate(random_prompts(4, 64, vocab, seed=9), None, use_tqdm=False)  # warm up
-        same, total = needles_check(llm, ns, vocab)
-        distinct = sampled_check(llm, ns, vocab)
-        tput_ns = argparse_copy(ns, output_len=ns.throughput_output_len)
-        tok_s = throughput(llm, tput_ns, vocab)
-        ms = batch1_ms_per_token(llm, vocab, ns.decode_tokens)
-        rows.append({"flag": mode, "tile_rule": tile_rule(), "needles_identical": f"{same}/{total}",
-                     "batches": len(ns.batches),
-                     "sampled_distinct": f"{distinct} of {ns.runs}", "output_tok_s": tok_s, "batch1_ms_per_tok": ms})
+        row = {"flag": mode, "tile_rule": tile_rule(), "batches": len(ns.batches)}
+        began = time.perf_counter()
+
+        def progress(what: str) -> None:  # each part as it ends: a run cut short still says something
+            print(f"flag {mode}, {time.perf_counter() - began:.0f} s: {what}", flush=True)
+
+        if "checks" in parts:
+            same, total = needles_check(llm, ns, vocab)
+            row["needles_identical"] = f"{same}/{total}"
+            progress(f"{same} of {total} needles identical alone and in batches of {ns.batches}")
+            distinct = sampled_check(llm, ns, vocab)
+            row["sampled_distinct"] = f"{distinct} of {ns.runs}"
+            progress(f"the sampled request gave {distinct} distinct outputs in {ns.runs} runs")
+        if "cost" in parts:
+            row["output_tok_s"] = throughput(llm, argparse_copy(ns, output_len=ns.throughput_output_len), vocab)
+            progress(f"{row['output_tok_s']:.0f} output tokens/s offline")
+            row["batch1_ms_per_tok"] = batch1_ms_per_token(llm, vocab, ns.decode_tokens)
+            progress(f"{row['batch1_ms_per_tok']:.2f} ms per token at batch 1")
+        rows.append(row)
         llm.shutdown()
-    if len(rows) == 2:
+    if len(rows) == 2 and "cost" in parts:
         off, on = rows
         on["throughput_cost_%"] = 100 * (1 - on["output_tok_s"] / off["output_tok_s"])
         on["batch1_cost_%"] = 100 * (on["batch1_ms_per_tok"] / off["batch1_ms_per_tok"] - 1)
