@@ -4,6 +4,8 @@
     python bench/suite.py perf --batch-sizes 1,8,64      # decode per batch size, prefill, offline throughput
     python bench/suite.py perf --peers                   # ... and Hugging Face transformers at the same batches
     python bench/suite.py serve --request-rates 16,32,inf
+    python bench/suite.py serve --request-rates inf --shared-prefix 64,8,2000 --serve-lens 64:128 \
+        --ab=--disable-radix-cache                       # the prefix cache on and off, a fresh server each
     python bench/suite.py kernels                        # the decode-attention kernel and the projections alone
     python bench/suite.py allreduce --tp 2,4,8           # several GPUs: all-reduce per size and method
     python bench/suite.py perf --tp 1,2,4,8              # several GPUs: the same figures at each tp
@@ -72,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--request-rates", default="16,24,32,inf", help="serve: requests per second (inf: all at once)")
     parser.add_argument("--serve-prompts", type=int, default=256, help="serve: requests per rate")
     parser.add_argument("--serve-lens", default="512:128", help="serve: INPUT:OUTPUT tokens per request")
+    parser.add_argument("--shared-prefix", default=None, metavar="C,T,S",
+                        help="serve: C conversations of T turns over an S-token system prompt (each turn a "
+                             "--serve-lens user message and answer) instead of random prompts")
     parser.add_argument("--only", default=None, help="check: only the variants whose names contain this (check_gpu.py --only)")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--timeout", type=int, default=900, help="seconds each step may run")
@@ -242,7 +247,8 @@ class Suite:
         ns = self.ns
         return [sys.executable, "bench/serving.py", "--url", f"http://127.0.0.1:{ns.port}", "--request-rates",
                 ns.request_rates, "--num-prompts", str(ns.serve_prompts), "--input-len", n_in, "--output-len", n_out,
-                "--vocab", str(_vocab(ns.model)), "--label", label]
+                "--vocab", str(_vocab(ns.model)), "--label", label,
+                *(["--shared-prefix", ns.shared_prefix] if ns.shared_prefix else [])]
 
     def _wait_healthy(self, proc: subprocess.Popen) -> bool:
         deadline = time.time() + self.ns.timeout
