@@ -38,6 +38,8 @@ def main() -> None:
     bw = bandwidth(device)
     embed_bytes = runner.model.model.embed_tokens.weight.numel() * runner.model.model.embed_tokens.weight.element_size()
     kv_bytes_per_token = runner.kv_cache.data[:, :, 0, 0].numel() * runner.kv_cache.data.element_size()
+    expert_bytes = sum(p.numel() * p.element_size() for name, p in runner.model.named_parameters()
+                       if name.endswith(("experts.w13", "experts.w2")))
     rows = []
     for bs in [int(b) for b in ns.batch_sizes.split(",")]:
         prompts = random_prompts(bs, ns.input_len, vocab, seed=bs)
@@ -45,8 +47,10 @@ def main() -> None:
         total = min(_timed(llm, prompts, ns.output_len) for _ in range(ns.repeat))
         step = (total - prefill) / (ns.output_len - 1)
         avg_ctx = ns.input_len + ns.output_len / 2
-        # bytes one decode step reads per rank: every weight but the embedding table, and the KV cache
-        step_bytes = runner.weight_bytes - embed_bytes + bs * avg_ctx * kv_bytes_per_token
+        # bytes one decode step reads per rank: every weight but the embedding table (of a MoE model's
+        # experts, those the batch's tokens are expected to pick), and the KV cache
+        step_bytes = (runner.weight_bytes - embed_bytes - expert_bytes * (1 - experts_read(config, bs))
+                      + bs * avg_ctx * kv_bytes_per_token)
         limit = step_bytes / bw if bw else None
         graph_ms = _graph_ms(runner, bs)
         rows.append({
@@ -60,9 +64,17 @@ def main() -> None:
     print_table(rows, ["label", "tp", "batch", "ms_per_step", "graph_ms", "tokens_per_s", "limit_tokens_per_s", "pct_of_limit",
                        "ttft_ms", "startup_s", "launch_to_first_token_s"])
     print(f"device: {device}; bandwidth for the limit: {bw / 1e12 if bw else '?'} TB/s; "
-          f"bytes per step = weights without the embedding + KV read; graph_ms = GPU time of a graph replay alone")
+          f"bytes per step = weights without the embedding (MoE: the experts a batch is expected to pick) + KV read; graph_ms = GPU time of a graph replay alone")
     write_json(ns.json, rows)
     llm.shutdown()
+
+
+def experts_read(config, tokens: int) -> float:
+    """The expected fraction of a layer's experts that `tokens` tokens pick, each choosing top-k of E
+    uniformly: 1 - (1 - k/E)^tokens (1 for a dense model)."""
+    if not config.num_experts:
+        return 1.0
+    return 1 - (1 - config.num_experts_per_tok / config.num_experts) ** tokens
 
 
 def _graph_ms(runner, bs: int) -> float | None:
