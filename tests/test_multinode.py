@@ -82,6 +82,45 @@ def test_nodes_whose_flags_disagree_are_refused(folder):
             err[-3000:]
 
 
+class _LateStore:
+    """A meeting store in which the peer's flags and count are already there, but whose first look for
+    the peer's flags misses them: the peer wrote them between that look and the count."""
+
+    def __init__(self, *args, **kwargs):
+        self.data, self.looks = {}, 0
+
+    def set(self, key, value):
+        self.data[key] = value
+
+    def get(self, key):
+        return self.data[key].encode() if isinstance(self.data[key], str) else self.data[key]
+
+    def check(self, keys):
+        self.looks += 1
+        return self.looks > 1 and all(k in self.data for k in keys)
+
+    def add(self, key, n):
+        self.data[key] = self.data.get(key, 0) + n
+        return self.data[key]
+
+
+def test_a_peer_that_joins_between_two_looks_is_still_compared(monkeypatch):
+    """Node 0 must compare the flags of a peer that counted itself just after node 0 looked for its
+    flags: going on without comparing left node 0 waiting for a peer that refused to start."""
+    import json
+
+    from ptp.errors import ConfigError
+    from ptp.parallel import mesh
+
+    store = _LateStore()
+    join = mesh.Join("tcp://127.0.0.1:1", rank=0, world=2, per_node=1, timeout_s=5)
+    store.set(join._key(1), json.dumps({"--dtype": "bfloat16"}))
+    store.add(join.prefix + "joined", 1)
+    monkeypatch.setattr(mesh.dist, "TCPStore", lambda *a, **k: store)
+    with pytest.raises(ConfigError, match="node 1 \\(rank 1\\) was started with --dtype bfloat16 but node 0"):
+        join.meet({"--dtype": "float32"})
+
+
 def test_two_nodes_serve_an_openai_request(folder, tp1_text):
     """Node 0 serves; node 1 runs the second pipeline stage and serves nothing."""
     import httpx

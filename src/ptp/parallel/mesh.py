@@ -194,11 +194,15 @@ class Join:
         store.add(self.prefix + "joined", 1)
         deadline, checked = time.monotonic() + self.timeout_s, {self.rank}
         while True:
+            # The count first: each rank writes its flags before it counts itself, so once every rank
+            # has counted, every flag set is there to compare before this rank goes on (a rank that
+            # went on without comparing would wait in the process group for a peer that was refused).
+            everyone = store.add(self.prefix + "joined", 0) >= self.world
             for peer in range(self.world) if self.rank == 0 else [0]:
-                if peer not in checked and store.check([self._key(peer)]):
+                if peer not in checked and (everyone or store.check([self._key(peer)])):
                     checked.add(peer)
                     self._compare(flags, json.loads(store.get(self._key(peer))), peer)
-            if store.add(self.prefix + "joined", 0) >= self.world:
+            if everyone:
                 return store
             if time.monotonic() > deadline:
                 raise RankFailedError(self._incomplete(store))
