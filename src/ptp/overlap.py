@@ -105,7 +105,8 @@ class OverlapSchedule:
         t0 = time.perf_counter()
         if scheduled is not None:
             seqs, batch = scheduled
-            kind = step_kind(batch)
+            if self.profile is not None:
+                kind = step_kind(batch)
             sampling = [s for s, sample in zip(seqs, batch.sample) if sample]
             ahead = self.overlap and bool(sampling) and all(on_device(s, self.blocks_eos(s)) for s in sampling)
             drawn = ahead and not all(s.params.greedy for s in sampling)
