@@ -26,7 +26,7 @@ def longs(values) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.int64).reshape(len(values)))
 
 
-def to_device(values, device, dtype=None) -> torch.Tensor:
+def to_device(values, device) -> torch.Tensor:
     """Host values (a numpy array, a CPU tensor or a list of numbers) on `device`, without waiting for
     the GPU. A copy from pageable memory makes the host wait until every kernel queued before it has
     run (CUDA stages such copies synchronously): a step launched while the previous one runs would
@@ -38,9 +38,7 @@ def to_device(values, device, dtype=None) -> torch.Tensor:
     elif isinstance(values, torch.Tensor):
         t = values
     else:
-        t = torch.tensor(values, dtype=dtype)
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
+        t = torch.tensor(values)
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
