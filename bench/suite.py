@@ -176,7 +176,7 @@ class Suite:
         for tp in ns.tps:
             for i, (label, env, flags) in enumerate(self.variants()):
                 sfx = f"_tp{tp}" + (f"_ab{i}" if i else "")
-                base = [*self.engine_flags(tp), *flags, "--label", label]
+                base = [*self.engine_flags(tp), *flags, f"--label={label}"]
                 self.step(f"decode{sfx}", "decode",
                           [py, "bench/latency.py", *base, "--cuda-graph-max-bs", str(max(_ints(ns.batch_sizes))),
                            "--batch-sizes", ns.batch_sizes, "--input-len", str(ns.input_len),
@@ -203,7 +203,7 @@ class Suite:
         ns, py = self.ns, sys.executable
         tree = Path(ns.baseline).resolve()
         label = f"baseline {_commit(tree)}"
-        base = [*self.engine_flags(tp), *shlex.split(ns.engine_args), *shlex.split(ns.baseline_args), "--label", label]
+        base = [*self.engine_flags(tp), *shlex.split(ns.engine_args), *shlex.split(ns.baseline_args), f"--label={label}"]
         self.step(f"decode_tp{tp}_baseline", "decode",
                   [py, "bench/latency.py", *base, "--cuda-graph-max-bs", str(max(_ints(ns.batch_sizes))),
                    "--batch-sizes", ns.batch_sizes, "--input-len", str(ns.input_len), "--output-len", str(ns.output_len)],
@@ -247,7 +247,7 @@ class Suite:
         ns = self.ns
         return [sys.executable, "bench/serving.py", "--url", f"http://127.0.0.1:{ns.port}", "--request-rates",
                 ns.request_rates, "--num-prompts", str(ns.serve_prompts), "--input-len", n_in, "--output-len", n_out,
-                "--vocab", str(_vocab(ns.model)), "--label", label,
+                "--vocab", str(_vocab(ns.model)), f"--label={label}",
                 *(["--shared-prefix", ns.shared_prefix] if ns.shared_prefix else [])]
 
     def _wait_healthy(self, proc: subprocess.Popen) -> bool:
