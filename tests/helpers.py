@@ -135,9 +135,10 @@ def ptp_logits(llm, prompt: list[int], continuation: list[int]) -> list[torch.Te
     table: list[int] = []
     alloc.grow(table, len(prompt) + len(continuation))
     try:
-        out = [engine.execute(StepBatch([list(prompt)], [0], [table], [True]))[0]]
+        # copies: a step's logits are valid until the next step
+        out = [engine.execute(StepBatch([list(prompt)], [0], [table], [True]))[0].clone()]
         for i, tok in enumerate(continuation[:-1]):
-            out.append(engine.execute(StepBatch([[tok]], [len(prompt) + i], [table], [True]))[0])
+            out.append(engine.execute(StepBatch([[tok]], [len(prompt) + i], [table], [True]))[0].clone())
         return out
     finally:
         alloc.release(table)

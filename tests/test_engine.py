@@ -231,8 +231,21 @@ def test_compiled_decode_equals_eager(folder, alone):
     padded = []
     run = runner.prefill.run
     runner.prefill.run = lambda batch: padded.append(len(batch.token_ids[0])) or run(batch)
+    decoded = []  # (rows, storage) of each decode step's logits
+    run_decode = runner.decode.run
+
+    def recorded(batch):
+        out = run_decode(batch)
+        decoded.append((len(out), out.untyped_storage().data_ptr()))
+        return out
+
+    runner.decode.run = recorded
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == alone
     assert [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY)] == alone[:3]  # another batch size
+    # every batch size's logits in the one shared buffer (a graph's own output would stay allocated)
+    assert {n for n, _ in decoded} >= {len(PROMPTS), 3}, decoded
+    assert {p for _, p in decoded} == {runner.decode.logits.untyped_storage().data_ptr()}, decoded
+    runner.decode.run = run_decode
     assert not padded  # batches of prompts take the general path
     assert [llm.generate(p, GREEDY)[0].token_ids for p in PROMPTS[:2]] == alone[:2]  # batch 1: its own graph
     assert len(padded) == 2 and all(n not in runner.prefill.buckets for n in padded), padded  # padded, really

@@ -204,7 +204,8 @@ class Engine:
                 raise
 
     def execute(self, batch: StepBatch):
-        """Send `batch` to every rank and run it; the logits of the sequences it completes."""
+        """Send `batch` to every rank and run it; the logits of the sequences it completes, valid until
+        the next step (a decode step's are in a buffer that every decode step rewrites)."""
         try:
             return self.steps.execute(batch)
         except Exception as e:
