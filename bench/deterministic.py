@@ -97,9 +97,9 @@ def throughput(llm, ns, vocab: int) -> float:
 def batch1_ms_per_token(llm, vocab: int, tokens: int) -> float:
     import ptp
 
-    prompt = random_prompts(1, 128, vocab, seed=5)[0]
     timed = []
-    for n in (1, tokens + 1):
+    for seed, n in ((5, 1), (6, tokens + 1)):  # two prompts: the second must not find the first in the prefix cache
+        prompt = random_prompts(1, 128, vocab, seed=seed)[0]
         start = time.perf_counter()
         llm.generate([prompt], ptp.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
         timed.append(time.perf_counter() - start)

@@ -42,9 +42,11 @@ def main() -> None:
                        if name.endswith(("experts.w13", "experts.w2")))
     rows = []
     for bs in [int(b) for b in ns.batch_sizes.split(",")]:
-        prompts = random_prompts(bs, ns.input_len, vocab, seed=bs)
-        prefill = min(_timed(llm, prompts, 1) for _ in range(ns.repeat))
-        total = min(_timed(llm, prompts, ns.output_len) for _ in range(ns.repeat))
+        # new prompts for every timed run: a repeat of earlier ones would find them in the prefix cache
+        seeds = iter(range(bs * 1000, bs * 1000 + 2 * ns.repeat))
+        prefill = min(_timed(llm, random_prompts(bs, ns.input_len, vocab, seed=next(seeds)), 1) for _ in range(ns.repeat))
+        total = min(_timed(llm, random_prompts(bs, ns.input_len, vocab, seed=next(seeds)), ns.output_len)
+                    for _ in range(ns.repeat))
         step = (total - prefill) / (ns.output_len - 1)
         avg_ctx = ns.input_len + ns.output_len / 2
         # bytes one decode step reads per rank: every weight but the embedding table (of a MoE model's

@@ -30,6 +30,9 @@ def main() -> None:
     ns = parser.parse_args()
     import ptp
 
+    # every prompt is timed several times: with the prefix cache, all but the first would find their
+    # blocks cached and compute only the last few tokens
+    ns.disable_radix_cache = True
     llm, _ = build_llm(ns)
     runner = llm.engine.runner
     graphs = runner.prefill  # one whole prompt through a CUDA graph per length bucket (None: not built)
