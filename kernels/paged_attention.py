@@ -15,6 +15,15 @@ r reads the block table of sequence seq_index[r]; `write_only` launches only the
 the rows' new keys and values (rotated), so that a prompt's tokens are all in the cache before
 its rows attend to them.
 
+Row tiles (`rows_attend`, deterministic mode, PTP_DET_ROW_TILES=1): up to ROW_TILE query tokens of
+one prompt per program, which then reads each chunk of keys and values once for all of them, where the
+decode kernel reads it once per token. Each row is computed as the decode kernel computes it: the
+same chunks in the same order, the new token last in split 0, the splits merged in order (in the
+program, as the merge kernel does it). In the fixed split size mode both kernels sum a row's
+probabilities and score its new token through tl.dot, not tl.sum: a reduction's order follows the
+register layout, which follows the tile's shape, while a dot gives a row the same bits whatever the
+rows beside it (as the batch-invariant matmul relies on).
+
 The step's new key and value (one token per sequence) come in as tensors: the kernel attends to
 them from registers and the first split of each (sequence, KV head) writes them into their cache
 slot, so the cache write costs no launch of its own. No program reads that slot in this launch.
@@ -50,6 +59,40 @@ def _attend_chunk(q, k, v, cached, m, l, acc, scale, IEEE: tl.constexpr):
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l, acc
+
+
+@triton.jit
+def _attend_chunk_fixed(q, k, v, cached, m, l, acc, scale, ones, IEEE: tl.constexpr):
+    """_attend_chunk of the fixed split size mode: the probabilities' row sums through a dot with
+    `ones` [TOKENS, 16] (float32 FMAs over the chunk in order), so that a row's bits do not depend on
+    how many rows share the tile; `cached` is [1 or rows, TOKENS]."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(cached, s * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_use[:, None])
+    alpha = tl.exp(m - m_use)
+    l = l * alpha + tl.max(tl.dot(p, ones, input_precision="ieee"), 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l, acc
+
+
+@triton.jit
+def _new_token_scores(q, k_rows, own, IEEE: tl.constexpr):
+    """Each row's score against its own new key: q [M, D] . k_rows [R, D] through a dot, then the
+    column `own` [M] of each row (a max over one value and -inf: exact)."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k_rows), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k_rows))
+    cols = tl.arange(0, s.shape[1])
+    return tl.max(tl.where(cols[None, :] == own[:, None], s, float("-inf")), 1)
 
 
 @triton.jit
@@ -133,6 +176,7 @@ def _decode_partial(
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
     if PREFETCH:
         m, l, acc = _attend_chunk(q, k_first, v_first, first_cached, m, l, acc, scale, IEEE)
+    ones = tl.full([TOKENS, 16], 1.0, tl.float32)
     for chunk in range(start, stop, step):
         tok = chunk * TOKENS + t
         cached = tok < newest
@@ -140,9 +184,17 @@ def _decode_partial(
         row = phys * s_kb + (tok % BLOCK_SIZE) * s_ks + kvh * s_kh
         k = tl.load(K + row[:, None] + d[None, :], mask=cached[:, None], other=0.0)
         v = tl.load(V + row[:, None] + d[None, :], mask=cached[:, None], other=0.0)
-        m, l, acc = _attend_chunk(q, k, v, cached, m, l, acc, scale, IEEE)
+        if FIXED_SPLIT:
+            m, l, acc = _attend_chunk_fixed(q, k, v, cached[None, :], m, l, acc, scale, ones, IEEE)
+        else:
+            m, l, acc = _attend_chunk(q, k, v, cached, m, l, acc, scale, IEEE)
     if (split == 0) & (seq_len > 0):  # the new token, once per (sequence, KV head)
-        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
+        if FIXED_SPLIT:  # through a dot, as rows_attend does it (see the module's docstring)
+            c16 = tl.arange(0, 16)
+            k_pad = tl.where(c16[:, None] == 0, k_new[None, :], tl.zeros([16, D], k_new.dtype)).to(q.dtype)
+            s_new = _new_token_scores(q, k_pad, tl.zeros([GROUP_PAD], tl.int32), IEEE) * scale
+        else:
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
         m_new = tl.maximum(m, s_new)
         alpha = tl.exp(m - m_new)
         p_new = tl.exp(s_new - m_new)
@@ -286,4 +338,163 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
             out.stride(0), out.stride(1), SPLITS_PAD=triton.next_power_of_2(splits), D=dim,
             USE_PDL=use_pdl, launch_pdl=use_pdl,
         )
+    return out
+
+
+ROW_TILE = 16  # query tokens of one prompt per program of rows_attend
+
+
+@triton.jit
+def _rows_attend(
+    Q, KN, VN, K, V, BT, LENS, TILES, COS_SIN, OUT,
+    scale, n_tiles, split_chunks, split_tokens,
+    s_qb, s_qh, s_nb, s_nh, s_kb, s_ks, s_kh, s_btb, s_cs, s_outb, s_outh,
+    GROUP: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TOKENS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr, DECODE: tl.constexpr,
+):
+    """One program: a tile of up to R consecutive query tokens of one prompt (rows first, first +
+    1, ...; their keys and values already in the cache) and one KV head; every split of the context
+    in turn, merged as _decode_merge_in_order merges them. Row i of the [R * GP, D] block is query
+    head i % GP of token i // GP. DECODE: program t takes row t alone, of sequence t (a decode step;
+    the same compiled tile, so the same bits as a prompt's token)."""
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    if DECODE:
+        first = tile
+        count = 1
+        seq = tile.to(tl.int64)
+    else:
+        first = tl.load(TILES + tile)
+        count = tl.load(TILES + n_tiles + tile)
+        seq = tl.load(TILES + 2 * n_tiles + tile).to(tl.int64)
+    M: tl.constexpr = R * GP
+    i = tl.arange(0, M)
+    r = i // GP
+    g = i % GP
+    d = tl.arange(0, D)
+    t = tl.arange(0, TOKENS)
+    rr = tl.arange(0, R)
+    token = (first + r).to(tl.int64)
+    token_ok = r < count
+    live = token_ok & (g < GROUP)
+    heads = kvh * GROUP + g
+    lens = tl.load(LENS + token, mask=token_ok, other=0)
+    newest = lens - 1
+    q_at = token[:, None] * s_qb + heads[:, None] * s_qh
+    q = tl.load(Q + q_at + d[None, :], mask=live[:, None], other=0.0)
+    own = (first + rr).to(tl.int64)
+    k_own = tl.load(KN + own[:, None] * s_nb + kvh * s_nh + d[None, :], mask=(rr < count)[:, None], other=0.0)
+    v_new = tl.load(VN + token[:, None] * s_nb + kvh * s_nh + d[None, :], mask=token_ok[:, None], other=0.0)
+    if ROPE:  # each token at its own position, as the decode kernel rotates its one token
+        half: tl.constexpr = D // 2
+        partner = (d + half) % D
+        sign = tl.where(d < half, -1.0, 1.0)
+        cs_at = tl.maximum(newest, 0)[:, None] * s_cs + (d % half)[None, :]
+        cos = tl.load(COS_SIN + cs_at)
+        sin = tl.load(COS_SIN + cs_at + half) * sign[None, :]
+        q_p = tl.load(Q + q_at + partner[None, :], mask=live[:, None], other=0.0)
+        q = (q.to(tl.float32) * cos + q_p.to(tl.float32) * sin).to(q.dtype)
+        own_lens = tl.load(LENS + own, mask=rr < count, other=1)
+        cs_own = tl.maximum(own_lens - 1, 0)[:, None] * s_cs + (d % half)[None, :]
+        cos_own = tl.load(COS_SIN + cs_own)
+        sin_own = tl.load(COS_SIN + cs_own + half) * sign[None, :]
+        k_p = tl.load(KN + own[:, None] * s_nb + kvh * s_nh + partner[None, :], mask=(rr < count)[:, None], other=0.0)
+        k_own = (k_own.to(tl.float32) * cos_own + k_p.to(tl.float32) * sin_own).to(k_own.dtype)
+    longest = tl.max(lens, 0)
+    chunks = tl.cdiv(longest, TOKENS)
+    splits = tl.maximum(tl.cdiv(longest, split_tokens), 1)
+    ones = tl.full([TOKENS, 16], 1.0, tl.float32)
+    m = tl.full([M], float("-inf"), tl.float32)
+    l = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    for split in range(0, splits):
+        m_s = tl.full([M], float("-inf"), tl.float32)
+        l_s = tl.zeros([M], tl.float32)
+        acc_s = tl.zeros([M, D], tl.float32)
+        start = split * split_chunks
+        stop = tl.minimum(start + split_chunks, chunks)
+        for chunk in range(start, stop):
+            tok = chunk * TOKENS + t
+            read = tok < (longest - 1)  # keys some row of the tile attends to from the cache
+            phys = tl.load(BT + seq * s_btb + tok // BLOCK_SIZE, mask=read, other=0).to(tl.int64)
+            at = phys * s_kb + (tok % BLOCK_SIZE) * s_ks + kvh * s_kh
+            k = tl.load(K + at[:, None] + d[None, :], mask=read[:, None], other=0.0)
+            v = tl.load(V + at[:, None] + d[None, :], mask=read[:, None], other=0.0)
+            cached = tok[None, :] < newest[:, None]
+            m_s, l_s, acc_s = _attend_chunk_fixed(q, k, v, cached, m_s, l_s, acc_s, scale, ones, IEEE)
+        if split == 0:  # each token's own key and value last, as the decode kernel's split 0 adds them
+            s_new = _new_token_scores(q, k_own, r, IEEE) * scale
+            has = lens > 0
+            m_new = tl.maximum(m_s, s_new)
+            alpha = tl.exp(m_s - m_new)
+            p_new = tl.exp(s_new - m_new)
+            l_s = tl.where(has, l_s * alpha + p_new, l_s)
+            acc_s = tl.where(has[:, None], acc_s * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32), acc_s)
+            m_s = tl.where(has, m_new, m_s)
+            m, l, acc = m_s, l_s, acc_s
+        else:  # the merge of _decode_merge_in_order, for the rows whose context reaches this split
+            use = split * split_tokens < lens
+            m_new = tl.maximum(m, m_s)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            a = tl.exp(m - m_use)
+            c = tl.exp(m_s - m_use)
+            l = tl.where(use, l * a + l_s * c, l)
+            acc = tl.where(use[:, None], acc * a[:, None] + acc_s * c[:, None], acc)
+            m = tl.where(use, m_new, m)
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(OUT + token[:, None] * s_outb + heads[:, None] * s_outh + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=live[:, None])
+
+
+def row_tiles(query_lens: list[int], tile: int = ROW_TILE):
+    """int32 [3, tiles] for rows_attend: first row, rows, sequence of each tile of at most `tile`
+    consecutive query tokens of one sequence (the rows of a step are its sequences' tokens in order)."""
+    import numpy as np
+
+    firsts, counts, seqs = [], [], []
+    row = 0
+    for b, n in enumerate(query_lens):
+        for j in range(0, n, tile):
+            firsts.append(row + j)
+            counts.append(min(tile, n - j))
+            seqs.append(b)
+        row += n
+    return np.asarray([firsts, counts, seqs], dtype=np.int32).reshape(3, -1)
+
+
+def rows_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, tiles: torch.Tensor | None,
+                scale: float, split_tokens: int, cos_sin: torch.Tensor | None = None) -> torch.Tensor:
+    """The fixed split size mode's attention for rows that are query tokens of prompts, a tile of
+    them per program (`row_tiles`): each row's bits equal those paged_decode(..., split_tokens=,
+    seq_index=) gives it. q [rows, H, D]; k_new, v_new [rows, KV, D], already written to the cache
+    (paged_decode's write_only launch); block_tables [sequences, max_blocks]; seq_lens [rows] (a
+    row's position + 1); tiles int32 [3, tiles], or None for a decode step (row b is sequence b, one
+    program each). Returns [rows, H, D]."""
+    k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1 or k_new.stride() != v_new.stride():
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    rows, heads, dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    tokens = 64  # paged_decode's chunk in this mode
+    if split_tokens % tokens:
+        raise ValueError(f"split_tokens={split_tokens} must be a multiple of {tokens}")
+    out = torch.empty(rows, heads, dim, dtype=q.dtype, device=q.device)
+    decode = tiles is None
+    n_tiles = rows if decode else tiles.shape[1]
+    if n_tiles == 0:
+        return out
+    rope = cos_sin is not None
+    _rows_attend[(n_tiles, kv_heads)](
+        q, k_new, v_new, k_cache, v_cache, block_tables, seq_lens, q if decode else tiles.contiguous(),
+        cos_sin if rope else q, out,
+        scale, n_tiles, split_tokens // tokens, split_tokens,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0), cos_sin.stride(0) if rope else 0, out.stride(0), out.stride(1),
+        GROUP=heads // kv_heads, GP=triton.next_power_of_2(heads // kv_heads), R=ROW_TILE, D=dim,
+        BLOCK_SIZE=block_size, TOKENS=tokens, IEEE=q.dtype == torch.float32, ROPE=rope, DECODE=decode,
+        num_warps=4 if ROW_TILE * triton.next_power_of_2(heads // kv_heads) <= 64 else 8,
+    )
     return out

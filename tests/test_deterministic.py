@@ -180,6 +180,92 @@ def test_batch_invariant_kernels_in_interpreter():
     assert float(stdout.split()[-1]) > 0, stdout  # the default mode's splits do move the bits
 
 
+ROW_TILES = """
+import torch
+from ptp.kernels.paged_attention import ROW_TILE, paged_decode, row_tiles, rows_attend
+
+def prompts_case(device, dtype, group, dim, split_tokens, query_lens, starts, seed=0, rope=True):
+    \"\"\"Prompt rows (sequence b: positions starts[b] .. + query_lens[b]): (the per-row kernel's output
+    and the last row decoded alone by the split kernel, the same rows through rows_attend's tiles;
+    each sequence's last row in the tiles, the same rows as one decode step through rows_attend).\"\"\"
+    g = torch.Generator().manual_seed(seed)
+    kv, bs = 2, 16
+    lens_b = [s + n for s, n in zip(starts, query_lens)]
+    width = max(-(-n // bs) for n in lens_b) + 1
+    blocks = len(lens_b) * width + 1
+    k_cache = torch.randn(blocks, bs, kv, dim, generator=g).to(device, dtype)
+    v_cache = torch.randn(blocks, bs, kv, dim, generator=g).to(device, dtype)
+    tables = torch.randperm(blocks - 1, generator=g)[: len(lens_b) * width].view(len(lens_b), width).int().to(device)
+    rows = sum(query_lens)
+    q = torch.randn(rows, kv * group, dim, generator=g).to(device, dtype)
+    k_new = torch.randn(rows, kv, dim, generator=g).to(device, dtype)
+    v_new = torch.randn(rows, kv, dim, generator=g).to(device, dtype)
+    seq = torch.tensor([b for b, n in enumerate(query_lens) for _ in range(n)], device=device)
+    pos = [s + i for s, n in zip(starts, query_lens) for i in range(n)]
+    lens = torch.tensor([p + 1 for p in pos], dtype=torch.int32, device=device)
+    slots = torch.tensor([int(tables[b, p // bs]) * bs + p % bs for b, p in zip(seq.tolist(), pos)], device=device)
+    cos_sin = None
+    if rope:
+        angles = torch.arange(max(lens_b) + 1, dtype=torch.float32)[:, None] * torch.rand(dim // 2, generator=g)[None, :]
+        cos_sin = torch.cat([angles.cos(), angles.sin()], 1).to(device)
+    scale = dim ** -0.5
+    args = (k_cache, v_cache, tables)
+    paged_decode(q, k_new, v_new, slots, *args, lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens,
+                 seq_index=seq, write_only=True)
+    per_row = paged_decode(q, k_new, v_new, slots, *args, lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens,
+                           seq_index=seq)
+    tiles = torch.from_numpy(row_tiles(query_lens)).to(device)
+    tiled = rows_attend(q, k_new, v_new, *args, lens, tiles, scale, split_tokens, cos_sin)
+    # a row alone (a decode step of that sequence) against its place in the tiles
+    r = rows - 1
+    b = int(seq[r])
+    alone = paged_decode(q[r:r + 1], k_new[r:r + 1], v_new[r:r + 1], slots[r:r + 1], k_cache, v_cache,
+                         tables[b:b + 1].contiguous(), lens[r:r + 1], scale, 1, cos_sin=cos_sin, split_tokens=split_tokens)
+    # a decode step of every sequence (its last token), through rows_attend's decode mode
+    last = torch.tensor([sum(query_lens[:b + 1]) - 1 for b in range(len(query_lens))], device=device)
+    step = (q[last], k_new[last], v_new[last], slots[last])
+    decoded = rows_attend(step[0], step[1], step[2], *args, lens[last], None, scale, split_tokens, cos_sin)
+    return torch.cat([per_row, alone]), torch.cat([tiled, tiled[r:r + 1]]), tiled[last], decoded
+"""
+
+
+def test_row_tiles_in_interpreter():
+    """rows_attend (a tile of a prompt's tokens per program) against the per-row kernel, float32 in the
+    interpreter: prompts shorter and longer than a tile, several splits, later chunks (rows from a
+    position past 0), query groups of 1, 4 and 3 heads. The interpreter's dot is numpy's, whose bits
+    may follow the shape: close here, bit for bit on the GPU (the test below)."""
+    stdout = in_interpreter(ROW_TILES + """
+for group, dim, split, lens, starts in ((4, 16, 64, [1, 20, 37], [0, 0, 90]), (1, 32, 128, [17, 3], [150, 0]),
+                                       (3, 16, 64, [16, 40], [5, 64])):
+    per_row, tiled, as_prompt, as_decode = prompts_case("cpu", torch.float32, group, dim, split, lens, starts)
+    print((per_row - tiled).abs().max().item(), (as_prompt - as_decode).abs().max().item())
+""")
+    errors = [float(x) for x in stdout.split()]
+    assert len(errors) == 6 and max(errors) < 1e-5, stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_row_tiles_equal_rows_cuda():
+    """On the GPU, bf16 and float32, the 8B shape's heads (4 query heads per KV head, 128 wide):
+    every prompt token's attention through rows_attend equals, bit for bit, the per-row kernel's; a
+    token decoded alone by the split kernel equals its row in the tiles; a decode step through
+    rows_attend equals the same tokens in the tiles (what the deterministic mode needs to use them)."""
+    import subprocess
+    import sys
+    import os
+
+    code = "import sys; sys.path.insert(0, %r)\n" % os.path.dirname(__file__) + ROW_TILES + """
+for dtype in (torch.bfloat16, torch.float32):
+    for lens, starts in (([1, 15, 16, 17, 300], [0, 0, 0, 0, 0]), ([600, 5], [0, 700]), ([33], [1000])):
+        per_row, tiled, as_prompt, as_decode = prompts_case("cuda", dtype, 4, 128, 256, lens, starts)
+        assert torch.equal(per_row, tiled), (dtype, lens, (per_row.float() - tiled.float()).abs().max().item())
+        assert torch.equal(as_prompt, as_decode), (dtype, lens)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_matmul_rows_alone_equal_rows_in_a_batch_cuda():
     """bf16 on the GPU, tile from config_for as configured: rows computed alone equal the same rows

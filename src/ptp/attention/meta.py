@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import weakref
 
 import numpy as np
@@ -20,7 +21,14 @@ class DecodeMeta:
     # Deterministic mode runs prompt tokens as rows too (`rows_meta`): then row r is a query token of
     # the sequence whose block table is row seq_index[r]; None when every row is its own sequence.
     seq_index: torch.Tensor | None = None
+    # With seq_index and PTP_DET_ROW_TILES=1: int32 [3, tiles], each tile's first row, rows and sequence
+    # (kernels/paged_attention.py rows_attend: a program per tile of a prompt's tokens)
+    row_tiles: torch.Tensor | None = None
 
+
+# PTP_DET_ROW_TILES=1: deterministic mode's prompt tokens attend a tile of them per program (the
+# triton backend), not one per program
+ROW_TILES = os.environ.get("PTP_DET_ROW_TILES", "0") == "1"
 
 PAD_QUERIES, PAD_KEYS = 64, 128
 
@@ -143,7 +151,12 @@ def rows_meta(starts: list[int], query_lens: list[int], block_tables: list[list[
     if all(n == 1 for n in query_lens):
         return DecodeMeta(slot_mapping, tables, lens_t)
     seq = longs(b for b, n in enumerate(query_lens) for _ in range(n))
-    return DecodeMeta(slot_mapping, tables, lens_t, to_device(seq, device))
+    tiles = None
+    if ROW_TILES:
+        from ptp.kernels.paged_attention import row_tiles
+
+        tiles = to_device(row_tiles(query_lens), device)
+    return DecodeMeta(slot_mapping, tables, lens_t, to_device(seq, device), tiles)
 
 
 def mark_unbacked(meta) -> None:
@@ -175,19 +188,20 @@ def register(backend) -> int:
 @torch.library.custom_op("ptp::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, layer: int, backend: int,
-                     cos_sin: torch.Tensor | None = None, seq_index: torch.Tensor | None = None) -> torch.Tensor:
+                     cos_sin: torch.Tensor | None = None, seq_index: torch.Tensor | None = None,
+                     row_tiles: torch.Tensor | None = None) -> torch.Tensor:
     """Write this step's k, v into the paged cache and attend, for a decode step. Given cos_sin,
     q and k are not rotated yet and the backend applies RoPE itself (at position seq_len - 1).
 
     One opaque op for torch.compile: the KV cache is reached through the backend, not passed in, so
     the compiler never sees (and never copies) the cache that the op updates in place.
     """
-    meta = DecodeMeta(slot_mapping, block_tables, seq_lens, seq_index)
+    meta = DecodeMeta(slot_mapping, block_tables, seq_lens, seq_index, row_tiles)
     return _BACKENDS[backend].forward(meta, layer, q, k, v, cos_sin=cos_sin)
 
 
 @decode_attention.register_fake
-def _(q, k, v, slot_mapping, block_tables, seq_lens, layer, backend, cos_sin=None, seq_index=None):
+def _(q, k, v, slot_mapping, block_tables, seq_lens, layer, backend, cos_sin=None, seq_index=None, row_tiles=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -230,10 +244,10 @@ class Bound:
         if isinstance(m, DecodeMeta):
             if getattr(self.backend, "fuses_rope", False):
                 return decode_attention(q, k, v, m.slot_mapping, m.block_tables, m.seq_lens, layer, self.backend.key,
-                                        rotary.cos_sin, m.seq_index)
+                                        rotary.cos_sin, m.seq_index, m.row_tiles)
             q, k = rotary(positions, q, k)
             return decode_attention(q, k, v, m.slot_mapping, m.block_tables, m.seq_lens, layer, self.backend.key,
-                                    None, m.seq_index)
+                                    None, m.seq_index, m.row_tiles)
         q, k = rotary(positions, q, k)
         key = self.backend.key
         if isinstance(m, MixedMeta):

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from ptp.attention.meta import DecodeMeta, PrefillMeta
+from ptp.attention.meta import ROW_TILES, DecodeMeta, PrefillMeta
 from ptp.attention.torch_sdpa import TorchAttention
 from ptp.kernels import sm_count
 
@@ -24,26 +24,41 @@ def choose_splits(batch: int, kv_heads: int, max_tokens: int, device: torch.devi
     return max(1, min(wanted, max_tokens // 256, 64))
 
 
+DECODE_ROWS_TILED = 64  # PTP_DET_ROW_TILES=1: decode batches from this size through rows_attend
 ROWS_PER_LAUNCH = 2048  # prompt rows per launch in deterministic mode: bounds the splits' partial results
 
 
 def paged_decode(q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, scale: float,
                  cos_sin=None, splits: int | None = None, split_tokens: int | None = None,
-                 seq_index=None) -> torch.Tensor:
+                 seq_index=None, row_tiles=None) -> torch.Tensor:
     """Rotate q and k (given cos_sin), write the step's k, v into the cache and attend: one kernel
     does it all (and, given more than one split, a second merges them; the count is chosen here).
 
     split_tokens (deterministic mode): splits of that many context tokens each, merged in order,
     whatever the batch. seq_index: rows are query tokens of prompts (meta.rows_meta); every row's
-    key and value are written into the cache first (one launch), then the rows attend."""
+    key and value are written into the cache first (one launch), then the rows attend: a program per
+    row, or, given row_tiles, per tile of a prompt's rows (rows_attend: the same bits, far fewer reads)."""
     from ptp.kernels.paged_attention import paged_decode as kernel
 
     if split_tokens is not None:
         args = (k_cache, v_cache, block_tables)
+        if seq_index is None and ROW_TILES and q.shape[0] >= DECODE_ROWS_TILED:
+            # a big decode batch: a program per sequence walks all its splits (no partial results, no
+            # merge launch); the same bits as the split kernel (tests/test_deterministic.py on CUDA)
+            from ptp.kernels.paged_attention import rows_attend
+
+            kernel(q, k_new, v_new, slots, *args, seq_lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens,
+                   write_only=True)
+            return rows_attend(q, k_new, v_new, *args, seq_lens, None, scale, split_tokens, cos_sin)
         if seq_index is None:
             return kernel(q, k_new, v_new, slots, *args, seq_lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens)
         kernel(q, k_new, v_new, slots, *args, seq_lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens,
                seq_index=seq_index, write_only=True)
+        if row_tiles is not None:
+            from ptp.kernels.paged_attention import rows_attend
+
+            return rows_attend(q, k_new, v_new, k_cache, v_cache, block_tables, seq_lens, row_tiles, scale,
+                               split_tokens, cos_sin)
         parts = []
         for r in range(0, q.shape[0], ROWS_PER_LAUNCH):
             rows = slice(r, r + ROWS_PER_LAUNCH)
@@ -74,7 +89,8 @@ class TritonAttention(TorchAttention):
             return super().forward(meta, layer, q, k, v, cos_sin)
         k_cache, v_cache = self.kv_cache.layer(layer)
         return paged_decode(q, k, v, meta.slot_mapping, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                            q.shape[-1] ** -0.5, cos_sin, split_tokens=self.split_tokens, seq_index=meta.seq_index)
+                            q.shape[-1] ** -0.5, cos_sin, split_tokens=self.split_tokens, seq_index=meta.seq_index,
+                            row_tiles=meta.row_tiles)
 
     def _paged_prefill(self, meta: PrefillMeta, layer: int, q, k, v):
         from ptp.kernels.paged_prefill import paged_prefill
