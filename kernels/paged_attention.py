@@ -40,42 +40,25 @@ from ptp.kernels import pdl_for, sm_count
 
 
 @triton.jit
-def _attend_chunk(q, k, v, cached, m, l, acc, scale, IEEE: tl.constexpr):
-    """Online softmax over one chunk of cached tokens (`cached` masks the rest)."""
+def _attend_chunk(q, k, v, cached, m, l, acc, scale, ones, IEEE: tl.constexpr, DOT_SUMS: tl.constexpr):
+    """Online softmax over one chunk of cached tokens (`cached` [1 or rows, TOKENS] masks the rest).
+    DOT_SUMS (the fixed split size mode): the probabilities' row sums through a dot with `ones`
+    [TOKENS, 16], so that a row's bits do not depend on how many rows share the tile."""
     # K and V go from their loads straight into the dots: anything between (a select of the new
     # token, say) stops Triton from pipelining the loads, which cost a third of the bandwidth.
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = tl.where(cached[None, :], s * scale, float("-inf"))
+    s = tl.where(cached, s * scale, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk of only the new token: nothing yet
     p = tl.exp(s - m_use[:, None])
     alpha = tl.exp(m - m_use)
-    l = l * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    if DOT_SUMS:  # float32 FMAs over the chunk in order: a row's bits whatever the rows beside it
+        l = l * alpha + tl.max(tl.dot(p, ones, input_precision="ieee"), 1)
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l, acc
-
-
-@triton.jit
-def _attend_chunk_fixed(q, k, v, cached, m, l, acc, scale, ones, IEEE: tl.constexpr):
-    """_attend_chunk of the fixed split size mode: the probabilities' row sums through a dot with
-    `ones` [TOKENS, 16] (float32 FMAs over the chunk in order), so that a row's bits do not depend on
-    how many rows share the tile; `cached` is [1 or rows, TOKENS]."""
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = tl.where(cached, s * scale, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_use[:, None])
-    alpha = tl.exp(m - m_use)
-    l = l * alpha + tl.max(tl.dot(p, ones, input_precision="ieee"), 1)
+        l = l * alpha + tl.sum(p, 1)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -175,7 +158,7 @@ def _decode_partial(
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
     if PREFETCH:
-        m, l, acc = _attend_chunk(q, k_first, v_first, first_cached, m, l, acc, scale, IEEE)
+        m, l, acc = _attend_chunk(q, k_first, v_first, first_cached[None, :], m, l, acc, scale, 0.0, IEEE, False)
     ones = tl.full([TOKENS, 16], 1.0, tl.float32)
     for chunk in range(start, stop, step):
         tok = chunk * TOKENS + t
@@ -184,10 +167,7 @@ def _decode_partial(
         row = phys * s_kb + (tok % BLOCK_SIZE) * s_ks + kvh * s_kh
         k = tl.load(K + row[:, None] + d[None, :], mask=cached[:, None], other=0.0)
         v = tl.load(V + row[:, None] + d[None, :], mask=cached[:, None], other=0.0)
-        if FIXED_SPLIT:
-            m, l, acc = _attend_chunk_fixed(q, k, v, cached[None, :], m, l, acc, scale, ones, IEEE)
-        else:
-            m, l, acc = _attend_chunk(q, k, v, cached, m, l, acc, scale, IEEE)
+        m, l, acc = _attend_chunk(q, k, v, cached[None, :], m, l, acc, scale, ones, IEEE, FIXED_SPLIT)
     if (split == 0) & (seq_len > 0):  # the new token, once per (sequence, KV head)
         if FIXED_SPLIT:  # through a dot, as rows_attend does it (see the module's docstring)
             c16 = tl.arange(0, 16)
@@ -421,7 +401,7 @@ def _rows_attend(
             k = tl.load(K + at[:, None] + d[None, :], mask=read[:, None], other=0.0)
             v = tl.load(V + at[:, None] + d[None, :], mask=read[:, None], other=0.0)
             cached = tok[None, :] < newest[:, None]
-            m_s, l_s, acc_s = _attend_chunk_fixed(q, k, v, cached, m_s, l_s, acc_s, scale, ones, IEEE)
+            m_s, l_s, acc_s = _attend_chunk(q, k, v, cached, m_s, l_s, acc_s, scale, ones, IEEE, True)
         if split == 0:  # each token's own key and value last, as the decode kernel's split 0 adds them
             s_new = _new_token_scores(q, k_own, r, IEEE) * scale
             has = lens > 0
