@@ -244,6 +244,17 @@ def _decode_merge_in_order(O, M, L, OUT, LENS, s_ob, s_oh, s_os, s_mb, s_mh, s_o
     tl.store(OUT + b * s_outb + h * s_outh + d, out.to(OUT.dtype.element_ty))
 
 
+def _kernel_inputs(q, k_new, v_new, cache_dtype):
+    """q with unit stride in its last dimension; k_new, v_new in the cache's dtype with equal strides
+    (views are fine: the kernels take strides)."""
+    k_new, v_new = k_new.to(cache_dtype), v_new.to(cache_dtype)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1 or k_new.stride() != v_new.stride():
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    return q, k_new, v_new
+
+
 def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slots: torch.Tensor,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, splits: int, tokens_per_step: int | None = None, cos_sin: torch.Tensor | None = None,
@@ -259,11 +270,7 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
 
     Returns [B, H, D]. A sequence of length 0 (a padded row) gives zeros.
     """
-    k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)  # views are fine: strides are passed
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1 or k_new.stride() != v_new.stride():
-        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    q, k_new, v_new = _kernel_inputs(q, k_new, v_new, k_cache.dtype)
     batch, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -451,11 +458,7 @@ def rows_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cac
     (paged_decode's write_only launch); block_tables [sequences, max_blocks]; seq_lens [rows] (a
     row's position + 1); tiles int32 [3, tiles], or None for a decode step (row b is sequence b, one
     program each). Returns [rows, H, D]."""
-    k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1 or k_new.stride() != v_new.stride():
-        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    q, k_new, v_new = _kernel_inputs(q, k_new, v_new, k_cache.dtype)
     rows, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     tokens = 64  # paged_decode's chunk in this mode
