@@ -103,6 +103,12 @@ def _decode_partial(
         bt_row = b
     newest = seq_len - 1  # the new token's position: its k, v come from KN, VN
     chunks = tl.cdiv(seq_len, TOKENS)
+    if FIXED_SPLIT:
+        # The grid has a split per split_tokens of the widest block table the step allows (4,096 tokens:
+        # 16), most of them past a row's context: such a program leaves before its loads (it stores
+        # nothing either way, and the merge reads only a row's own splits).
+        if (split > 0) & (split * split_chunks * TOKENS >= seq_len):
+            return
     if PREFETCH:
         # For a grid that is resident at once (ptp's rule: batch 1, and long contexts at small
         # batches): chunks are dealt to the splits in turn (split s takes chunks s, s + splits, ...),
