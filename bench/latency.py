@@ -55,18 +55,21 @@ def main() -> None:
                       + bs * avg_ctx * kv_bytes_per_token)
         limit = step_bytes / bw if bw else None
         graph_ms = _graph_ms(runner, bs)
+        graph_varied_ms = _graph_ms(runner, bs, vary=True)
         rows.append({
             "label": ns.label, "device": device, "tp": args.tp, "batch": bs, "ms_per_step": step * 1e3, "graph_ms": graph_ms,
+            "graph_varied_ms": graph_varied_ms,
             "tokens_per_s": bs / step, "limit_tokens_per_s": bs / limit if limit else None,
             "pct_of_limit": 100 * limit / step if limit else None, "ttft_ms": prefill * 1e3,
             "startup_s": startup, "launch_to_first_token_s": launch_to_first_token,
             "graphs": runner.decode is not None and runner.decode.graphs_on,
             "attention": runner.attention.name, "input_len": ns.input_len, "output_len": ns.output_len,
         })
-    print_table(rows, ["label", "tp", "batch", "ms_per_step", "graph_ms", "tokens_per_s", "limit_tokens_per_s", "pct_of_limit",
+    print_table(rows, ["label", "tp", "batch", "ms_per_step", "graph_ms", "graph_varied_ms", "tokens_per_s", "limit_tokens_per_s", "pct_of_limit",
                        "ttft_ms", "startup_s", "launch_to_first_token_s"])
     print(f"device: {device}; bandwidth for the limit: {bw / 1e12 if bw else '?'} TB/s; "
-          f"bytes per step = weights without the embedding (MoE: the experts a batch is expected to pick) + KV read; graph_ms = GPU time of a graph replay alone")
+          f"bytes per step = weights without the embedding (MoE: the experts a batch is expected to pick) + KV read; graph_ms = GPU time of a graph replay alone, "
+          f"the same tokens each replay (graph_varied_ms: other tokens each replay; a MoE model's other experts)")
     write_json(ns.json, rows)
     llm.shutdown()
 
@@ -79,19 +82,30 @@ def experts_read(config, tokens: int) -> float:
     return 1 - (1 - config.num_experts_per_tok / config.num_experts) ** tokens
 
 
-def _graph_ms(runner, bs: int) -> float | None:
-    """GPU time of one replay of the decode graph of this batch size (no host work between replays)."""
+def _graph_ms(runner, bs: int, vary: bool = False) -> float | None:
+    """GPU time of one replay of the decode graph of this batch size (no host work between replays).
+    Before each replay a small copy sets the token ids: the same ones every time, or (vary) other
+    ones, which for a MoE model routes each replay to other experts, as real steps do."""
     decode = runner.decode
     if decode is None or not decode.graphs_on or bs not in decode.graphs or runner.d.world_size > 1:
         return None  # at tp > 1 the other ranks would have to replay in step
     graph = decode.graphs[bs][0]
+    ids = decode.ids[:bs]
+    saved = ids.clone()
+    g = torch.Generator(device=ids.device).manual_seed(bs)
+    tokens = torch.randint(100, runner.config.vocab_size - 100, (21, bs), device=ids.device, generator=g)
+    if not vary:
+        tokens[:] = tokens[0]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ids.copy_(tokens[0])
     graph.replay()
     start.record()
-    for _ in range(20):
+    for i in range(1, 21):
+        ids.copy_(tokens[i])
         graph.replay()
     end.record()
     end.synchronize()
+    ids.copy_(saved)
     return start.elapsed_time(end) / 20
 
 

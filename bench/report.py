@@ -14,7 +14,7 @@ import json
 from collections import defaultdict
 
 COLUMNS = {
-    "decode": ["engine", "label", "tp", "batch", "ms_per_step", "graph_ms", "tokens_per_s", "limit_tokens_per_s",
+    "decode": ["engine", "label", "tp", "batch", "ms_per_step", "graph_ms", "graph_varied_ms", "tokens_per_s", "limit_tokens_per_s",
                "pct_of_limit", "ttft_ms", "launch_to_first_token_s"],
     "prefill": ["label", "prefill", "input_len", "ttft_ms", "first_call_ms", "same_token", "graph"],
     "throughput": ["label", "tp", "prompts", "input_tokens", "output_tokens", "seconds", "input_tok_s",
