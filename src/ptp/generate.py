@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 
@@ -52,7 +54,16 @@ def main(argv=None) -> int:
         print(f"> {shown}\n{out.text}\n")
     tokens = sum(len(o.token_ids) for o in outputs)
     print(f"[{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s, tp={llm.engine.args.tp if llm.engine else args.tp}, dp={args.dp_size}]")
+    ranks = getattr(getattr(llm.engine, "d", None), "world_size", 1)
     llm.shutdown()
+    if ranks > 1:
+        # rank 0 of several (torchrun) ends as the other ranks do (ranks.follow): without interpreter
+        # teardown, where gloo's destructors, run after the process group is gone, have aborted a
+        # process that had finished its work (SIGABRT, "terminate called without an active exception")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
