@@ -250,6 +250,9 @@ def _decode_merge_in_order(O, M, L, OUT, LENS, s_ob, s_oh, s_os, s_mb, s_mh, s_o
     tl.store(OUT + b * s_outb + h * s_outh + d, out.to(OUT.dtype.element_ty))
 
 
+FIXED_TOKENS = 64  # the chunk of the fixed split size mode: rows_attend must walk the same chunks
+
+
 def _kernel_inputs(q, k_new, v_new, cache_dtype):
     """q with unit stride in its last dimension; k_new, v_new in the cache's dtype with equal strides
     (views are fine: the kernels take strides)."""
@@ -282,7 +285,7 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
     group = heads // kv_heads
     fixed = split_tokens is not None
     if fixed:
-        tokens_per_step, prefetch = 64, False
+        tokens_per_step, prefetch = FIXED_TOKENS, False
         if split_tokens % tokens_per_step:
             raise ValueError(f"split_tokens={split_tokens} must be a multiple of {tokens_per_step}")
         splits = max(1, -(-block_tables.shape[1] * block_size // split_tokens))
@@ -467,7 +470,7 @@ def rows_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cac
     q, k_new, v_new = _kernel_inputs(q, k_new, v_new, k_cache.dtype)
     rows, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    tokens = 64  # paged_decode's chunk in this mode
+    tokens = FIXED_TOKENS
     if split_tokens % tokens:
         raise ValueError(f"split_tokens={split_tokens} must be a multiple of {tokens}")
     out = torch.empty(rows, heads, dim, dtype=q.dtype, device=q.device)
@@ -476,14 +479,15 @@ def rows_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cac
     if n_tiles == 0:
         return out
     rope = cos_sin is not None
+    group = heads // kv_heads
+    gp = triton.next_power_of_2(group)
     _rows_attend[(n_tiles, kv_heads)](
         q, k_new, v_new, k_cache, v_cache, block_tables, seq_lens, q if decode else tiles.contiguous(),
         cos_sin if rope else q, out,
         scale, n_tiles, split_tokens // tokens, split_tokens,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), cos_sin.stride(0) if rope else 0, out.stride(0), out.stride(1),
-        GROUP=heads // kv_heads, GP=triton.next_power_of_2(heads // kv_heads), R=ROW_TILE, D=dim,
-        BLOCK_SIZE=block_size, TOKENS=tokens, IEEE=q.dtype == torch.float32, ROPE=rope, DECODE=decode,
-        num_warps=4 if ROW_TILE * triton.next_power_of_2(heads // kv_heads) <= 64 else 8,
+        GROUP=group, GP=gp, R=ROW_TILE, D=dim, BLOCK_SIZE=block_size, TOKENS=tokens,
+        IEEE=q.dtype == torch.float32, ROPE=rope, DECODE=decode, num_warps=4 if ROW_TILE * gp <= 64 else 8,
     )
     return out

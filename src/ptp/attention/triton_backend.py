@@ -42,23 +42,18 @@ def paged_decode(q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_len
 
     if split_tokens is not None:
         args = (k_cache, v_cache, block_tables)
-        if seq_index is None and ROW_TILES and q.shape[0] >= DECODE_ROWS_TILED:
-            # a big decode batch: a program per sequence walks all its splits (no partial results, no
-            # merge launch); the same bits as the split kernel (tests/test_deterministic.py on CUDA)
-            from ptp.kernels.paged_attention import rows_attend
-
-            kernel(q, k_new, v_new, slots, *args, seq_lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens,
-                   write_only=True)
-            return rows_attend(q, k_new, v_new, *args, seq_lens, None, scale, split_tokens, cos_sin)
-        if seq_index is None:
+        # rows_attend: a prompt's tokens a tile per program (row_tiles), or a big decode batch a program
+        # per sequence over all its splits (no partial results, no merge launch); the same bits as the
+        # per-row split kernel (tests/test_deterministic.py on CUDA)
+        tiled = row_tiles is not None or (seq_index is None and ROW_TILES and q.shape[0] >= DECODE_ROWS_TILED)
+        if seq_index is None and not tiled:
             return kernel(q, k_new, v_new, slots, *args, seq_lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens)
         kernel(q, k_new, v_new, slots, *args, seq_lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens,
                seq_index=seq_index, write_only=True)
-        if row_tiles is not None:
+        if tiled:
             from ptp.kernels.paged_attention import rows_attend
 
-            return rows_attend(q, k_new, v_new, k_cache, v_cache, block_tables, seq_lens, row_tiles, scale,
-                               split_tokens, cos_sin)
+            return rows_attend(q, k_new, v_new, *args, seq_lens, row_tiles, scale, split_tokens, cos_sin)
         parts = []
         for r in range(0, q.shape[0], ROWS_PER_LAUNCH):
             rows = slice(r, r + ROWS_PER_LAUNCH)
