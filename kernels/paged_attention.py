@@ -346,23 +346,17 @@ def _rows_attend(
     scale, n_tiles, split_chunks, split_tokens,
     s_qb, s_qh, s_nb, s_nh, s_kb, s_ks, s_kh, s_btb, s_cs, s_outb, s_outh,
     GROUP: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TOKENS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr, DECODE: tl.constexpr,
+    TOKENS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr,
 ):
     """One program: a tile of up to R consecutive query tokens of one prompt (rows first, first +
     1, ...; their keys and values already in the cache) and one KV head; every split of the context
     in turn, merged as _decode_merge_in_order merges them. Row i of the [R * GP, D] block is query
-    head i % GP of token i // GP. DECODE: program t takes row t alone, of sequence t (a decode step;
-    the same compiled tile, so the same bits as a prompt's token)."""
+    head i % GP of token i // GP."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
-    if DECODE:
-        first = tile
-        count = 1
-        seq = tile.to(tl.int64)
-    else:
-        first = tl.load(TILES + tile)
-        count = tl.load(TILES + n_tiles + tile)
-        seq = tl.load(TILES + 2 * n_tiles + tile).to(tl.int64)
+    first = tl.load(TILES + tile)
+    count = tl.load(TILES + n_tiles + tile)
+    seq = tl.load(TILES + 2 * n_tiles + tile).to(tl.int64)
     M: tl.constexpr = R * GP
     i = tl.arange(0, M)
     r = i // GP
@@ -459,14 +453,13 @@ def row_tiles(query_lens: list[int], tile: int = ROW_TILE):
 
 
 def rows_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, tiles: torch.Tensor | None,
+                v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, tiles: torch.Tensor,
                 scale: float, split_tokens: int, cos_sin: torch.Tensor | None = None) -> torch.Tensor:
     """The fixed split size mode's attention for rows that are query tokens of prompts, a tile of
     them per program (`row_tiles`): each row's bits equal those paged_decode(..., split_tokens=,
     seq_index=) gives it. q [rows, H, D]; k_new, v_new [rows, KV, D], already written to the cache
     (paged_decode's write_only launch); block_tables [sequences, max_blocks]; seq_lens [rows] (a
-    row's position + 1); tiles int32 [3, tiles], or None for a decode step (row b is sequence b, one
-    program each). Returns [rows, H, D]."""
+    row's position + 1); tiles int32 [3, tiles]. Returns [rows, H, D]."""
     q, k_new, v_new = _kernel_inputs(q, k_new, v_new, k_cache.dtype)
     rows, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
@@ -474,20 +467,19 @@ def rows_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cac
     if split_tokens % tokens:
         raise ValueError(f"split_tokens={split_tokens} must be a multiple of {tokens}")
     out = torch.empty(rows, heads, dim, dtype=q.dtype, device=q.device)
-    decode = tiles is None
-    n_tiles = rows if decode else tiles.shape[1]
+    n_tiles = tiles.shape[1]
     if n_tiles == 0:
         return out
     rope = cos_sin is not None
     group = heads // kv_heads
     gp = triton.next_power_of_2(group)
     _rows_attend[(n_tiles, kv_heads)](
-        q, k_new, v_new, k_cache, v_cache, block_tables, seq_lens, q if decode else tiles.contiguous(),
+        q, k_new, v_new, k_cache, v_cache, block_tables, seq_lens, tiles.contiguous(),
         cos_sin if rope else q, out,
         scale, n_tiles, split_tokens // tokens, split_tokens,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), cos_sin.stride(0) if rope else 0, out.stride(0), out.stride(1),
         GROUP=group, GP=gp, R=ROW_TILE, D=dim, BLOCK_SIZE=block_size, TOKENS=tokens,
-        IEEE=q.dtype == torch.float32, ROPE=rope, DECODE=decode, num_warps=4 if ROW_TILE * gp <= 64 else 8,
+        IEEE=q.dtype == torch.float32, ROPE=rope, num_warps=4 if ROW_TILE * gp <= 64 else 8,
     )
     return out

@@ -203,8 +203,7 @@ ENVIRONMENT = (
                                   "bench/det_matmul.py finds tiles that sum a row differently)"),
     ("PTP_DET_ROW_TILES", "1: with --enable-deterministic-inference and the triton backend, a prompt's tokens "
                           "attend 16 to a program (each chunk of keys read once for all of them) instead of one "
-                          "token per program, and decode steps of 64 or more sequences attend a program per "
-                          "sequence over all its splits; the same bits"),
+                          "token per program; the same bits"),
     ("PTP_PAGED_PREFILL", "1: with the triton attention backend, prefill steps other than one whole prompt from "
                           "position 0 (batched prompts, later chunks, cached prefixes) attend through the paged "
                           "prefill kernel, which reads keys through the block tables, instead of SDPA over a padded "

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from ptp.attention.meta import ROW_TILES, DecodeMeta, PrefillMeta
+from ptp.attention.meta import DecodeMeta, PrefillMeta
 from ptp.attention.torch_sdpa import TorchAttention
 from ptp.kernels import sm_count
 
@@ -24,7 +24,6 @@ def choose_splits(batch: int, kv_heads: int, max_tokens: int, device: torch.devi
     return max(1, min(wanted, max_tokens // 256, 64))
 
 
-DECODE_ROWS_TILED = 64  # PTP_DET_ROW_TILES=1: decode batches from this size through rows_attend
 ROWS_PER_LAUNCH = 2048  # prompt rows per launch in deterministic mode: bounds the splits' partial results
 
 
@@ -42,15 +41,14 @@ def paged_decode(q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_len
 
     if split_tokens is not None:
         args = (k_cache, v_cache, block_tables)
-        # rows_attend: a prompt's tokens a tile per program (row_tiles), or a big decode batch a program
-        # per sequence over all its splits (no partial results, no merge launch); the same bits as the
-        # per-row split kernel (tests/test_deterministic.py on CUDA)
-        tiled = row_tiles is not None or (seq_index is None and ROW_TILES and q.shape[0] >= DECODE_ROWS_TILED)
-        if seq_index is None and not tiled:
+        # rows_attend: a prompt's tokens a tile per program (row_tiles); the same bits as the per-row
+        # split kernel (tests/test_deterministic.py on CUDA). A decode step stays with the split kernel:
+        # at 256 sequences it measured faster than rows_attend with one row per program.
+        if seq_index is None:
             return kernel(q, k_new, v_new, slots, *args, seq_lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens)
         kernel(q, k_new, v_new, slots, *args, seq_lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens,
                seq_index=seq_index, write_only=True)
-        if tiled:
+        if row_tiles is not None:
             from ptp.kernels.paged_attention import rows_attend
 
             return rows_attend(q, k_new, v_new, *args, seq_lens, row_tiles, scale, split_tokens, cos_sin)
