@@ -12,8 +12,9 @@ once per block of its slots:
    the last used one are marked with expert -1 and return at once. (kernels/moe_router.py can do
    this in the router's own launch.)
 2. gate_up: for each block, the grouped GEMM x[tokens] @ w13[e].T, SiLU(gate) * up, stored per slot.
-3. down: act[slots] @ w2[e].T, scaled by the slot's router weight, stored per slot in float32;
-   the sum over top_k is one reduction in torch.
+3. down: act[slots] @ w2[e].T, scaled by the slot's router weight, stored per slot in float32.
+4. `_sum_slots`: each token's top_k rows summed in order, in x's dtype (one launch: no buffer to
+   zero first, no separate cast).
 
 BLOCK_M == 1, one slot per program (matrix-vector products; a few tokens, as in a batch-1 decode
 step, where the grouped GEMM pads each expert's one slot to a whole tensor-core tile and leaves
@@ -224,6 +225,21 @@ def _down_kernel(ACT, W2, OUT, SORTED, EXPERTS, TOPW, S, N, K, s_at, s_we, s_wn,
 
 
 @triton.jit
+def _sum_slots(PARTS, IDS, OUT, N, E, s_p, s_o, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[t, n] = sum over k, in order, of PARTS[t * TOP_K + k, n] for the slots whose expert is
+    held here (the others were never written), in OUT's dtype."""
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = n < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        slot = t * TOP_K + k
+        held = tl.load(IDS + slot) < E
+        acc += tl.load(PARTS + slot * s_p + n, mask=ok & held, other=0.0)
+    tl.store(OUT + t * s_o + n, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _gate_up_gemv_kernel(X, W13, ACT, IDS, N, K, E, s_xt, s_we, s_wn, s_at,
                          TOP_K: tl.constexpr, USE_PDL: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -333,7 +349,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         aligned = align(topk_ids, experts, bm)
     sorted_ids, expert_ids = aligned
     act = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
-    out = torch.zeros(slots, hidden, dtype=torch.float32, device=x.device)
+    parts = torch.empty(slots, hidden, dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32
     blocks = expert_ids.shape[0]
     _gate_up_kernel[(blocks, triton.cdiv(inter, bn))](
@@ -341,10 +357,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         act.stride(0), TOP_K=top_k, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages)
     _down_kernel[(blocks, triton.cdiv(hidden, bn))](
-        act, w2, out, sorted_ids, expert_ids, topk_weights.reshape(-1).contiguous(), slots, hidden, inter,
-        act.stride(0), w2.stride(0), w2.stride(1), out.stride(0), IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn,
+        act, w2, parts, sorted_ids, expert_ids, topk_weights.reshape(-1).contiguous(), slots, hidden, inter,
+        act.stride(0), w2.stride(0), w2.stride(1), parts.stride(0), IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    return out.view(tokens, top_k, hidden).sum(1).to(x.dtype)
+    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(hidden))
+    _sum_slots[(tokens, triton.cdiv(hidden, block))](parts, topk_ids.reshape(-1), out, hidden, experts, parts.stride(0),
+                                                      out.stride(0), TOP_K=top_k, BLOCK=block, num_warps=4)
+    return out
 
 
 def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
