@@ -1,6 +1,8 @@
 """Paged decode attention alone: microseconds and % of memory bandwidth on the KV bytes read, per backend.
 
     python bench/attention.py [--backends triton,torch,flex]
+    python bench/attention.py --backends triton --contexts 256,384,512 --batches 512,1024 --groups 4 \
+        --tiles 64:4:3,64:4:2,64:8:3,32:4:3,128:8:2      # the kernel's chunk, warps and stages
 
 triton and torch are timed as a decode step runs them, replayed in a CUDA graph; flex as ptp runs
 it, eagerly (its BlockMask built once per step, outside the timing), each call's launch included.
@@ -24,10 +26,14 @@ def main() -> None:
     parser.add_argument("--backends", default="triton,torch,flex")
     parser.add_argument("--waves", default="2", help="triton: splits that fill the GPU this many times over "
                         "(ptp uses 2); a list times each")
+    parser.add_argument("--tiles", default=None, help="triton: also time the kernel with these "
+                        "TOKENS:WARPS:STAGES (chunk of context tokens per loop step, warps, pipeline stages), "
+                        "comma-separated, at the splits ptp chooses")
     parser.add_argument("--json", default=None)
     ns = parser.parse_args()
     backends = ns.backends.split(",")
     from ptp.attention.triton_backend import choose_splits, paged_decode
+    from ptp.kernels.paged_attention import paged_decode as kernel
     from ptp.attention.torch_sdpa import TorchAttention
     from ptp.attention.flex_backend import FlexAttention
     from ptp.attention.meta import DecodeMeta
@@ -64,6 +70,12 @@ def main() -> None:
                         timings[name] = time_in_graph(lambda: paged_decode(
                             q, new, new, scratch, k_cache, v_cache, tables, lens, ns.head_dim ** -0.5,
                             splits=splits), 20)
+                    for spec in (ns.tiles.split(",") if ns.tiles else []):
+                        tokens, warps, stages = (int(x) for x in spec.split(":"))
+                        splits = choose_splits(bs, ns.kv_heads, ctx, device)
+                        timings[f"triton {spec}"] = time_in_graph(lambda: kernel(
+                            q, new, new, scratch, k_cache, v_cache, tables, lens, ns.head_dim ** -0.5, splits,
+                            tokens_per_step=tokens, num_warps=warps, num_stages=stages), 20)
                 if kv_bytes * 2 < 8e9:  # the torch and flex backends gather a copy of the context first
                     if "torch" in backends:
                         torch_backend = TorchAttention(Cache(), None)

@@ -268,7 +268,8 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
                  k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  scale: float, splits: int, tokens_per_step: int | None = None, cos_sin: torch.Tensor | None = None,
                  prefetch: bool | None = None, split_tokens: int | None = None,
-                 seq_index: torch.Tensor | None = None, write_only: bool = False) -> torch.Tensor:
+                 seq_index: torch.Tensor | None = None, write_only: bool = False,
+                 num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """q [B, H, D]; the new k_new, v_new [B, KV, D] go to cache slot `slots` [B] (and are attended to);
     caches [blocks, block_size, KV, D]; block_tables [B, max_blocks]; seq_lens [B], new token included.
     cos_sin [positions, D] float32 (cos | sin halves): q and k_new are rotated first (RoPE).
@@ -276,6 +277,8 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
     wait (None: where that pays, see below). tokens_per_step: the chunk (None: 32 or 64, see below).
     split_tokens: the fixed split size mode (a multiple of the chunk; `splits` then only sizes the
     grid: at least the longest context's split count). seq_index [B]: row -> block-table row.
+    num_warps, num_stages: the partial kernel's launch (Triton's defaults; bench/attention.py --tiles
+    times others).
 
     Returns [B, H, D]. A sequence of length 0 (a padded row) gives zeros.
     """
@@ -319,7 +322,7 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_SIZE=block_size,
         TOKENS=tokens_per_step, IEEE=q.dtype == torch.float32, ROPE=rope, USE_PDL=use_pdl, PREFETCH=prefetch,
         ONE_SPLIT=splits == 1, FIXED_SPLIT=fixed, HAS_SEQ=seq_index is not None, WRITE_ONLY=write_only,
-        launch_pdl=use_pdl,
+        launch_pdl=use_pdl, num_warps=num_warps, num_stages=num_stages,
     )
     if write_only:
         return out
