@@ -78,7 +78,14 @@ def _new_token_scores(q, k_rows, own, IEEE: tl.constexpr):
     return tl.max(tl.where(cols[None, :] == own[:, None], s, float("-inf")), 1)
 
 
-@triton.jit
+# Triton builds a kernel apart for each integer argument equal to 1, divisible by 16, or neither:
+# arguments that follow the step (split count, block-table width and stride, the partial results'
+# strides) would each make some step of a run pay for another build, seconds on a fresh machine.
+# Used in address arithmetic of scalar loads and stores only: the hints gain nothing there.
+VARYING = ["splits", "max_blocks", "s_btb", "s_mb", "s_mh"]
+
+
+@triton.jit(do_not_specialize=VARYING)
 def _decode_partial(
     Q, KN, VN, SLOTS, K, V, BT, LENS, O, M, L, COS_SIN, OUT, SEQ,
     scale, splits, max_blocks, split_chunks,
@@ -200,7 +207,7 @@ def _decode_partial(
         tl.store(L + b * s_mb + heads * s_mh + split, l, mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits", "s_mb", "s_mh"])
 def _decode_merge(O, M, L, OUT, splits, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_outh,
                   SPLITS_PAD: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:
@@ -221,7 +228,7 @@ def _decode_merge(O, M, L, OUT, splits, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_
     tl.store(OUT + b * s_outb + h * s_outh + d, out.to(OUT.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_mb", "s_mh"])
 def _decode_merge_in_order(O, M, L, OUT, LENS, s_ob, s_oh, s_os, s_mb, s_mh, s_outb, s_outh, split_tokens,
                            D: tl.constexpr, USE_PDL: tl.constexpr):
     """The merge of the fixed split size mode: a sequence's non-empty splits, one after the other."""
@@ -343,7 +350,7 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
 ROW_TILE = 16  # query tokens of one prompt per program of rows_attend
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles", "s_btb"])  # one build whatever the step (see VARYING)
 def _rows_attend(
     Q, KN, VN, K, V, BT, LENS, TILES, COS_SIN, OUT,
     scale, n_tiles, split_chunks, split_tokens,
