@@ -27,7 +27,8 @@ At one token the 8 x 9.4 MB of a Qwen3-30B-A3B layer's experts are read by hundr
 instead of the few dozen tiles of the grouped GEMM.
 
 Slots routed to experts another rank holds (expert id == the number of local experts) take no
-part: their rows stay zero, and that rank's output carries them into the all-reduce.
+part: no kernel computes them, the sums skip them, and that rank's output carries them into the
+all-reduce.
 """
 from __future__ import annotations
 
