@@ -106,31 +106,36 @@ def test_mixed_step_equals_the_padded_prefill_step(backend):
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_a_whole_prompt_attends_causally_without_the_cache(window):
-    """One prompt from position 0 (no sliding window) is plain causal attention over its own k, v;
-    the result equals the general path (gather from the cache, boolean mask); a chunk after position
-    0, two prompts, or a window take the general path."""
+@pytest.mark.parametrize("lens", [[11], [11, 3, 6]])
+def test_prompts_from_position_0_attend_causally_without_the_cache(window, lens):
+    """Prompts from position 0 (no sliding window) are plain causal attention over their own k, v (one
+    prompt as it comes, several padded to the longest); the result equals the general path (gather
+    from the cache, boolean mask); a chunk after position 0, beside others or not, or a window take
+    the general path."""
     from ptp.attention import PrefillMeta, make_backend
     from ptp.attention.meta import Bound
     from ptp.kv_cache import KVCache
 
     g = torch.Generator().manual_seed(1)
-    block, kv, heads, dim, n = 4, 2, 4, 16, 11
-    table = [5, 2, 7]
-    slots = torch.tensor([table[p // block] * block + p % block for p in range(n)])
-    q = torch.randn(n, heads, dim, generator=g)
-    k, v = torch.randn(2, n, kv, dim, generator=g).unbind(0)
-    meta = PrefillMeta.build([0], [n], [table], slots, block, window, "cpu")
+    block, kv, heads, dim = 4, 2, 4, 16
+    tables = [[5, 2, 7], [9], [0, 8]]
+    slots = torch.tensor([tables[b][p // block] * block + p % block for b, n in enumerate(lens) for p in range(n)])
+    tokens = sum(lens)
+    q = torch.randn(tokens, heads, dim, generator=g)
+    k, v = torch.randn(2, tokens, kv, dim, generator=g).unbind(0)
+    meta = PrefillMeta.build([0] * len(lens), lens, tables[:len(lens)], slots, block, window, "cpu")
     assert meta.causal == (window is None)
-    assert not PrefillMeta.build([4], [n - 4], [table], slots[4:], block, None, "cpu").causal
-    assert not PrefillMeta.build([0, 0], [n, 3], [table, [9]], torch.cat([slots, slots[:3]]), block, None, "cpu").causal
+    assert not PrefillMeta.build([4], [7], tables[:1], slots[4:11], block, None, "cpu").causal
+    assert not PrefillMeta.build([0, 4], [11, 7], [tables[0], tables[0]], torch.cat([slots[:11], slots[4:11]]),
+                                 block, None, "cpu").causal
     no_rope = lambda positions, q, k: (q, k)  # noqa: E731
     outs, caches = [], []
     for causal in (meta.causal, False):
-        cache = KVCache(1, 9, block, kv, dim, torch.float32, "cpu")
+        cache = KVCache(1, 10, block, kv, dim, torch.float32, "cpu")
         meta.causal = causal
         outs.append(Bound(make_backend("torch", cache, window, torch.device("cpu")), meta)(0, q, k, v, no_rope, None))
         caches.append(cache.data)
+    assert outs[0].shape == (tokens, heads, dim) and outs[0].is_contiguous()
     assert (outs[0] - outs[1]).abs().max().item() < 1e-5
     assert torch.equal(caches[0], caches[1])
 

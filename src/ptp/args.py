@@ -204,10 +204,10 @@ ENVIRONMENT = (
     ("PTP_DET_ROW_TILES", "1: with --enable-deterministic-inference and the triton backend, a prompt's tokens "
                           "attend 16 to a program (each chunk of keys read once for all of them) instead of one "
                           "token per program; the same bits"),
-    ("PTP_PAGED_PREFILL", "1: with the triton attention backend, prefill steps other than one whole prompt from "
-                          "position 0 (batched prompts, later chunks, cached prefixes) attend through the paged "
-                          "prefill kernel, which reads keys through the block tables, instead of SDPA over a padded "
-                          "copy of every row's keys"),
+    ("PTP_PAGED_PREFILL", "1: with the triton attention backend, prefill steps with a row that does not start at "
+                          "position 0 (later chunks, cached prefixes) attend through the paged prefill kernel, which "
+                          "reads keys through the block tables, instead of SDPA over a padded copy of every row's "
+                          "keys"),
     ("PTP_PROFILE", "1: rank 0 logs where each step's host time goes and, on CUDA, each kind of step's GPU "
                     "time, at shutdown"),
     ("PTP_KERNEL_PROFILE", "N: every rank logs its kernels' GPU time over N decode steps, after 32 warm ones; "

@@ -41,9 +41,10 @@ class PrefillMeta:
     q_index: torch.Tensor       # [B, max_q] index into the T tokens (T = a zero pad row)
     out_index: torch.Tensor     # [T] index into the flattened [B * max_q] output
     mask: torch.Tensor          # [B, 1, max_q, max_blocks * block_size] True where a query may attend
-    # One whole prompt from position 0, no sliding window: attention is plain causal attention over the
-    # step's own k, v (no gather from the cache, no mask). Not a tensor: it reaches the prefill op
-    # through the backend (Bound sets it per step), so compiled code does not specialise on it.
+    # Every row from position 0 (whole prompts, or their first chunks), no sliding window: each row's
+    # attention is plain causal attention over its own k, v (no gather from the cache, no mask). Not a
+    # tensor: it reaches the prefill op through the backend (Bound sets it per step), so compiled code
+    # does not specialise on it.
     causal: bool = False
     # Per row, int32 [3, B]: its first token among the T, its query length, the position of its first
     # token: what the triton backend's paged prefill kernel reads instead of q_index and mask. One
@@ -92,7 +93,7 @@ class PrefillMeta:
             mask &= k_pos > q_pos - sliding_window
         q_valid = q_cols.view(1, -1, 1) < lens_t.view(-1, 1, 1)
         mask = torch.where(q_valid, mask, k_pos == 0)  # padded query rows attend to one key: no NaN
-        causal = batch == 1 and starts[0] == 0 and sliding_window is None
+        causal = not any(starts) and sliding_window is None
         rows = torch.from_numpy(np.stack([offsets, lens, np.asarray(starts)]).astype(np.int32))
         return cls(slot_mapping, to_device(tables, device), to_device(q_index, device), to_device(out_index, device),
                    mask.unsqueeze(1), causal, to_device(rows, device))

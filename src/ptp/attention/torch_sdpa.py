@@ -3,8 +3,8 @@
 Each sequence's blocks are gathered into a padded [batch, max_blocks * block_size] view of keys
 and values; a boolean mask carries causality, sequence length and the sliding window. Exact and
 simple — the reference for the faster backends — but it reads whole blocks up to the longest
-sequence, so it is not meant for long contexts on the GPU. One whole prompt from position 0 (the
-common prefill step) skips all that: causal SDPA over its own k and v.
+sequence, so it is not meant for long contexts on the GPU. Prompts from position 0 (the common
+prefill step) skip all that: causal SDPA over their own k and v, padded to the longest of them.
 """
 from __future__ import annotations
 
@@ -42,10 +42,16 @@ class TorchAttention:
             tables = meta.block_tables if meta.seq_index is None else meta.block_tables[meta.seq_index]
             return rows_attention(q, k_cache, v_cache, tables.long(), meta.seq_lens, q.shape[-1] ** -0.5,
                                   self.split_tokens)
-        if getattr(meta, "causal", False):  # one whole prompt: its own k, v are all it attends to
-            out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                                                 v.transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True)
-            return out[0].transpose(0, 1).contiguous()  # [T, H, D] in the layout the op promises
+        if getattr(meta, "causal", False):  # rows from position 0: their own k, v are all they attend to
+            if meta.q_index.shape[0] == 1:  # one prompt: its tokens as they come
+                out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                                     v.transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True)
+                return out[0].transpose(0, 1).contiguous()  # [T, H, D] in the layout the op promises
+            # several: each padded at its end to the longest (a padded query attends to zero keys, and no
+            # real one reaches past its own row's length under the causal rule)
+            padded = [torch.cat([t, t.new_zeros(1, *t.shape[1:])])[meta.q_index].transpose(1, 2) for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(*padded, is_causal=True, enable_gqa=True)
+            return out.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])[meta.out_index]
         tables = meta.block_tables.long()
         batch, heads_kv, dim = tables.shape[0], k.shape[1], k.shape[2]
         keys = k_cache[tables].view(batch, -1, heads_kv, dim)

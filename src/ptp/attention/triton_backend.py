@@ -1,6 +1,6 @@
 """Decode through ptp's Triton paged-decode kernel (kernels/paged_attention.py); prefill through SDPA,
-or, with PTP_PAGED_PREFILL=1, steps other than one whole prompt from position 0 through the paged
-prefill kernel (kernels/paged_prefill.py), which reads keys through the block tables in place of
+or, with PTP_PAGED_PREFILL=1, steps other than prompts from position 0 through the paged prefill
+kernel (kernels/paged_prefill.py), which reads keys through the block tables in place of
 SDPA over a padded gathered copy."""
 from __future__ import annotations
 
