@@ -60,7 +60,11 @@ def gone(pids, seconds: float) -> list[int]:
 
 
 def port_free(port: int) -> bool:
+    """Whether a new server could listen on the port, as a restarted ptp.serve would: with SO_REUSEADDR,
+    as uvicorn binds. A connection that the server closed itself stays in TIME_WAIT for a minute after
+    the process is gone, and fails a plain bind; a socket still listening fails this one too."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
