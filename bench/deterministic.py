@@ -165,10 +165,13 @@ def main() -> None:
 
 
 def warm(llm, vocab: int) -> None:
-    """First calls outside the timings, as a server makes them before it says it is ready: each kind of
-    step compiled, and Triton's kernels built for steps like those the timings run. The matmul's tile
+    """First calls outside the timings: the server's own warm-up (each kind of step compiled), then
+    steps like those the timings run, so that Triton's kernels are built for them. The matmul's tile
     follows the row count (kernels/batch_invariant.py): a step of up to 128 rows (a 100-token prompt),
     of up to 512 (four of 64) and of more (four of 200) each use their own."""
+    from ptp.replica import warm_up
+
+    warm_up(llm.engine)
     for n, length in ((1, 100), (4, 64), (4, 200)):
         llm.generate(random_prompts(n, length, vocab, seed=9 + length), None, use_tqdm=False)
 
