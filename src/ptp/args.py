@@ -201,9 +201,6 @@ ENVIRONMENT = (
     ("PTP_DET_TILE_FOLLOWS_ROWS", "0: with --enable-deterministic-inference, the batch-invariant matmul's whole "
                                   "tile is fixed by the weight's shape, not only its K-chunk (for GPUs where "
                                   "bench/det_matmul.py finds tiles that sum a row differently)"),
-    ("PTP_DET_ROW_TILES", "1: with --enable-deterministic-inference and the triton backend, a prompt's tokens "
-                          "attend 16 to a program (each chunk of keys read once for all of them) instead of one "
-                          "token per program; the same bits"),
     ("PTP_PAGED_PREFILL", "1: with the triton attention backend, prefill steps with a row that does not start at "
                           "position 0 (later chunks, cached prefixes) attend through the paged prefill kernel, which "
                           "reads keys through the block tables, instead of SDPA over a padded copy of every row's "

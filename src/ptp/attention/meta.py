@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import weakref
 
 import numpy as np
@@ -21,14 +20,10 @@ class DecodeMeta:
     # Deterministic mode runs prompt tokens as rows too (`rows_meta`): then row r is a query token of
     # the sequence whose block table is row seq_index[r]; None when every row is its own sequence.
     seq_index: torch.Tensor | None = None
-    # With seq_index and PTP_DET_ROW_TILES=1: int32 [3, tiles], each tile's first row, rows and sequence
+    # With seq_index: int32 [3, tiles], each tile's first row, rows and sequence
     # (kernels/paged_attention.py rows_attend: a program per tile of a prompt's tokens)
     row_tiles: torch.Tensor | None = None
 
-
-# PTP_DET_ROW_TILES=1: deterministic mode's prompt tokens attend a tile of them per program (the
-# triton backend), not one per program
-ROW_TILES = os.environ.get("PTP_DET_ROW_TILES", "0") == "1"
 
 PAD_QUERIES, PAD_KEYS = 64, 128
 
@@ -152,12 +147,9 @@ def rows_meta(starts: list[int], query_lens: list[int], block_tables: list[list[
     if all(n == 1 for n in query_lens):
         return DecodeMeta(slot_mapping, tables, lens_t)
     seq = longs(b for b, n in enumerate(query_lens) for _ in range(n))
-    tiles = None
-    if ROW_TILES:
-        from ptp.kernels.paged_attention import row_tiles
+    from ptp.kernels.paged_attention import row_tiles  # a prompt's tokens attend a tile of them per program
 
-        tiles = to_device(row_tiles(query_lens), device)
-    return DecodeMeta(slot_mapping, tables, lens_t, to_device(seq, device), tiles)
+    return DecodeMeta(slot_mapping, tables, lens_t, to_device(seq, device), to_device(row_tiles(query_lens), device))
 
 
 def mark_unbacked(meta) -> None:
