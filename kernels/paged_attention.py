@@ -285,7 +285,8 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
     split_tokens: the fixed split size mode (a multiple of the chunk; `splits` then only sizes the
     grid: at least the longest context's split count). seq_index [B]: row -> block-table row.
     num_warps, num_stages: the partial kernel's launch (bench/attention.py --tiles times others; None:
-    2 stages from 512 rows, where they measured 1-5% faster at 256-512 tokens of context, else 3).
+    2 stages from 512 rows, where they measured 1-5% faster at 256-512 tokens of context, else 3, and 3
+    with split_tokens).
 
     Returns [B, H, D]. A sequence of length 0 (a padded row) gives zeros.
     """
@@ -299,8 +300,8 @@ def paged_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot
         if split_tokens % tokens_per_step:
             raise ValueError(f"split_tokens={split_tokens} must be a multiple of {tokens_per_step}")
         splits = max(1, -(-block_tables.shape[1] * block_size // split_tokens))
-    if num_stages is None:
-        num_stages = 2 if batch >= 512 else 3
+    if num_stages is None:  # (the deterministic mode keeps one launch at every batch size)
+        num_stages = 2 if batch >= 512 and not fixed else 3
     out = torch.empty(batch, heads, dim, dtype=q.dtype, device=q.device)
     if splits > 1:
         part = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
