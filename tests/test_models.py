@@ -140,6 +140,95 @@ def test_prompts_from_position_0_attend_causally_without_the_cache(window, lens)
     assert torch.equal(caches[0], caches[1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's varlen form runs on CUDA")
+def test_prompts_from_position_0_attend_packed_cuda(monkeypatch):
+    """On the GPU, prompts from position 0 attend packed as they come (flash attention's varlen form,
+    grouped k, v heads as the 8B shape has them); the result equals SDPA over the prompts padded to the
+    longest, and a float32 reference prompt by prompt."""
+    import torch.nn.functional as F
+
+    from ptp.attention import PrefillMeta, make_backend, torch_sdpa
+    from ptp.attention.meta import Bound
+    from ptp.kv_cache import KVCache
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    block, kv, heads, dim, lens = 16, 8, 32, 128, [37, 200, 1, 64, 129]
+    tables = [[b * 16 + i for i in range(-(-n // block))] for b, n in enumerate(lens)]
+    slots = torch.tensor([tables[b][p // block] * block + p % block for b, n in enumerate(lens) for p in range(n)],
+                         device="cuda")
+    q, k, v = (torch.randn(sum(lens), h, dim, generator=g, device="cuda", dtype=torch.bfloat16)
+               for h in (heads, kv, kv))
+    meta = PrefillMeta.build([0] * len(lens), lens, tables, slots, block, None, "cuda")
+    assert meta.causal and torch_sdpa.varlen_fits(q)
+    no_rope = lambda positions, q, k: (q, k)  # noqa: E731
+    called, varlen = [], torch_sdpa.varlen_causal
+    monkeypatch.setattr(torch_sdpa, "varlen_causal", lambda *a: called.append(1) or varlen(*a))
+    outs = []
+    for packed in (True, False):
+        monkeypatch.setattr(torch_sdpa, "varlen_fits", lambda q, packed=packed: packed)
+        cache = KVCache(1, 16 * len(lens), block, kv, dim, torch.bfloat16, "cuda")
+        outs.append(Bound(make_backend("torch", cache, None, torch.device("cuda")), meta)(0, q, k, v, no_rope, None))
+    assert called == [1], "the packed path did not run"
+    assert outs[0].shape == (sum(lens), heads, dim) and outs[0].is_contiguous()
+    ref, first = [], 0
+    for n in lens:
+        qs, ks, vs = (t[first: first + n].float().transpose(0, 1) for t in (q, k, v))
+        ref.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(0, 1))
+        first += n
+    ref = torch.cat(ref)
+    for out in outs:
+        assert (out.float() - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's varlen form runs on CUDA")
+def test_chunks_after_position_0_attend_packed_cuda():
+    """On the GPU, a prefill step with rows past position 0 (later chunks, cached prefixes) beside
+    whole prompts attends through flash attention's varlen form over each row's keys read from the
+    cache by slot; it equals the general path (padded copy of the cache, boolean mask), and so does
+    the cache it leaves."""
+    from ptp.attention import PrefillMeta, make_backend
+    from ptp.attention.meta import Bound
+    from ptp.kv_cache import KVCache
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    block, kv, heads, dim = 16, 8, 32, 128
+    starts, lens = [0, 100, 0, 700, 5, 16], [37, 200, 1, 64, 129, 1]
+    need = [-(-(s + n) // block) for s, n in zip(starts, lens)]
+    perm = torch.randperm(sum(need), generator=torch.Generator().manual_seed(0)).tolist()
+    tables = [perm[sum(need[:b]): sum(need[:b + 1])] for b in range(len(need))]
+    slots = torch.tensor([tables[b][p // block] * block + p % block for b, (s, n) in enumerate(zip(starts, lens))
+                          for p in range(s, s + n)], device="cuda")
+    q, k, v = (torch.randn(sum(lens), h, dim, generator=g, device="cuda", dtype=torch.bfloat16)
+               for h in (heads, kv, kv))
+    meta = PrefillMeta.build(starts, lens, tables, slots, block, None, "cuda")
+    assert not meta.causal and meta.k_slots is not None
+    assert meta.k_slots.shape[0] == sum(s + n for s, n in zip(starts, lens))
+    prefix = torch.randn(1, sum(need), block, 2, kv, dim, generator=g, device="cuda").to(torch.bfloat16)
+    no_rope = lambda positions, q, k: (q, k)  # noqa: E731
+    outs, caches = [], []
+    for packed in (True, False):
+        cache = KVCache(1, sum(need), block, kv, dim, torch.bfloat16, "cuda")
+        cache.data.copy_(prefix.view_as(cache.data))
+        meta.k_slots = meta.k_slots if packed else None
+        outs.append(Bound(make_backend("torch", cache, None, torch.device("cuda")), meta)(0, q, k, v, no_rope, None))
+        caches.append(cache.data)
+    assert outs[0].shape == (sum(lens), heads, dim) and outs[0].is_contiguous()
+    assert (outs[0].float() - outs[1].float()).abs().max().item() < 2e-2
+    assert torch.equal(caches[0], caches[1])
+
+
+def test_key_slots_follow_the_block_tables():
+    """PrefillMeta.k_slots: each row's keys 0 .. start + query length - 1, row after row, through its table."""
+    import numpy as np
+
+    from ptp.attention.meta import key_slots
+
+    tables = np.array([[5, 2, 7], [9, 0, 0], [1, 8, 0]])
+    key_lens = np.array([9, 3, 5])
+    want = [t[p // 4] * 4 + p % 4 for t, n in zip(tables.tolist(), key_lens) for p in range(n)]
+    assert key_slots(tables, key_lens, 4).tolist() == want
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_prefill_op_matches_its_fake(causal):
     """torch.library.opcheck: the prefill op's real output has the sizes and strides its fake promises

@@ -45,6 +45,10 @@ class PrefillMeta:
     # token: what the triton backend's paged prefill kernel reads instead of q_index and mask. One
     # tensor (one copy; three views of it were three storage offsets for compiled code to guard on).
     q_rows: torch.Tensor | None = None
+    # On CUDA, no sliding window, not every row from position 0: int64 [sum of starts + query lens], the
+    # cache slots of each row's keys 0 .. start + query len - 1, row after row: what flash attention's
+    # varlen form reads in place of the padded copy and the mask (ptp.attention.torch_sdpa)
+    k_slots: torch.Tensor | None = None
 
     @property
     def q_offsets(self) -> torch.Tensor:
@@ -90,8 +94,20 @@ class PrefillMeta:
         mask = torch.where(q_valid, mask, k_pos == 0)  # padded query rows attend to one key: no NaN
         causal = not any(starts) and sliding_window is None
         rows = torch.from_numpy(np.stack([offsets, lens, np.asarray(starts)]).astype(np.int32))
+        k_slots = None
+        if not causal and sliding_window is None and torch.device(device).type == "cuda":
+            k_slots = to_device(torch.from_numpy(key_slots(tables.numpy(), np.asarray(starts) + lens, block_size)),
+                                device)
         return cls(slot_mapping, to_device(tables, device), to_device(q_index, device), to_device(out_index, device),
-                   mask.unsqueeze(1), causal, to_device(rows, device))
+                   mask.unsqueeze(1), causal, to_device(rows, device), k_slots)
+
+
+def key_slots(tables: np.ndarray, key_lens: np.ndarray, block_size: int) -> np.ndarray:
+    """The cache slots of positions 0 .. key_lens[b] - 1 of every row b of `tables` [B, blocks], row
+    after row."""
+    row = np.repeat(np.arange(len(key_lens)), key_lens)
+    pos = np.arange(int(key_lens.sum())) - np.repeat(np.cumsum(key_lens) - key_lens, key_lens)
+    return tables[row, pos // block_size] * block_size + pos % block_size
 
 
 @dataclasses.dataclass
@@ -201,23 +217,24 @@ def _(q, k, v, slot_mapping, block_tables, seq_lens, layer, backend, cos_sin=Non
 @torch.library.custom_op("ptp::prefill_attention", mutates_args=())
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
                       block_tables: torch.Tensor, q_index: torch.Tensor, out_index: torch.Tensor, mask: torch.Tensor,
-                      layer: int, backend: int, q_rows: torch.Tensor | None = None) -> torch.Tensor:
+                      layer: int, backend: int, q_rows: torch.Tensor | None = None,
+                      k_slots: torch.Tensor | None = None) -> torch.Tensor:
     """Write the step's k, v (rotated) into the paged cache and attend, for prompt chunks
     (`PrefillMeta`'s fields): opaque to torch.compile for the same reason as decode_attention."""
     owner = _BACKENDS[backend]
     meta = PrefillMeta(slot_mapping, block_tables, q_index, out_index, mask, getattr(owner, "causal_prefill", False),
-                       q_rows)
+                       q_rows, k_slots)
     return owner.forward(meta, layer, q, k, v)
 
 
 @prefill_attention.register_fake
-def _(q, k, v, slot_mapping, block_tables, q_index, out_index, mask, layer, backend, q_rows=None):
+def _(q, k, v, slot_mapping, block_tables, q_index, out_index, mask, layer, backend, q_rows=None, k_slots=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 def _prefill(q, k, v, m: PrefillMeta, layer: int, backend: int) -> torch.Tensor:
     return prefill_attention(q, k, v, m.slot_mapping, m.block_tables, m.q_index, m.out_index, m.mask, layer, backend,
-                             m.q_rows)
+                             m.q_rows, m.k_slots)
 
 
 class Bound:

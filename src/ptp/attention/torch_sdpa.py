@@ -4,14 +4,42 @@ Each sequence's blocks are gathered into a padded [batch, max_blocks * block_siz
 and values; a boolean mask carries causality, sequence length and the sliding window. Exact and
 simple — the reference for the faster backends — but it reads whole blocks up to the longest
 sequence, so it is not meant for long contexts on the GPU. Prompts from position 0 (the common
-prefill step) skip all that: causal SDPA over their own k and v, padded to the longest of them.
+prefill step) skip all that: causal attention over their own k and v, packed as they come through
+flash attention's varlen form on the GPU (torch.nn.attention.varlen), padded to the longest for SDPA
+elsewhere. On the GPU the other prefill steps (later chunks of a prompt, cached prefixes) take that
+varlen form too, over each row's keys read from the cache by slot (PrefillMeta.k_slots): no padded
+copy, no mask, and no kernel library that plans for every new shape.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
 
 from ptp.attention.meta import DecodeMeta, register
+
+
+try:  # flash attention over packed sequences (CUDA, half precision)
+    from torch.nn.attention.varlen import varlen_attn
+    _VARLEN_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters  # a flag from torch 2.12; 2.11 takes
+except ImportError:                                                          # fewer k, v heads as they are
+    varlen_attn = None
+
+
+def varlen_fits(q: torch.Tensor) -> bool:
+    return varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
+def varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, longest_q: int,
+                  cu_k: torch.Tensor | None = None, longest_k: int | None = None) -> torch.Tensor:
+    """Causal attention of packed sequences: queries [T, H, D], sequence b's are rows cu_q[b]:cu_q[b+1];
+    keys and values [T_k, H_kv, D] likewise by cu_k (default: the queries' own); longest_*: at least the
+    longest of them. Where a sequence has more keys than queries, its queries are its last positions."""
+    extra = {"enable_gqa": True} if _VARLEN_GQA and k.shape[1] != q.shape[1] else {}
+    if cu_k is None:
+        cu_k, longest_k = cu_q, longest_q
+    return varlen_attn(q, k, v, cu_q, cu_k, longest_q, longest_k, window_size=(-1, 0), **extra)
 
 
 class TorchAttention:
@@ -47,11 +75,24 @@ class TorchAttention:
                 out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                                                      v.transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True)
                 return out[0].transpose(0, 1).contiguous()  # [T, H, D] in the layout the op promises
+            if meta.q_rows is not None and varlen_fits(q):  # packed, as they come: no padding at all
+                cu = F.pad(meta.q_rows[0], (0, 1), value=q.shape[0])  # [B + 1] each row's first token, then T
+                return varlen_causal(q, k, v, cu, meta.q_index.shape[1])
             # several: each padded at its end to the longest (a padded query attends to zero keys, and no
             # real one reaches past its own row's length under the causal rule)
             padded = [torch.cat([t, t.new_zeros(1, *t.shape[1:])])[meta.q_index].transpose(1, 2) for t in (q, k, v)]
             out = F.scaled_dot_product_attention(*padded, is_causal=True, enable_gqa=True)
             return out.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])[meta.out_index]
+        if getattr(meta, "k_slots", None) is not None and meta.q_rows is not None and varlen_fits(q):
+            # each row's keys read from the cache by slot, packed row after row: no padding, no mask
+            # (flash attention aligns a row's causal rule to the end of its keys: query i of a chunk
+            # from position s sees keys 0 .. s + i)
+            heads_kv, dim = k.shape[1], k.shape[2]
+            keys, values = (c.view(-1, heads_kv, dim)[meta.k_slots] for c in (k_cache, v_cache))
+            rows = meta.q_rows
+            cu_q = F.pad(rows[0], (0, 1), value=q.shape[0])
+            cu_k = F.pad(torch.cumsum(rows[1] + rows[2], 0, dtype=torch.int32), (1, 0))
+            return varlen_causal(q, keys, values, cu_q, meta.q_index.shape[1], cu_k, meta.mask.shape[-1])
         tables = meta.block_tables.long()
         batch, heads_kv, dim = tables.shape[0], k.shape[1], k.shape[2]
         keys = k_cache[tables].view(batch, -1, heads_kv, dim)
