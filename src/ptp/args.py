@@ -206,7 +206,8 @@ ENVIRONMENT = (
                           "reads keys through the block tables, instead of SDPA over a padded copy of every row's "
                           "keys"),
     ("PTP_PROFILE", "1: rank 0 logs where each step's host time goes and, on CUDA, each kind of step's GPU "
-                    "time, at shutdown"),
+                    "time and the caching allocator's device allocations, frees and retries meanwhile, at "
+                    "shutdown"),
     ("PTP_KERNEL_PROFILE", "N: every rank logs its kernels' GPU time over N decode steps, after 32 warm ones; "
                            "N:all (or N:all:S): over N steps of every kind (after S); N:all:S:FILE also writes the host's "
                            "calls and the kernels as a Chrome trace, FILE.rankR.json"),

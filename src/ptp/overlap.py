@@ -93,6 +93,7 @@ class OverlapSchedule:
         # PTP_PROFILE on CUDA: each step's GPU time (events around its kernels), by kind of step
         self._gpu_steps: list[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] | None = (
             [] if self.profile is not None and runner.device.type == "cuda" else None)
+        self._alloc_at_start: dict[str, int] = {}  # the caching allocator's counters as timing began
 
     def step(self) -> list[SeqUpdate]:
         """One step: queue the next step, then take the tokens of the one in flight (see the module's doc)."""
@@ -114,6 +115,8 @@ class OverlapSchedule:
             scoring = prompt_scoring(seqs, batch)
             timed = self._gpu_steps is not None and self.profile["seen"] >= PROFILE_SKIP_STEPS
             if timed:
+                if not self._gpu_steps:
+                    self._alloc_at_start = allocator_counts()
                 began = torch.cuda.Event(enable_timing=True)
                 began.record()
             logits = self.execute(batch)
@@ -182,6 +185,11 @@ class OverlapSchedule:
             report += (f"; the GPU ran steps {busy:.2f} s of {wall:.2f} s ({busy / wall:.0%}): " + ", ".join(
                 f"{kind} {n} steps, {tok} tokens, {t:.2f} s ({t / n * 1e3:.2f} ms each)"
                 for kind, (n, tok, t) in sorted(by_kind.items())))
+            # Device memory taken or given back while steps ran: each cudaFree waits for the whole device,
+            # and a retry (a request the cache could not meet) frees every cached block first
+            grew = {k: v - self._alloc_at_start.get(k, 0) for k, v in allocator_counts().items()}
+            if grew:
+                report += "; the caching allocator meanwhile: " + ", ".join(f"{v} {k}" for k, v in grew.items())
         return report
 
     # --- the step left in flight -----------------------------------------------------------------
@@ -275,3 +283,11 @@ class OverlapSchedule:
         needs_history = p.repetition_penalty != 1.0
         return SampleRow(p, seq.all_ids if needs_history else [], seq.output_ids, seq.generator, self.blocks_eos(seq),
                          seq.constraint)
+
+
+def allocator_counts() -> dict[str, int]:
+    """The CUDA caching allocator's event counters (those this torch has)."""
+    stats = torch.cuda.memory_stats()
+    names = {"num_device_alloc": "cudaMalloc", "num_device_free": "cudaFree", "num_alloc_retries": "retries",
+             "num_sync_all_streams": "syncs of all streams"}
+    return {label: stats[key] for key, label in names.items() if key in stats}
