@@ -15,7 +15,7 @@ r reads the block table of sequence seq_index[r]; `write_only` launches only the
 the rows' new keys and values (rotated), so that a prompt's tokens are all in the cache before
 its rows attend to them.
 
-Row tiles (`rows_attend`, deterministic mode, PTP_DET_ROW_TILES=1): up to ROW_TILE query tokens of
+Row tiles (`rows_attend`, the deterministic mode's prompt tokens): up to ROW_TILE query tokens of
 one prompt per program, which then reads each chunk of keys and values once for all of them, where the
 decode kernel reads it once per token. Each row is computed as the decode kernel computes it: the
 same chunks in the same order, the new token last in split 0, the splits merged in order (in the
