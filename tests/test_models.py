@@ -217,6 +217,54 @@ def test_chunks_after_position_0_attend_packed_cuda():
     assert torch.equal(caches[0], caches[1])
 
 
+@pytest.mark.parametrize("starts", [[0, 0, 0, 0], [0, 9, 0, 30]], ids=["from-0", "past-0"])
+def test_packed_prefill_feeds_varlen_the_right_rows(monkeypatch, starts):
+    """The packed prefill path's plumbing on CPU: with torch's varlen call replaced by a reference (per
+    sequence, causal rule aligned to the end of its keys, as flash attention's is), the queries' and
+    keys' offsets, and the keys read from the cache by slot, give the general path's result. The
+    GPU tests (`*_packed_cuda`) check flash attention itself."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from ptp.attention import PrefillMeta, make_backend, torch_sdpa
+    from ptp.attention.meta import Bound, key_slots
+    from ptp.kv_cache import KVCache
+
+    def reference(q, k, v, cu_q, cu_k, longest_q, longest_k, window_size, **_):
+        assert window_size == (-1, 0) and cu_q.dtype == cu_k.dtype == torch.int32
+        assert longest_q >= int((cu_q[1:] - cu_q[:-1]).max()) and longest_k >= int((cu_k[1:] - cu_k[:-1]).max())
+        out = []
+        for b in range(len(cu_q) - 1):
+            qs, ks, vs = q[cu_q[b]:cu_q[b + 1]], k[cu_k[b]:cu_k[b + 1]], v[cu_k[b]:cu_k[b + 1]]
+            allowed = torch.ones(len(qs), len(ks), dtype=torch.bool).tril(len(ks) - len(qs))
+            out.append(F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                                      attn_mask=allowed, enable_gqa=True).transpose(0, 1))
+        return torch.cat(out)
+
+    g = torch.Generator().manual_seed(5)
+    block, kv, heads, dim, lens = 4, 2, 4, 16, [5, 7, 1, 12]
+    need = [-(-(s + n) // block) for s, n in zip(starts, lens)]
+    tables = [list(range(sum(need[:b]), sum(need[:b + 1]))) for b in range(len(lens))]
+    slots = torch.tensor([tables[b][p // block] * block + p % block for b, (s, n) in enumerate(zip(starts, lens))
+                          for p in range(s, s + n)])
+    q = torch.randn(sum(lens), heads, dim, generator=g)
+    k, v = torch.randn(2, sum(lens), kv, dim, generator=g).unbind(0)
+    prefix = torch.randn(1, 2, sum(need), block, kv, dim, generator=g)
+    meta = PrefillMeta.build(starts, lens, tables, slots, block, None, "cpu")
+    if not meta.causal:  # built on CUDA only: here by hand
+        padded_tables = np.array([t + [0] * (max(need) - len(t)) for t in tables])
+        meta.k_slots = torch.from_numpy(key_slots(padded_tables, np.array(starts) + np.array(lens), block))
+    no_rope = lambda positions, q, k: (q, k)  # noqa: E731
+    outs = []
+    for packed in (True, False):
+        monkeypatch.setattr(torch_sdpa, "varlen_fits", lambda q, packed=packed: packed)
+        monkeypatch.setattr(torch_sdpa, "varlen_attn", reference)
+        cache = KVCache(1, sum(need), block, kv, dim, torch.float32, "cpu")
+        cache.data.copy_(prefix)
+        outs.append(Bound(make_backend("torch", cache, None, torch.device("cpu")), meta)(0, q, k, v, no_rope, None))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+
+
 def test_key_slots_follow_the_block_tables():
     """PrefillMeta.k_slots: each row's keys 0 .. start + query length - 1, row after row, through its table."""
     import numpy as np

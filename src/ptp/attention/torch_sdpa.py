@@ -70,29 +70,19 @@ class TorchAttention:
             tables = meta.block_tables if meta.seq_index is None else meta.block_tables[meta.seq_index]
             return rows_attention(q, k_cache, v_cache, tables.long(), meta.seq_lens, q.shape[-1] ** -0.5,
                                   self.split_tokens)
-        if getattr(meta, "causal", False):  # rows from position 0: their own k, v are all they attend to
-            if meta.q_index.shape[0] == 1:  # one prompt: its tokens as they come
-                out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                                                     v.transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True)
-                return out[0].transpose(0, 1).contiguous()  # [T, H, D] in the layout the op promises
-            if meta.q_rows is not None and varlen_fits(q):  # packed, as they come: no padding at all
-                cu = F.pad(meta.q_rows[0], (0, 1), value=q.shape[0])  # [B + 1] each row's first token, then T
-                return varlen_causal(q, k, v, cu, meta.q_index.shape[1])
+        causal = getattr(meta, "causal", False)  # rows from position 0: their own k, v are all they attend to
+        if causal and meta.q_index.shape[0] == 1:  # one prompt: its tokens as they come
+            out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                                 v.transpose(0, 1).unsqueeze(0), is_causal=True, enable_gqa=True)
+            return out[0].transpose(0, 1).contiguous()  # [T, H, D] in the layout the op promises
+        if (causal or getattr(meta, "k_slots", None) is not None) and meta.q_rows is not None and varlen_fits(q):
+            return self._packed(meta, q, k, v, k_cache, v_cache, causal)
+        if causal:
             # several: each padded at its end to the longest (a padded query attends to zero keys, and no
             # real one reaches past its own row's length under the causal rule)
             padded = [torch.cat([t, t.new_zeros(1, *t.shape[1:])])[meta.q_index].transpose(1, 2) for t in (q, k, v)]
             out = F.scaled_dot_product_attention(*padded, is_causal=True, enable_gqa=True)
             return out.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])[meta.out_index]
-        if getattr(meta, "k_slots", None) is not None and meta.q_rows is not None and varlen_fits(q):
-            # each row's keys read from the cache by slot, packed row after row: no padding, no mask
-            # (flash attention aligns a row's causal rule to the end of its keys: query i of a chunk
-            # from position s sees keys 0 .. s + i)
-            heads_kv, dim = k.shape[1], k.shape[2]
-            keys, values = (c.view(-1, heads_kv, dim)[meta.k_slots] for c in (k_cache, v_cache))
-            rows = meta.q_rows
-            cu_q = F.pad(rows[0], (0, 1), value=q.shape[0])
-            cu_k = F.pad(torch.cumsum(rows[1] + rows[2], 0, dtype=torch.int32), (1, 0))
-            return varlen_causal(q, keys, values, cu_q, meta.q_index.shape[1], cu_k, meta.mask.shape[-1])
         tables = meta.block_tables.long()
         batch, heads_kv, dim = tables.shape[0], k.shape[1], k.shape[2]
         keys = k_cache[tables].view(batch, -1, heads_kv, dim)
@@ -107,6 +97,20 @@ class TorchAttention:
         if isinstance(meta, DecodeMeta):
             return out.squeeze(1).contiguous()
         return out.reshape(-1, q.shape[1], dim)[meta.out_index]
+
+    def _packed(self, meta, q, k, v, k_cache, v_cache, causal: bool) -> torch.Tensor:
+        """Flash attention's varlen form over the rows packed as they come: prompts from position 0
+        over their own k, v; otherwise each row over its keys read from the cache by slot, row after
+        row (flash attention aligns a row's causal rule to the end of its keys: query i of a chunk from
+        position s sees keys 0 .. s + i). No padding, no mask."""
+        rows = meta.q_rows
+        cu_q = F.pad(rows[0], (0, 1), value=q.shape[0])  # [B + 1] each row's first token, then T
+        if causal:
+            return varlen_causal(q, k, v, cu_q, meta.q_index.shape[1])
+        heads_kv, dim = k.shape[1], k.shape[2]
+        keys, values = (c.view(-1, heads_kv, dim)[meta.k_slots] for c in (k_cache, v_cache))
+        cu_k = F.pad(torch.cumsum(rows[1] + rows[2], 0, dtype=torch.int32), (1, 0))
+        return varlen_causal(q, keys, values, cu_q, meta.q_index.shape[1], cu_k, meta.mask.shape[-1])
 
     def _decode_mask(self, meta: DecodeMeta, num_keys: int) -> torch.Tensor:
         k_pos = torch.arange(num_keys, device=meta.seq_lens.device).unsqueeze(0)
