@@ -24,7 +24,6 @@ def choose_splits(batch: int, kv_heads: int, max_tokens: int, device: torch.devi
     return max(1, min(wanted, max_tokens // 256, 64))
 
 
-ROWS_PER_LAUNCH = 2048  # prompt rows per launch in deterministic mode: bounds the splits' partial results
 
 
 def paged_decode(q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_lens, scale: float,
@@ -35,8 +34,8 @@ def paged_decode(q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_len
 
     split_tokens (deterministic mode): splits of that many context tokens each, merged in order,
     whatever the batch. seq_index: rows are query tokens of prompts (meta.rows_meta); every row's
-    key and value are written into the cache first (one launch), then the rows attend: a program per
-    row, or, given row_tiles, per tile of a prompt's rows (rows_attend: the same bits, far fewer reads)."""
+    key and value are written into the cache first (one launch), then the rows attend a tile of a
+    prompt's rows per program (row_tiles; rows_attend: the bits of a program per row, far fewer reads)."""
     from ptp.kernels.paged_attention import paged_decode as kernel
 
     if split_tokens is not None:
@@ -48,16 +47,9 @@ def paged_decode(q, k_new, v_new, slots, k_cache, v_cache, block_tables, seq_len
             return kernel(q, k_new, v_new, slots, *args, seq_lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens)
         kernel(q, k_new, v_new, slots, *args, seq_lens, scale, 1, cos_sin=cos_sin, split_tokens=split_tokens,
                seq_index=seq_index, write_only=True)
-        if row_tiles is not None:
-            from ptp.kernels.paged_attention import rows_attend
+        from ptp.kernels.paged_attention import rows_attend
 
-            return rows_attend(q, k_new, v_new, *args, seq_lens, row_tiles, scale, split_tokens, cos_sin)
-        parts = []
-        for r in range(0, q.shape[0], ROWS_PER_LAUNCH):
-            rows = slice(r, r + ROWS_PER_LAUNCH)
-            parts.append(kernel(q[rows], k_new[rows], v_new[rows], slots[rows], *args, seq_lens[rows], scale, 1,
-                                cos_sin=cos_sin, split_tokens=split_tokens, seq_index=seq_index[rows]))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return rows_attend(q, k_new, v_new, *args, seq_lens, row_tiles, scale, split_tokens, cos_sin)
     max_tokens = block_tables.shape[1] * k_cache.shape[1]
     if splits is None:
         splits = choose_splits(q.shape[0], k_cache.shape[2], max_tokens, q.device)
